@@ -1,0 +1,67 @@
+"""Shared fixtures: base classifiers whose smoothed classifier is known exactly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import norm
+from torch import nn
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+class ThresholdClassifier(nn.Module):
+    """Class = number of thresholds below the first input coordinate (one-hot logits)."""
+
+    def __init__(self, thresholds: list[float]):
+        super().__init__()
+        self.register_buffer("thresholds", torch.tensor(sorted(thresholds)))
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.thresholds) + 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cls = (x.reshape(len(x), -1)[:, :1] > self.thresholds).sum(dim=1)
+        return nn.functional.one_hot(cls, self.num_classes).float()
+
+    def class_probabilities(self, x0: float, sigma: float) -> np.ndarray:
+        """Exact P(f(x + delta) = c) for x whose first coordinate is x0."""
+        edges = np.concatenate([[-np.inf], self.thresholds.numpy(), [np.inf]])
+        return np.diff(norm.cdf((edges - x0) / sigma))
+
+
+class LinearTwoClass(nn.Module):
+    """Logits [0, w.x + b]: the smoothed classifier's radius is exactly |w.x + b| / ||w||."""
+
+    def __init__(self, w: torch.Tensor, b: float):
+        super().__init__()
+        self.linear = nn.Linear(len(w), 1)
+        with torch.no_grad():
+            self.linear.weight.copy_(w[None])
+            self.linear.bias.fill_(b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        score = self.linear(x.reshape(len(x), -1))
+        return torch.cat([torch.zeros_like(score), score], dim=1)
+
+
+def true_radius(probs: np.ndarray, sigma: float) -> tuple[int, float]:
+    """The exact certified radius of the smoothed classifier from its class probabilities."""
+    order = np.argsort(-probs)
+    p_a, p_b = probs[order[0]], probs[order[1]]
+    return int(order[0]), float(sigma / 2 * (norm.ppf(p_a) - norm.ppf(p_b)))
+
+
+@pytest.fixture
+def threshold_classifier() -> ThresholdClassifier:
+    return ThresholdClassifier([-0.4, 0.5, 1.2])
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    np.random.seed(0)
