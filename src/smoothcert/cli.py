@@ -1,0 +1,143 @@
+"""The `smoothcert` command: argument parsing only; every command calls into a module."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import typing
+from dataclasses import fields
+
+from .data import MissingDatasetError
+from .io import CheckpointError
+
+TRAIN_HELP = {
+    "method": "training objective: gaussian, adre (ADREREG), smoothadv, adreadv",
+    "lam": "ADRE regularisation weight lambda (>= 0)",
+    "k": "Gaussian draws per example",
+    "single_draw": "l_per from one random draw per example (the paper's Table-1 variant)",
+    "eps": "L2 attack radius for smoothadv/adreadv",
+    "steps": "PGD steps",
+    "eps_warmup": "epochs over which eps grows linearly to its value",
+    "batch": "GLOBAL batch in examples (split over torchrun processes; k noisy copies each)",
+    "schedule": "step (lr * gamma every lr_step epochs), cosine (after warmup_epochs), constant",
+    "train_subset": "train on the first N examples only (0: all)",
+    "eval_subset": "examples of the test split evaluated after each epoch (0: none)",
+    "out": "run directory: config.json, checkpoint.pt, log.jsonl",
+    "amp": "autocast dtype: bf16 or fp16",
+}
+
+
+def _add_train(sub) -> None:
+    from .presets import PRESETS, TrainConfig
+
+    parser = sub.add_parser("train", help="train a base classifier")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="the paper's recipes")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out")
+    hints = typing.get_type_hints(TrainConfig)
+    for f in fields(TrainConfig):
+        if f.name == "preset":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        default = f.default
+        text = TRAIN_HELP.get(f.name, "") + f" (default {default})"
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=text)
+        else:
+            scalar = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
+            parser.add_argument(flag, type=scalar, default=None, help=text)
+
+
+def _add_run_options(parser: argparse.ArgumentParser, certify: bool) -> None:
+    parser.add_argument("checkpoint", help="checkpoint.pt written by `smoothcert train`")
+    parser.add_argument("--out", required=True, help="result TSV (re-running resumes it)")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--n", type=int, default=100_000, help="estimation samples")
+    parser.add_argument("--alpha", type=float, default=0.001, help="failure probability")
+    parser.add_argument("--batch", type=int, default=1000, help="noisy samples per forward")
+    parser.add_argument("--skip", type=int, default=1, help="certify every skip-th example")
+    parser.add_argument("--max", type=int, default=None,
+                        help="at most this many examples (a COUNT; Cohen's --max is an index)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sigma", type=float, help="override the checkpoint's sigma")
+    parser.add_argument("--dataset", help="override the checkpoint's dataset")
+    parser.add_argument("--data-dir", help="dataset folder (or set SMOOTHCERT_DATA)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--amp", choices=["bf16", "fp16"])
+    parser.add_argument("--channels-last", action="store_true")
+    if certify:
+        parser.add_argument("--n0", type=int, default=100, help="selection samples")
+        parser.add_argument("--method", choices=["certify", "tcertify", "both"], default="both")
+        parser.add_argument("--grid", type=int, default=10, help="T-CERTIFY alpha' grid size")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="smoothcert",
+        description="Certified L2 robustness by randomized smoothing (ADRE, T-CERTIFY).",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _add_run_options(sub.add_parser("certify", help="CERTIFY / T-CERTIFY over a split"), True)
+    _add_run_options(sub.add_parser("predict", help="Cohen's PREDICT over a split"), False)
+    analyze = sub.add_parser("analyze", help="certified-accuracy tables, ACR and plots")
+    analyze.add_argument("files", nargs="+", help="result TSVs of `smoothcert certify`")
+    style = analyze.add_mutually_exclusive_group()
+    style.add_argument("--latex", action="store_true")
+    style.add_argument("--csv", action="store_true")
+    analyze.add_argument("--plot", help="write a PNG of certified accuracy against radius")
+    demo = sub.add_parser("demo", help="the offline end-to-end MNIST job")
+    from .demo import add_demo_arguments
+
+    add_demo_arguments(demo)
+    return parser
+
+
+def _train(args) -> None:
+    from .presets import resolve_config
+    from .train import train
+
+    skip = {"command", "no_progress", "preset", "resume"}
+    overrides = {k: v for k, v in vars(args).items() if k not in skip}
+    cfg = resolve_config(args.preset, **overrides)
+    path = train(cfg, resume=args.resume, progress=not args.no_progress)
+    print(f"checkpoint: {path}")
+
+
+def _run(args) -> None:
+    from .runner import RunConfig, abstention_rate, run
+
+    options = {k: v for k, v in vars(args).items() if k not in {"command", "no_progress"}}
+    cfg = RunConfig(mode=args.command, **options)
+    path = run(cfg, progress=not args.no_progress)
+    print(f"results: {path}")
+    if args.command == "predict":
+        print(f"abstention rate: {abstention_rate(path):.4f}")
+
+
+def _analyze(args) -> None:
+    from .analyze import analyze
+
+    fmt = "latex" if args.latex else "csv" if args.csv else "markdown"
+    print(analyze(args.files, fmt=fmt, plot=args.plot, protocol_note=fmt != "csv"))
+    if args.plot:
+        print(f"plot: {args.plot}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .distributed import shutdown_distributed
+    from .demo import run_demo_from_args
+
+    commands = {"train": _train, "certify": _run, "predict": _run, "analyze": _analyze,
+                "demo": run_demo_from_args}
+    try:
+        commands[args.command](args)
+    except (ValueError, MissingDatasetError, CheckpointError) as err:
+        print(f"smoothcert {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        shutdown_distributed()
+    return 0

@@ -1,0 +1,260 @@
+"""The training loop: data -> model -> objective, with atomic checkpoints, resume, logs and DDP.
+
+Randomness is a function of (seed, epoch): every epoch reseeds the data order, the
+augmentations and the noise, so a run resumed from an epoch checkpoint continues exactly as
+the uninterrupted run would have. Noise is drawn for the whole global batch on every rank
+and each rank takes its own examples' rows, so 1 process and N processes see the same noise.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data.distributed import DistributedSampler
+from tqdm.auto import tqdm
+
+from . import __version__
+from .data import get_dataset
+from .distributed import DistContext, init_distributed
+from .io import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
+from .models import build_model
+from .objectives import get_method
+from .presets import TrainConfig, eps_at, lr_factor
+from .smooth import AMP_DTYPES
+
+CHECKPOINT = "checkpoint.pt"
+LOG = "log.jsonl"
+# Options that may differ between a run and its resumption without changing what it computes.
+RESUMABLE_CHANGES = {"epochs", "out", "workers", "device", "data_dir", "download", "eval_subset"}
+
+
+def epoch_seed(cfg: TrainConfig, epoch: int) -> int:
+    return cfg.seed * 1_000_003 + epoch
+
+
+def first_n(dataset: Dataset, count: int) -> Dataset:
+    """The first `count` examples (all when count is 0 or larger than the dataset)."""
+    return Subset(dataset, range(count)) if 0 < count < len(dataset) else dataset
+
+
+def train_loader(dataset: Dataset, cfg: TrainConfig, ctx: DistContext, epoch: int) -> DataLoader:
+    if cfg.batch % ctx.world_size:
+        raise ValueError(
+            f"batch (the global batch) must be divisible by the number of processes "
+            f"({ctx.world_size}), got {cfg.batch}"
+        )
+    # DistributedSampler with one replica is a seeded shuffle, so 1 and N processes agree.
+    sampler = DistributedSampler(
+        dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.seed,
+        drop_last=True,
+    )
+    sampler.set_epoch(epoch)
+    return DataLoader(
+        dataset,
+        batch_size=cfg.batch // ctx.world_size,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=cfg.workers,
+        pin_memory=ctx.device.type == "cuda",
+        persistent_workers=False,
+    )
+
+
+def draw_noise(
+    cfg: TrainConfig, ctx: DistContext, x: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
+    """sigma * N(0, I) of shape [B_local, k, *x.shape[1:]], this rank's rows of the global draw."""
+    shape = (len(x) * ctx.world_size, cfg.k, *x.shape[1:])
+    noise = torch.randn(shape, generator=generator, device=x.device, dtype=torch.float32)
+    return noise[ctx.rank :: ctx.world_size].mul_(cfg.sigma)
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module, dataset: Dataset, sigma: float, device: torch.device, batch: int, seed: int
+) -> dict[str, float]:
+    """Clean accuracy and accuracy under one Gaussian draw per example."""
+    model.eval()
+    generator = torch.Generator(device=device).manual_seed(seed)
+    correct = torch.zeros(2, device=device)
+    total = 0
+    for x, y in DataLoader(dataset, batch_size=batch):
+        x, y = x.to(device), y.to(device)
+        noisy = x + sigma * torch.randn(x.shape, generator=generator, device=device)
+        correct[0] += (model(x).argmax(1) == y).sum()
+        correct[1] += (model(noisy).argmax(1) == y).sum()
+        total += len(y)
+    clean, noisy = (correct / max(total, 1)).tolist()
+    return {"test_clean_acc": clean, "test_noisy_acc": noisy}
+
+
+class Trainer:
+    """One training run in `cfg.out`: config.json, checkpoint.pt (every epoch) and log.jsonl."""
+
+    def __init__(self, cfg: TrainConfig, resume: bool = False, progress: bool = True):
+        self.cfg = cfg.validate()
+        self.out = Path(cfg.out)
+        self.progress = progress
+        self.ctx = init_distributed(cfg.device)
+        device = self.ctx.device
+        model = build_model(cfg.model, cfg.dataset).to(device)
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.optimizer = torch.optim.SGD(
+            model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda epoch: lr_factor(cfg, epoch)
+        )
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+        self.start_epoch = self._restore() if resume else self._fresh()
+        self.method = get_method(cfg.method)
+        self.train_set = first_n(
+            get_dataset(cfg.dataset, "train", cfg.data_dir, cfg.download), cfg.train_subset
+        )
+        self.eval_set = first_n(
+            get_dataset(cfg.dataset, "test", cfg.data_dir, cfg.download), cfg.eval_subset
+        )
+        ddp_ids = [device.index] if device.type == "cuda" else None
+        self.trained = DistributedDataParallel(model, device_ids=ddp_ids) if self.ctx.distributed \
+            else model
+
+    def _fresh(self) -> int:
+        if (self.out / CHECKPOINT).exists():
+            raise ValueError(
+                f"out: '{self.out}' already holds a checkpoint; pass --resume to continue it or "
+                "choose another --out"
+            )
+        if self.ctx.is_main:
+            atomic_write_json(self.out / "config.json", asdict(self.cfg))
+            atomic_write_text(self.out / LOG, "")
+        return 0
+
+    def _restore(self) -> int:
+        path = self.out / CHECKPOINT
+        if not path.exists():
+            return self._fresh()
+        state = load_checkpoint(path, map_location=self.ctx.device)
+        saved = state["config"]
+        changed = {k for k, v in asdict(self.cfg).items() if saved.get(k) != v} - RESUMABLE_CHANGES
+        if changed:
+            raise ValueError(
+                f"resume: '{path}' was trained with different {', '.join(sorted(changed))}; "
+                "start a new --out instead"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        epoch = int(state["epoch"])
+        if self.ctx.is_main:
+            atomic_write_json(self.out / "config.json", asdict(self.cfg))
+            self._truncate_log(epoch)
+        return epoch
+
+    def _truncate_log(self, epoch: int) -> None:
+        """Keep the complete log lines of the epochs the checkpoint holds, drop the rest."""
+        kept = []
+        log = self.out / LOG
+        for line in (log.read_text().splitlines() if log.exists() else []):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("epoch", epoch) < epoch:
+                kept.append(line + "\n")
+        atomic_write_text(log, "".join(kept))
+
+    def fit(self) -> Path:
+        """Train the remaining epochs; return the checkpoint path."""
+        for epoch in range(self.start_epoch, self.cfg.epochs):
+            started = time.time()
+            record = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"]}
+            record.update(self.train_epoch(epoch))
+            self.scheduler.step()
+            if self.ctx.is_main:
+                if self.cfg.eval_subset:
+                    record.update(self._evaluate(epoch))
+                record["time"] = time.time() - started
+                self._save(epoch + 1)
+                with open(self.out / LOG, "a") as log:
+                    log.write(json.dumps(record) + "\n")
+            self.ctx.barrier()
+        return self.out / CHECKPOINT
+
+    def _evaluate(self, epoch: int) -> dict[str, float]:
+        return evaluate(
+            self.model, self.eval_set, self.cfg.sigma, self.ctx.device, 500, epoch_seed(self.cfg, epoch)
+        )
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        cfg, ctx = self.cfg, self.ctx
+        torch.manual_seed(epoch_seed(cfg, epoch))
+        noise_gen = torch.Generator(device=ctx.device).manual_seed(epoch_seed(cfg, epoch))
+        method_cfg = cfg.method_config(eps=eps_at(cfg, epoch))
+        loader = train_loader(self.train_set, cfg, ctx, epoch)
+        sums = torch.zeros(4, device=ctx.device)  # loss, l_per, l_adre, acc (no per-step sync)
+        self.trained.train()
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (
+            self.progress and ctx.is_main), leave=False)
+        for x, y in bar:
+            x = x.to(ctx.device, non_blocking=True)
+            y = y.to(ctx.device, non_blocking=True)
+            if cfg.channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            noise = draw_noise(cfg, ctx, x, noise_gen)
+            with self._autocast():
+                loss, terms = self.method(self.trained, x, y, noise, method_cfg)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            sums += torch.stack([loss.detach().float(), terms["l_per"].float(),
+                                 terms["l_adre"].float(), terms["acc"].float()])
+        steps = max(len(loader), 1)
+        loss, l_per, l_adre, acc = (sums / steps).tolist()
+        return {"loss": loss, "l_per": l_per, "l_adre": l_adre, "train_acc": acc,
+                "eps": method_cfg.eps, "steps": steps}
+
+    def _autocast(self):
+        enabled = self.cfg.amp is not None
+        dtype = AMP_DTYPES[self.cfg.amp] if enabled else None
+        return torch.autocast(self.ctx.device.type, dtype=dtype, enabled=enabled)
+
+    def _save(self, epoch: int) -> None:
+        save_checkpoint(
+            self.out / CHECKPOINT,
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "epoch": epoch,
+                "config": asdict(self.cfg),
+                "version": __version__,
+            },
+        )
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
+    """Run (or resume) training as configured; return the checkpoint path."""
+    return Trainer(cfg, resume=resume, progress=progress).fit()
+
+
+def load_model(
+    checkpoint: str | Path, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, dict]:
+    """The trained model of a checkpoint (in eval mode) and its config."""
+    state = load_checkpoint(checkpoint, map_location=device)
+    config = state["config"]
+    model = build_model(config["model"], config["dataset"])
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), config
