@@ -65,3 +65,20 @@ def threshold_classifier() -> ThresholdClassifier:
 def _seed():
     torch.manual_seed(0)
     np.random.seed(0)
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tmp_path_factory) -> Path:
+    """A LeNet trained for 2 epochs on 512 MNIST images (Gaussian, sigma 0.5, k 2), CPU.
+
+    Shared by the runner and CLI tests; treat it as read-only.
+    """
+    from smoothcert.presets import resolve_config
+    from smoothcert.train import train
+
+    out = tmp_path_factory.mktemp("trained") / "run"
+    cfg = resolve_config(
+        "mnist-lenet", sigma=0.5, k=2, epochs=2, batch=64, train_subset=512, eval_subset=0,
+        device="cpu", out=str(out),
+    )
+    return train(cfg, progress=False)

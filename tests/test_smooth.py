@@ -26,8 +26,14 @@ def test_linear_classifier_radius_approaches_the_exact_radius_from_below():
     b = -0.05
     exact = float((w @ x + b).abs() / w.norm())  # 0.17
     smooth = Smooth(LinearTwoClass(w, b), num_classes=2, sigma=0.25)
-    label, radius = smooth.certify(x, n0=100, n=100_000, alpha=0.001, batch_size=10_000,
-                                   generator=torch.Generator().manual_seed(0))
+    label, radius = smooth.certify(
+        x,
+        n0=100,
+        n=100_000,
+        alpha=0.001,
+        batch_size=10_000,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert label == 1
     assert exact - 0.01 < radius <= exact
 
@@ -35,8 +41,9 @@ def test_linear_classifier_radius_approaches_the_exact_radius_from_below():
 def test_certify_all_gives_three_certificates_from_the_same_samples(threshold_classifier):
     smooth = Smooth(threshold_classifier, threshold_classifier.num_classes, sigma=0.5)
     x = torch.tensor([0.1, 0.0])
-    result = smooth.certify_all(x, n0=50, n=2_000, alpha=0.01, batch_size=300,
-                                generator=torch.Generator().manual_seed(1))
+    result = smooth.certify_all(
+        x, n0=50, n=2_000, alpha=0.01, batch_size=300, generator=torch.Generator().manual_seed(1)
+    )
     assert result.selection_counts.sum() == 50
     assert result.estimation_counts.sum() == 2_000
     assert result.tcertify.radius >= result.certify.radius
@@ -120,8 +127,11 @@ def test_monte_carlo_coverage_through_the_smoothed_classifier():
         (None, lambda s, x: s.certify(x, 10, 0, 0.01, 10), "n"),
         (None, lambda s, x: s.predict(x, 100, 0.01, 0), "batch_size"),
         (None, lambda s, x: s.tcertify(x, 10, 100, 0.01, 10, grid=0), "grid"),
-        (None, lambda s, x: s.certify(torch.tensor([float("nan"), 0.0]), 10, 100, 0.01, 10),
-         "finite"),
+        (
+            None,
+            lambda s, x: s.certify(torch.tensor([float("nan"), 0.0]), 10, 100, 0.01, 10),
+            "finite",
+        ),
     ],
 )
 def test_bad_input_is_rejected_with_the_argument_named(threshold_classifier, build, call, message):

@@ -70,10 +70,16 @@ def test_pb_upper_bound_is_the_root_of_the_union_tail(num_classes):
     rng = np.random.default_rng(num_classes)
     for _ in range(5):
         n = int(rng.integers(100, 200_000))
-        others = rng.multinomial(int(n * rng.uniform(0.01, 0.5)), rng.dirichlet(np.ones(num_classes - 1)))
+        others = rng.multinomial(
+            int(n * rng.uniform(0.01, 0.5)), rng.dirichlet(np.ones(num_classes - 1))
+        )
         alpha = float(10 ** rng.uniform(-5, -1))
         bound = pb_upper_bound(others, n, alpha)
-        root = brentq(lambda p: union_tail(p, others, n) - alpha, 1e-15, 1 - 1e-15, xtol=1e-300, rtol=1e-15)
+
+        def excess(p, others=others, n=n, alpha=alpha):
+            return union_tail(p, others, n) - alpha
+
+        root = brentq(excess, 1e-15, 1 - 1e-15, xtol=1e-300, rtol=1e-15)
         assert bound == pytest.approx(root, rel=1e-9)
         assert union_tail(bound, others, n) <= alpha  # a valid bound ...
         assert union_tail(bound * (1 - 1e-9), others, n) > alpha  # ... and a tight one
@@ -81,7 +87,9 @@ def test_pb_upper_bound_is_the_root_of_the_union_tail(num_classes):
 
 def test_pb_upper_bound_two_classes_is_clopper_pearson():
     for k, n, alpha in [(3, 100, 0.01), (0, 1000, 0.001), (400, 1000, 1e-5)]:
-        assert pb_upper_bound([k], n, alpha) == pytest.approx(clopper_pearson_upper(k, n, alpha), rel=1e-12)
+        assert pb_upper_bound([k], n, alpha) == pytest.approx(
+            clopper_pearson_upper(k, n, alpha), rel=1e-12
+        )
 
 
 def test_pb_upper_bound_counts_unseen_classes():
@@ -185,8 +193,9 @@ def test_strict_mode_evaluates_one_alpha_prime_chosen_from_selection_counts():
     plug_cert = certify_from_counts(selection, plug_in, 0.5, 0.001, "tcertify")
     assert strict.alpha_prime == pytest.approx(plug_cert.alpha_prime)
     # The estimation counts change the radius but never the chosen alpha'.
-    other = certify_from_counts(selection, estimation[[0, 1, 2, 3, 4, 5, 6, 7, 9, 8]], 0.5, 0.001,
-                                "tcertify-strict")
+    other = certify_from_counts(
+        selection, estimation[[0, 1, 2, 3, 4, 5, 6, 7, 9, 8]], 0.5, 0.001, "tcertify-strict"
+    )
     assert other.alpha_prime == strict.alpha_prime
 
 

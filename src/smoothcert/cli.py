@@ -128,14 +128,15 @@ def _analyze(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .distributed import shutdown_distributed
     from .demo import run_demo_from_args
+    from .distributed import shutdown_distributed
 
     commands = {"train": _train, "certify": _run, "predict": _run, "analyze": _analyze,
                 "demo": run_demo_from_args}
     try:
         commands[args.command](args)
-    except (ValueError, MissingDatasetError, CheckpointError) as err:
+    # OSError: a missing or unreadable input file (`analyze no.tsv`) is a usage error too.
+    except (ValueError, MissingDatasetError, CheckpointError, OSError) as err:
         print(f"smoothcert {args.command}: error: {err}", file=sys.stderr)
         return 2
     finally:

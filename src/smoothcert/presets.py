@@ -129,8 +129,9 @@ def resolve_config(preset: str | None = None, **overrides) -> TrainConfig:
     if unknown:
         raise ValueError(f"unknown training option(s): {', '.join(sorted(unknown))}")
     values.update({key: value for key, value in overrides.items() if value is not None})
-    if preset == "imagenet-resnet50" and "batch" not in values:
-        values["batch"] = max(1, 256 // int(values.get("k", 1)))
+    k = values.get("k", 1)
+    if preset == "imagenet-resnet50" and "batch" not in values and isinstance(k, int) and k >= 1:
+        values["batch"] = max(1, 256 // k)  # a bad k is left to validate(), which names it
     return TrainConfig(**values).validate()
 
 

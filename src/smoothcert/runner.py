@@ -10,6 +10,7 @@ noise comes from a generator seeded by (seed, idx), so results do not depend on 
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import time
 from collections.abc import Iterable
@@ -68,7 +69,9 @@ class RunConfig:
         if self.mode not in ("certify", "predict"):
             raise ValueError(f"mode must be certify or predict, got {self.mode!r}")
         if self.method not in CERTIFY_LAYOUTS:
-            raise ValueError(f"method must be one of {', '.join(CERTIFY_LAYOUTS)}, got {self.method!r}")
+            raise ValueError(
+                f"method must be one of {', '.join(CERTIFY_LAYOUTS)}, got {self.method!r}"
+            )
         check_alpha(self.alpha)
         for name in ("n0", "n", "batch", "grid", "skip"):
             check_positive_int(getattr(self, name), name)
@@ -159,20 +162,37 @@ class Runner:
         return self.out if self.ctx.world_size == 1 else self.out.with_name(
             f"{self.out.name}.part{rank}")
 
+    def part_files(self) -> list[Path]:
+        """The part files next to out, of this run or of an unmerged run with any world size."""
+        prefix = f"{self.out.name}.part"
+        folder = self.out.parent
+        if not folder.is_dir():
+            return []
+        return sorted(p for p in folder.iterdir()
+                      if p.name.startswith(prefix) and p.name[len(prefix):].isdigit())
+
+    def finished_rows(self) -> dict[int, str]:
+        """The complete rows in out and in every part file, by example index."""
+        rows = read_rows(self.out, self.columns)
+        for part in self.part_files():
+            rows.update(read_rows(part, self.columns))
+        return rows
+
     def run(self) -> Path:
         cfg, ctx = self.cfg, self.ctx
+        # Every rank reads out and the parts an interrupted run left (whatever its world size),
+        # so a foreign file fails every rank alike, before the sidecar is touched.
+        done = self.finished_rows()
         self._check_sidecar()
-        done = read_rows(self.out, self.columns)
-        if ctx.distributed:
-            for rank in range(ctx.world_size):
-                done.update(read_rows(self.part_path(rank), self.columns))
+        ctx.barrier()  # all have read the parts before rank 0 folds them into out
+        if ctx.is_main:
+            self._merge(done)  # also drops a row cut off mid-write
+        ctx.barrier()
         todo = [i for i in selected_indices(len(self.dataset), cfg.skip, cfg.max) if i not in done]
         mine = todo[ctx.rank :: ctx.world_size]
         part = self.part_path(ctx.rank)
-        own = {i: r for i, r in done.items() if not ctx.distributed or i in
-               read_rows(part, self.columns)}
-        write_rows(part, self.columns, own)  # drops a row cut off mid-write
-        ctx.barrier()
+        if ctx.distributed:
+            write_rows(part, self.columns, {})
         self._process(mine, part)
         ctx.barrier()
         if ctx.is_main and ctx.distributed:
@@ -182,25 +202,27 @@ class Runner:
 
     def _check_sidecar(self) -> None:
         sidecar = self.out.with_name(self.out.name + ".json")
-        meta = {**self.cfg.identity(), "columns_of_main": CERTIFY_LAYOUTS[self.cfg.method][0]
-                if self.cfg.mode == "certify" else "predict"}
-        if sidecar.exists() and self.out.exists():
-            import json
-
+        cfg = self.cfg
+        main = CERTIFY_LAYOUTS[cfg.method][0] if cfg.mode == "certify" else "predict"
+        n_examples = len(selected_indices(len(self.dataset), cfg.skip, cfg.max))
+        protocol = (f"{cfg.split} split, every {cfg.skip}th example from index 0, "
+                    f"{n_examples} examples")
+        # "method" names the main columns' method (analyze labels curves with it); sigma and
+        # dataset are the values in force (the checkpoint's unless overridden).
+        meta = {**cfg.identity(), "columns_of_main": main, **cfg.extra, "method": main,
+                "sigma": self.sigma, "dataset": self.dataset_name, "protocol": protocol}
+        if sidecar.exists() and (self.out.exists() or self.part_files()):
+            # Compare with what this run would write: cfg.identity() itself holds the method
+            # option ("both") and None for an inherited sigma/dataset, so no resume ever matched.
             saved = json.loads(sidecar.read_text())
-            differ = [k for k in self.cfg.identity() if saved.get(k) != meta[k]]
+            differ = [k for k in cfg.identity() if saved.get(k) != meta[k]]
             if differ:
                 raise ValueError(
                     f"out: '{self.out}' was written with different {', '.join(differ)}; remove it "
                     "or choose another --out"
                 )
         if self.ctx.is_main:
-            n_examples = len(selected_indices(len(self.dataset), self.cfg.skip, self.cfg.max))
-            protocol = (f"{self.cfg.split} split, every {self.cfg.skip}th example from index 0, "
-                        f"{n_examples} examples")
-            atomic_write_json(sidecar, {**meta, **self.cfg.extra, "method": meta["columns_of_main"],
-                                        "sigma": self.sigma, "dataset": self.dataset_name,
-                                        "protocol": protocol})
+            atomic_write_json(sidecar, meta)
 
     def _process(self, indices: Iterable[int], part: Path) -> None:
         indices = list(indices)
@@ -239,12 +261,10 @@ class Runner:
         row += format_counts(result.selection_counts, result.estimation_counts, top)
         return row, ok
 
-    def _merge(self) -> None:
-        rows = read_rows(self.out, self.columns)
-        parts = [self.part_path(rank) for rank in range(self.ctx.world_size)]
-        for part in parts:
-            rows.update(read_rows(part, self.columns))
-        write_rows(self.out, self.columns, rows)
+    def _merge(self, rows: dict[int, str] | None = None) -> None:
+        """Write the finished rows (or `rows`, which hold them) into out, then remove the parts."""
+        parts = self.part_files()
+        write_rows(self.out, self.columns, self.finished_rows() if rows is None else rows)
         for part in parts:
             part.unlink(missing_ok=True)
 

@@ -38,7 +38,7 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 class Smooth:
-    """A smoothed classifier over `base_classifier` (any nn.Module mapping [B, *shape] to logits)."""
+    """Smoothed classifier over `base_classifier` (any nn.Module mapping [B, *shape] to logits)."""
 
     ABSTAIN = ABSTAIN
 
@@ -117,7 +117,9 @@ class Smooth:
             x, n0, n, alpha, batch_size, grid, generator
         )
         certs = {
-            method: stats.certify_from_counts(selection, estimation, self.sigma, alpha, method, grid)
+            method: stats.certify_from_counts(
+                selection, estimation, self.sigma, alpha, method, grid
+            )
             for method in stats.METHODS
         }
         return CertifyAllResult(
@@ -153,7 +155,9 @@ class Smooth:
         num = stats.check_positive_int(num, name)
         batch_size = stats.check_positive_int(batch_size, "batch_size")
         if not isinstance(x, torch.Tensor):
-            raise ValueError(f"x must be a torch.Tensor (one example, no batch axis), got {type(x)}")
+            raise ValueError(
+                f"x must be a torch.Tensor (one example, no batch axis), got {type(x)}"
+            )
         device = model_device(self.base_classifier)
         x = x.to(device=device, dtype=torch.float32)
         if not bool(torch.isfinite(x).all()):
@@ -174,7 +178,9 @@ class Smooth:
         return counts.cpu().numpy()
 
     def _noise_buffer(self, x: torch.Tensor, size: int, device: torch.device) -> torch.Tensor:
-        fmt = torch.channels_last if self.channels_last and x.dim() == 3 else torch.contiguous_format
+        fmt = (
+            torch.channels_last if self.channels_last and x.dim() == 3 else torch.contiguous_format
+        )
         return torch.empty((size, *x.shape), device=device, dtype=torch.float32).contiguous(
             memory_format=fmt
         )

@@ -250,7 +250,7 @@ def binomial_test_pvalue(k: int, n: int) -> float:
 
 
 def predict_from_counts(counts, alpha: float) -> int:
-    """Cohen's PREDICT: the top class if the top-two binomial test rejects at alpha, else ABSTAIN."""
+    """Cohen's PREDICT: the top class if the top-two binomial test rejects alpha, else ABSTAIN."""
     alpha = check_alpha(alpha)
     counts = _check_counts(counts, "counts")
     order = np.argsort(-counts, kind="stable")

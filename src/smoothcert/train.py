@@ -14,6 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -23,7 +24,13 @@ from tqdm.auto import tqdm
 from . import __version__
 from .data import get_dataset
 from .distributed import DistContext, init_distributed
-from .io import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
+from .io import (
+    CheckpointError,
+    atomic_write_json,
+    atomic_write_text,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .models import build_model
 from .objectives import get_method
 from .presets import TrainConfig, eps_at, lr_factor
@@ -44,12 +51,18 @@ def first_n(dataset: Dataset, count: int) -> Dataset:
     return Subset(dataset, range(count)) if 0 < count < len(dataset) else dataset
 
 
-def train_loader(dataset: Dataset, cfg: TrainConfig, ctx: DistContext, epoch: int) -> DataLoader:
-    if cfg.batch % ctx.world_size:
+def check_global_batch(batch: int, world_size: int) -> None:
+    if batch % world_size:
+        lower, upper = batch // world_size * world_size, (batch // world_size + 1) * world_size
+        nearest = " or ".join(str(b) for b in (lower, upper) if b > 0)
         raise ValueError(
             f"batch (the global batch) must be divisible by the number of processes "
-            f"({ctx.world_size}), got {cfg.batch}"
+            f"({world_size}), got {batch}; e.g. {nearest}"
         )
+
+
+def train_loader(dataset: Dataset, cfg: TrainConfig, ctx: DistContext, epoch: int) -> DataLoader:
+    check_global_batch(cfg.batch, ctx.world_size)
     # DistributedSampler with one replica is a seeded shuffle, so 1 and N processes agree.
     sampler = DistributedSampler(
         dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.seed,
@@ -103,7 +116,11 @@ class Trainer:
         self.out = Path(cfg.out)
         self.progress = progress
         self.ctx = init_distributed(cfg.device)
+        check_global_batch(cfg.batch, self.ctx.world_size)  # before any file is written
         device = self.ctx.device
+        # The initial weights are a function of the seed too (torch's default seed is random per
+        # process): a run is reproducible, and 1 and N processes start from the same weights.
+        torch.manual_seed(cfg.seed)
         model = build_model(cfg.model, cfg.dataset).to(device)
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -115,14 +132,21 @@ class Trainer:
             self.optimizer, lambda epoch: lr_factor(cfg, epoch)
         )
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-        self.start_epoch = self._restore() if resume else self._fresh()
         self.method = get_method(cfg.method)
+        # Datasets before any file is written: a missing dataset leaves no half-made run behind.
+        # With --download under torchrun, rank 0 fetches the files before the others read them.
+        download_first = self.ctx.distributed and cfg.download
+        if download_first and not self.ctx.is_main:
+            self.ctx.barrier()
         self.train_set = first_n(
             get_dataset(cfg.dataset, "train", cfg.data_dir, cfg.download), cfg.train_subset
         )
         self.eval_set = first_n(
             get_dataset(cfg.dataset, "test", cfg.data_dir, cfg.download), cfg.eval_subset
         )
+        if download_first and self.ctx.is_main:
+            self.ctx.barrier()
+        self.start_epoch = self._restore() if resume else self._fresh()
         ddp_ids = [device.index] if device.type == "cuda" else None
         self.trained = DistributedDataParallel(model, device_ids=ddp_ids) if self.ctx.distributed \
             else model
@@ -184,15 +208,18 @@ class Trainer:
                 if self.cfg.eval_subset:
                     record.update(self._evaluate(epoch))
                 record["time"] = time.time() - started
-                self._save(epoch + 1)
+                # Log line first, checkpoint second: a kill between the two leaves a line for an
+                # epoch the checkpoint lacks, which resume drops; the other order lost the line.
                 with open(self.out / LOG, "a") as log:
                     log.write(json.dumps(record) + "\n")
+                self._save(epoch + 1)
             self.ctx.barrier()
         return self.out / CHECKPOINT
 
     def _evaluate(self, epoch: int) -> dict[str, float]:
+        cfg = self.cfg
         return evaluate(
-            self.model, self.eval_set, self.cfg.sigma, self.ctx.device, 500, epoch_seed(self.cfg, epoch)
+            self.model, self.eval_set, cfg.sigma, self.ctx.device, 500, epoch_seed(cfg, epoch)
         )
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
@@ -219,6 +246,9 @@ class Trainer:
             self.scaler.update()
             sums += torch.stack([loss.detach().float(), terms["l_per"].float(),
                                  terms["l_adre"].float(), terms["acc"].float()])
+        if ctx.distributed:  # the logged means are over the global batch, as with 1 process
+            dist.all_reduce(sums)
+            sums /= ctx.world_size
         steps = max(len(loader), 1)
         loss, l_per, l_adre, acc = (sums / steps).tolist()
         return {"loss": loss, "l_per": l_per, "l_adre": l_adre, "train_acc": acc,
@@ -255,6 +285,14 @@ def load_model(
     """The trained model of a checkpoint (in eval mode) and its config."""
     state = load_checkpoint(checkpoint, map_location=device)
     config = state["config"]
-    model = build_model(config["model"], config["dataset"])
-    model.load_state_dict(state["model"])
+    try:  # {"model": ..., "config": ...} is a common layout: check that it is ours
+        model = build_model(config["model"], config["dataset"])
+        model.load_state_dict(state["model"])
+        float(config["sigma"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise CheckpointError(
+            f"checkpoint: '{checkpoint}' is not a smoothcert checkpoint: its config and weights "
+            f"do not describe a smoothcert model ({type(err).__name__}: {first_line})"
+        ) from None
     return model.to(device).eval(), config

@@ -1,0 +1,164 @@
+"""Shared machinery of the reproduction studies: train -> certify -> summarise, resumably.
+
+Checkpoints live under `runs/experiments/<study>/` (not committed); result TSVs, their
+sidecars, a per-run training summary, the plots and `summary.md` live under
+`experiments/results/<study>/` (committed). A run whose result file is complete is skipped
+entirely, so a study can be finished across several sittings, even on a new machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from smoothcert.analyze import format_table, load_results, plot_curves
+from smoothcert.data import get_dataset
+from smoothcert.io import atomic_write_json, atomic_write_text
+from smoothcert.presets import resolve_config
+from smoothcert.runner import RunConfig, read_rows, run, selected_indices
+from smoothcert.train import LOG, train
+
+ROOT = Path(__file__).resolve().parent
+REPO = ROOT.parent
+
+
+@dataclass
+class Run:
+    """One trained model and its certification."""
+
+    name: str
+    train: dict
+    label: str = ""
+    certify: dict = field(default_factory=dict)
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--n0", type=int, default=100)
+    parser.add_argument("--n", type=int, default=10_000)
+    parser.add_argument("--alpha", type=float, default=0.001)
+    parser.add_argument("--skip", type=int, default=20, help="certify every skip-th test image")
+    parser.add_argument("--max", type=int, default=500, help="number of test images certified")
+    parser.add_argument("--batch", type=int, default=2_000, help="certification batch")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", nargs="*", help="run only these run names")
+    parser.add_argument("--train-subset", type=int, default=0,
+                        help="train on the first N examples (0: all; for smoke runs)")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def result_dir(study: str) -> Path:
+    return ROOT / "results" / study
+
+
+def run_dir(study: str, name: str) -> Path:
+    return REPO / "runs" / "experiments" / study / name
+
+
+def certify_config(study: str, run_: Run, args: argparse.Namespace, checkpoint: str) -> RunConfig:
+    return RunConfig(
+        checkpoint=checkpoint, out=str(result_dir(study) / f"{run_.name}.tsv"), method="both",
+        n0=args.n0, n=args.n, alpha=args.alpha, batch=args.batch, skip=args.skip,
+        max=args.max, seed=args.seed, extra={"label": run_.label or run_.name},
+        **run_.certify,
+    )
+
+
+def is_complete(tsv: Path, dataset: str, args: argparse.Namespace, data_dir: str | None) -> bool:
+    if not tsv.exists():
+        return False
+    expected = selected_indices(len(get_dataset(dataset, "test", data_dir)), args.skip, args.max)
+    with open(tsv) as f:
+        columns = f.readline().rstrip("\n").split("\t")
+    return set(read_rows(tsv, columns)) >= set(expected)
+
+
+def execute(study: str, runs: list[Run], args: argparse.Namespace) -> list[Path]:
+    """Train and certify every run not yet complete; return the result files in order."""
+    out = result_dir(study)
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    for run_ in runs:
+        tsv = out / f"{run_.name}.tsv"
+        files.append(tsv)
+        if args.only and run_.name not in args.only:
+            continue
+        cfg = resolve_config(seed=args.seed, out=str(run_dir(study, run_.name)),
+                             train_subset=args.train_subset, **run_.train)
+        if is_complete(tsv, cfg.dataset, args, cfg.data_dir):
+            print(f"[{study}] {run_.name}: complete, skipped")
+            continue
+        print(f"[{study}] {run_.name}: training ({cfg.method}, sigma={cfg.sigma}, lam={cfg.lam})")
+        checkpoint = train(cfg, resume=True, progress=not args.no_progress)
+        summarise_training(Path(cfg.out), out / f"{run_.name}.train.json")
+        print(f"[{study}] {run_.name}: certifying")
+        run(certify_config(study, run_, args, str(checkpoint)), progress=not args.no_progress)
+    return files
+
+
+def summarise_training(run_path: Path, target: Path) -> None:
+    """Keep the training log's essentials beside the results (checkpoints are not committed)."""
+    records = [json.loads(line) for line in (run_path / LOG).read_text().splitlines() if line]
+    config = json.loads((run_path / "config.json").read_text())
+    atomic_write_json(target, {
+        "config": config,
+        "epochs": len(records),
+        "train_seconds": sum(r["time"] for r in records),
+        "final": records[-1] if records else {},
+    })
+
+
+def certification_seconds(tsv: Path) -> float:
+    """Total certification time recorded in a result file's time column."""
+    total = 0.0
+    for line in tsv.read_text().splitlines()[1:]:
+        h, m, s = line.split("\t")[5].split(":")
+        total += 3600 * int(h) + 60 * int(m) + float(s)
+    return total
+
+
+def timing_table(files: list[Path]) -> str:
+    lines = [
+        "| run | epochs | train time (min) | final loss | test noisy acc | certify time (min) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for tsv in files:
+        meta_path = tsv.with_name(tsv.stem + ".train.json")
+        if not (tsv.exists() and meta_path.exists()):
+            continue
+        meta = json.loads(meta_path.read_text())
+        loss, noisy = (meta["final"].get(key, float("nan")) for key in ("loss", "test_noisy_acc"))
+        lines.append(
+            f"| {tsv.stem} | {meta['epochs']} | {meta['train_seconds'] / 60:.1f} | {loss:.3f} | "
+            f"{noisy:.3f} | {certification_seconds(tsv) / 60:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def curves_of(files: list[Path], methods: tuple[str, ...] = ("certify",)) -> list:
+    """The curves of the given certification methods from every existing result file."""
+    curves = []
+    for tsv in files:
+        if tsv.exists():
+            curves += [c for c in load_results(tsv) if c.name.split(": ")[-1] in methods]
+    return curves
+
+
+def write_summary(study: str, title: str, sections: list[tuple[str, list, str | None]],
+                  notes: str, files: list[Path]) -> Path:
+    """summary.md with one table (and plot) per section, the notes and the timing table."""
+    out = result_dir(study)
+    parts = [f"# {title}", "", notes, ""]
+    for heading, curves, plot_name in sections:
+        if not curves:
+            continue
+        parts += [f"## {heading}", "", format_table(curves), ""]
+        if plot_name:
+            plot_curves(curves, out / plot_name, title=heading)
+            parts += [f"![{heading}]({plot_name})", ""]
+    parts += ["## Cost", "", timing_table(files), ""]
+    path = out / "summary.md"
+    atomic_write_text(path, "\n".join(parts))
+    print(f"[{study}] summary: {path}")
+    return path
