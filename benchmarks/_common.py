@@ -50,7 +50,7 @@ class Table:
 
     def markdown(self) -> str:
         lines = [f"**{self.title}**", "", "| " + " | ".join(self.columns) + " |",
-                 "|" + "|".join("---:" for _ in self.columns) + "|"]
+                 "|:---|" + "|".join("---:" for _ in self.columns[1:]) + "|"]
         lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in self.rows]
         if self.notes:
             lines.append("")

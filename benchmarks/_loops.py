@@ -20,9 +20,9 @@ LABELS = {
     "cifar_resnet110": "ResNet-110 (CIFAR)",
     "resnet50": "ResNet-50 (224²)",
 }
-# name -> (channels_last model, channels_last noise buffer, amp). "cl" is what
-# Smooth(channels_last=True) does with a channels_last model; "cl+cnoise" keeps the noise buffer
-# contiguous (Smooth(channels_last=False)) and lets the model's first convolution convert it.
+# name -> (channels_last model, channels_last noise buffer, amp). "cl" draws the noise into a
+# channels_last buffer (an alternative smoothcert rejected: ChannelsLastNoiseSmooth below);
+# "cl+cnoise" is what Smooth does: a contiguous buffer that the first convolution converts.
 CONFIGS = {
     "fp32": (False, False, None),
     "cl": (True, True, None),
@@ -53,9 +53,23 @@ def autocast(amp: str | None):
     return torch.autocast("cpu", dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[amp])
 
 
+class ChannelsLastNoiseSmooth(Smooth):
+    """Smooth with its noise drawn into a channels_last buffer: measured, not shipped."""
+
+    @staticmethod
+    def _noise_buffer(x: torch.Tensor, size: int, device: torch.device) -> torch.Tensor:
+        buffer = Smooth._noise_buffer(x, size, device)
+        return buffer.contiguous(memory_format=torch.channels_last) if x.dim() == 3 else buffer
+
+
+def smooth_for(model: nn.Module, num_classes: int, buffer_cl: bool, amp: str | None) -> Smooth:
+    kind = ChannelsLastNoiseSmooth if buffer_cl else Smooth
+    return kind(model, num_classes, SIGMA, amp=amp)
+
+
 def make_smooth(model: nn.Module, dataset: str, config: str) -> Smooth:
     _, buffer_cl, amp = CONFIGS[config]
-    return Smooth(model, CLASSES[dataset], SIGMA, amp=amp, channels_last=buffer_cl)
+    return smooth_for(model, CLASSES[dataset], buffer_cl, amp)
 
 
 def make_config(name: str, dataset: str, config: str) -> tuple[nn.Module, Smooth]:

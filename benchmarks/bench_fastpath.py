@@ -9,7 +9,7 @@ sampling loop) at a fixed batch size; the table reports median noisy samples per
 
 Configurations (model and noise buffer laid out as each says):
 - fp32       contiguous float32 (the naive baseline);
-- cl         channels_last model, Smooth(channels_last=True) (noise drawn in a channels_last
+- cl         channels_last model, noise drawn in a channels_last buffer (rejected alternative;
              buffer);
 - cl+cnoise  channels_last model, noise drawn in a contiguous buffer (the first convolution
              converts the layout);
@@ -18,6 +18,8 @@ Configurations (model and noise buffer laid out as each says):
 
 from __future__ import annotations
 
+import math
+import resource
 import sys
 from functools import partial
 
@@ -33,19 +35,19 @@ from _common import (
     run_json,
     setup,
 )
-from _loops import ALPHA, CLASSES, CONFIGS, LABELS, make_input, make_model
+from _loops import ALPHA, CLASSES, CONFIGS, LABELS, make_input, make_model, smooth_for
 
 from smoothcert import Smooth
 
 FULL = {
-    "models": [("lenet", "mnist", 1000, 20_000), ("cifar_resnet20", "cifar10", 1000, 3000),
-               ("cifar_resnet110", "cifar10", 1000, 1000), ("resnet50", "imagenet", 50, 100)],
+    "models": [("lenet", "mnist", 1000, 5000), ("cifar_resnet20", "cifar10", 1000, 2000),
+               ("cifar_resnet110", "cifar10", 1000, 1000), ("resnet50", "imagenet", 50, 50)],
     "reps": 3,
-    "rounds": 2,
+    "rounds": 1,
     "thread_counts": [1, 2, 4],
 }
 QUICK = {
-    "models": [("lenet", "mnist", 1000, 2000), ("cifar_resnet20", "cifar10", 200, 400)],
+    "models": [("lenet", "mnist", 500, 1000), ("cifar_resnet20", "cifar10", 100, 200)],
     "reps": 1,
     "rounds": 1,
     "thread_counts": [1, 2],
@@ -59,20 +61,27 @@ def child(plan: dict, tuned: bool) -> list[Table]:
                   ["model", "batch", "samples", *VARIANTS])
     threads = Table("threads-raw", f"threads, allocator tuned = {tuned}",
                     ["model", "config", *[str(t) for t in plan["thread_counts"]]])
+    faults_table = Table("faults-raw", f"page faults, allocator tuned = {tuned}",
+                         ["model", "fp32 faults/batch", "fp32 kernel share",
+                          "fast faults/batch", "fast kernel share"])
     default_threads = torch.get_num_threads()
     for name, dataset, batch, n in plan["models"]:
         x = make_input(dataset)
         models = {cl: make_model(name, dataset, cl) for cl in (False, True)}
         runs = {}
         for variant, (cl_model, cl_buffer, amp) in VARIANTS.items():
-            smooth = Smooth(models[cl_model], CLASSES[dataset], 0.25, amp=amp,
-                            channels_last=cl_buffer)
+            smooth = smooth_for(models[cl_model], CLASSES[dataset], cl_buffer, amp)
             generator = torch.Generator().manual_seed(0)
             smooth.predict(x, batch, ALPHA, batch, generator=generator)  # warm-up
 
             runs[variant] = partial(smooth.predict, x, n, ALPHA, batch, generator=generator)
         times = interleaved(runs, plan["reps"])
         table.add(LABELS[name], batch, n, *[n / median(times[v]) for v in VARIANTS])
+        row = [LABELS[name]]
+        for variant in ("fp32", "cl+cnoise+bf16"):
+            faults, kernel_share = page_faults(runs[variant])
+            row += [faults / math.ceil(n / batch), kernel_share]
+        faults_table.add(*row)
         if name in ("lenet", "cifar_resnet20") and tuned:
             smooth = Smooth(models[False], CLASSES[dataset], 0.25)
 
@@ -86,7 +95,17 @@ def child(plan: dict, tuned: bool) -> list[Table]:
             times = interleaved(variants, plan["reps"])
             threads.add(LABELS[name], "fp32", *[n / median(times[v]) for v in variants])
             torch.set_num_threads(default_threads)
-    return [table, threads] if tuned else [table]
+    return [table, faults_table, threads] if tuned else [table, faults_table]
+
+
+def page_faults(run) -> tuple[float, float]:
+    """Minor page faults of one call of `run`, and the share of its CPU time in the kernel."""
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    run()
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    system = after.ru_stime - before.ru_stime
+    user = after.ru_utime - before.ru_utime
+    return after.ru_minflt - before.ru_minflt, system / max(system + user, 1e-9)
 
 
 def combine(plan: dict, results: dict[bool, list[dict]]) -> list[Table]:
@@ -135,6 +154,14 @@ def combine(plan: dict, results: dict[bool, list[dict]]) -> list[Table]:
     for label in plain:
         for setting, rows in (("glibc default", plain[label]), ("tuned", tuned[label])):
             full.add(label, setting, *[med_col(rows, 3 + i) for i in range(len(names))])
+    faults = Table("faults", "5e. Why the allocator matters: minor page faults per batch and the "
+                   "share of CPU time spent in the kernel (one call each)",
+                   ["model", "allocator", "fp32 faults / batch", "fp32 kernel time",
+                    "cl+bf16 faults / batch", "cl+bf16 kernel time"])
+    for setting, tuned_flag in (("glibc default", False), ("tuned", True)):
+        for label, rows in cells(tuned_flag, "faults-raw").items():
+            faults.add(label, setting, med_col(rows, 1), f"{100 * med_col(rows, 2):.0f} %",
+                       med_col(rows, 3), f"{100 * med_col(rows, 4):.0f} %")
     threads_rows = cells(True, "threads-raw")
     threads = Table("threads", "5d. Intra-op threads (fp32, allocator tuned; noisy samples/s)",
                     ["model", *[f"{t} threads" for t in plan["thread_counts"]]])
@@ -146,14 +173,15 @@ def combine(plan: dict, results: dict[bool, list[dict]]) -> list[Table]:
         "then a channels_last model with the noise drawn contiguous, then bf16 autocast."
     )
     steps.notes.append(
-        "'shipped buffer' columns: Smooth(channels_last=True) as it is, noise drawn into a "
-        "channels_last buffer, which torch fills with its slow serial normal_ path when C > 1."
+        "'shipped buffer' columns: ChannelsLastNoiseSmooth (the rejected alternative), noise "
+        "drawn into a channels_last buffer, which torch fills with its slow serial normal_ "
+        "path when C > 1."
     )
     steps.notes.append(
         f"medians of {plan['reps']} interleaved repetitions x {plan['rounds']} alternated "
         "process pairs."
     )
-    return [steps, gains, full, threads]
+    return [steps, gains, full, faults, threads]
 
 
 def med_col(rows: list[list], index: int) -> float:

@@ -21,16 +21,16 @@ N0 = 100
 FULL = {
     "runs": [("lenet", "mnist", [10**3, 10**4, 10**5, 10**6]),
              ("cifar_resnet20", "cifar10", [10**3, 10**4, 10**5])],
-    "batch": 1000, "config": "fp32", "min_seconds": 2.0,
+    "batch": 1000, "config": "cl+cnoise+bf16", "min_seconds": 2.0,
 }
-QUICK = {"runs": [("lenet", "mnist", [10**3, 10**4])], "batch": 1000, "config": "fp32",
-         "min_seconds": 0.2}
+QUICK = {"runs": [("lenet", "mnist", [10**3, 5 * 10**3])], "batch": 1000,
+         "config": "cl+cnoise+bf16", "min_seconds": 0.2}
 MIB = 2**20
 
 
 def main(argv=None) -> list[Table]:
     def extra(parser):
-        parser.add_argument("--config", choices=list(CONFIGS), help="default fp32")
+        parser.add_argument("--config", choices=list(CONFIGS), help="default cl+cnoise+bf16")
 
     args = parse_args(__doc__.splitlines()[0], argv, extra)
     plan = dict(QUICK if args.quick else FULL)

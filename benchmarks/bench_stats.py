@@ -22,7 +22,7 @@ from smoothcert import stats
 
 N0, N = 100, 100_000
 GRID = 10
-FULL = {"reps": 15, "throughput": {"lenet": (1000, 20_000), "resnet50": (50, 100)},
+FULL = {"reps": 15, "throughput": {"lenet": (1000, 10_000), "resnet50": (50, 100)},
         "configs": ["fp32", "cl+cnoise+bf16"]}
 QUICK = {"reps": 3, "throughput": {"lenet": (1000, 2000), "resnet50": (8, 8)},
          "configs": ["fp32"]}

@@ -91,8 +91,8 @@ def test_any_input_shape_and_bf16_autocast():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
     x = torch.rand(3, 8, 8)
-    for amp, channels_last in ((None, False), ("bf16", True)):
-        smooth = Smooth(model, 5, sigma=0.25, amp=amp, channels_last=channels_last)
+    for amp, memory_format in ((None, torch.contiguous_format), ("bf16", torch.channels_last)):
+        smooth = Smooth(model.to(memory_format=memory_format), 5, sigma=0.25, amp=amp)
         result = smooth.certify_all(x, 10, 300, 0.01, 64)
         assert result.estimation_counts.sum() == 300
         assert result.estimation_counts.dtype == np.int64

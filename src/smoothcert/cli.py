@@ -53,19 +53,24 @@ def _add_run_options(parser: argparse.ArgumentParser, certify: bool) -> None:
     parser.add_argument("checkpoint", help="checkpoint.pt written by `smoothcert train`")
     parser.add_argument("--out", required=True, help="result TSV (re-running resumes it)")
     parser.add_argument("--split", default="test")
-    parser.add_argument("--n", type=int, default=100_000, help="estimation samples")
+    # --N / --max-examples: torchrun swallows --n and --max as abbreviations of its own
+    # options (pytorch/pytorch#120601), so every option needs a spelling it passes through.
+    parser.add_argument("--N", "--n", dest="n", type=int, default=100_000,
+                        help="estimation samples (use --N under torchrun)")
     parser.add_argument("--alpha", type=float, default=0.001, help="failure probability")
     parser.add_argument("--batch", type=int, default=1000, help="noisy samples per forward")
     parser.add_argument("--skip", type=int, default=1, help="certify every skip-th example")
-    parser.add_argument("--max", type=int, default=None,
-                        help="at most this many examples (a COUNT; Cohen's --max is an index)")
+    parser.add_argument("--max-examples", "--max", dest="max", type=int, default=None,
+                        help="at most this many examples (a COUNT; Cohen's --max is an index; "
+                        "use --max-examples under torchrun)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sigma", type=float, help="override the checkpoint's sigma")
     parser.add_argument("--dataset", help="override the checkpoint's dataset")
     parser.add_argument("--data-dir", help="dataset folder (or set SMOOTHCERT_DATA)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--amp", choices=["bf16", "fp16"])
-    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                        help="run the model in channels_last memory format (default on)")
     if certify:
         parser.add_argument("--n0", type=int, default=100, help="selection samples")
         parser.add_argument("--method", choices=["certify", "tcertify", "both"], default="both")
@@ -128,6 +133,10 @@ def _analyze(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .perf import set_threads, tune_allocator
+
+    tune_allocator()  # big batches otherwise page-fault heavily (docs/benchmarks.md)
+    set_threads()  # one thread per physical core unless OMP_NUM_THREADS says otherwise
     from .demo import run_demo_from_args
     from .distributed import shutdown_distributed
 

@@ -28,7 +28,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
                         help="number of test images certified")
     parser.add_argument("--skip", type=int, default=10, help="certify every skip-th test image")
     parser.add_argument("--n0", type=int, default=100)
-    parser.add_argument("--n", type=int, default=2_000)
+    parser.add_argument("--N", "--n", dest="n", type=int, default=2_000, help="estimation samples")
     parser.add_argument("--alpha", type=float, default=0.001)
     parser.add_argument("--batch", type=int, default=1_000, help="certification batch")
     parser.add_argument("--seed", type=int, default=0)

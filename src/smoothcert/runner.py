@@ -62,7 +62,7 @@ class RunConfig:
     data_dir: str | None = None
     device: str = "auto"
     amp: str | None = None
-    channels_last: bool = False
+    channels_last: bool = True
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> RunConfig:
@@ -153,7 +153,7 @@ class Runner:
         self.dataset_name = cfg.dataset or train_config["dataset"]
         self.sigma = cfg.sigma if cfg.sigma is not None else float(train_config["sigma"])
         self.smooth = Smooth(model, dataset_info(self.dataset_name).num_classes, self.sigma,
-                             amp=cfg.amp, channels_last=cfg.channels_last)
+                             amp=cfg.amp)
         self.dataset = get_dataset(self.dataset_name, cfg.split, cfg.data_dir, augment=False)
         self.out = Path(cfg.out)
         self.columns = cfg.columns()

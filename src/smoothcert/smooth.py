@@ -48,7 +48,6 @@ class Smooth:
         num_classes: int,
         sigma: float,
         amp: str | None = None,
-        channels_last: bool = False,
     ):
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
@@ -58,7 +57,6 @@ class Smooth:
         self.num_classes = num_classes
         self.sigma = stats.check_sigma(sigma)
         self.amp = amp
-        self.channels_last = channels_last
 
     def predict(
         self,
@@ -177,13 +175,11 @@ class Smooth:
                 remaining -= size
         return counts.cpu().numpy()
 
-    def _noise_buffer(self, x: torch.Tensor, size: int, device: torch.device) -> torch.Tensor:
-        fmt = (
-            torch.channels_last if self.channels_last and x.dim() == 3 else torch.contiguous_format
-        )
-        return torch.empty((size, *x.shape), device=device, dtype=torch.float32).contiguous(
-            memory_format=fmt
-        )
+    @staticmethod
+    def _noise_buffer(x: torch.Tensor, size: int, device: torch.device) -> torch.Tensor:
+        # Contiguous on purpose: torch fills a channels_last buffer with a slow serial kernel,
+        # and a channels_last model converts its input in its first conv anyway.
+        return torch.empty((size, *x.shape), device=device, dtype=torch.float32)
 
     def _forward(self, batch: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         """The first forward pass, which checks that model and input fit together."""
