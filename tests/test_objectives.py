@@ -317,3 +317,26 @@ def test_adre_loss_validation():
         adre_loss(logits[..., :1], y, 0.1)
     with pytest.raises(ValueError, match="y"):
         adre_loss(logits, y[:3], 0.1)
+
+
+def test_adre_floor_bounds_the_regulariser_and_stops_its_gradient():
+    # A saturated runner-up: log G_runner-up is about -1000, far below log(1e-6).
+    logits = torch.tensor([[[0.0, 1000.0, 0.0]]], requires_grad=True)
+    y = torch.tensor([1])
+    _, unbounded = adre_loss(logits, y, lam=0.5, floor=0.0)
+    loss, floored = adre_loss(logits, y, lam=0.5, floor=1e-6)
+    assert unbounded["l_adre"] > 900
+    assert floored["l_adre"] == pytest.approx(-math.log(1e-6))
+    (grad,) = torch.autograd.grad(loss, logits)
+    ce_only = torch.autograd.grad(adre_loss(logits, y, lam=0.0)[0], logits)[0]
+    assert torch.equal(grad, ce_only)  # below the floor only l_per pushes
+
+
+def test_adre_floor_leaves_unsaturated_losses_unchanged_and_is_validated():
+    torch.manual_seed(0)
+    logits, y = torch.randn(6, 3, 5), torch.randint(0, 5, (6,))
+    assert torch.equal(adre_loss(logits, y, 0.3, floor=1e-6)[0], adre_loss(logits, y, 0.3)[0])
+    with pytest.raises(ValueError, match="floor"):
+        adre_loss(logits, y, 0.3, floor=1.0)
+    with pytest.raises(ValueError, match="adre_floor"):
+        MethodConfig(adre_floor=-1.0)

@@ -24,6 +24,7 @@ TRAIN_HELP = {
     "eval_subset": "examples of the test split evaluated after each epoch (0: none)",
     "out": "run directory: config.json, checkpoint.pt, log.jsonl",
     "amp": "autocast dtype: bf16 or fp16",
+    "adre_floor": "l_adre = -log max(G_runner-up, floor); 0 = unbounded (may diverge)",
 }
 
 

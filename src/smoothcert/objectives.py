@@ -31,13 +31,22 @@ def adre_loss(
     single_draw: bool = False,
     generator: torch.Generator | None = None,
     label_smoothing: float = 0.0,
+    floor: float = 0.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """ADREREG loss mean_i(l_per − lam·l_adre) of logits [B, k, C] (paper Algorithm 1).
 
     l_per is the CE averaged over the k draws, or, with `single_draw`, the CE of one draw per
-    example picked uniformly with `generator`; l_adre = −log Ĝ_ŷ with ŷ the runner-up of the
-    averaged softmax Ĝ. Returns the loss and the detached batch means of l_per and l_adre.
+    example picked uniformly with `generator`; l_adre = −log max(Ĝ_ŷ, floor) with ŷ the
+    runner-up of the averaged softmax Ĝ. Returns the loss and the detached batch means of
+    l_per and l_adre.
+
+    With floor = 0 the regulariser is unbounded below and its gradient never vanishes, so a
+    network can lower the loss forever by inflating its logits (LeNet on MNIST diverged this
+    way); a floor > 0 stops the push once the runner-up is below it, as the probability-space
+    form log(Ĝ + eps) of common implementations does.
     """
+    if not (math.isfinite(floor) and 0 <= floor < 1):
+        raise ValueError(f"floor must be in [0, 1), got {floor}")
     if logits.dim() != 3 or logits.shape[1] < 1 or logits.shape[2] < 2:
         raise ValueError(
             f"logits must have shape [B, k, C] with k >= 1, C >= 2, got {tuple(logits.shape)}"
@@ -60,7 +69,10 @@ def adre_loss(
             logits.flatten(0, 1), y.repeat_interleave(k), label_smoothing=label_smoothing
         )
     log_g = smoothed_log_probs(logits)
-    l_adre = -log_g.gather(1, runner_up(log_g, y).unsqueeze(1)).mean()
+    log_runner_up = log_g.gather(1, runner_up(log_g, y).unsqueeze(1))
+    if floor > 0:
+        log_runner_up = log_runner_up.clamp(min=math.log(floor))
+    l_adre = -log_runner_up.mean()
     loss = l_per - lam * l_adre if lam > 0 else l_per
     return loss, {"l_per": l_per.detach(), "l_adre": l_adre.detach()}
 
@@ -75,6 +87,7 @@ class MethodConfig:
     steps: int = 1
     single_draw: bool = False
     label_smoothing: float = 0.0
+    adre_floor: float = 1e-6
 
     def __post_init__(self) -> None:
         _check_lam(self.lam)
@@ -85,6 +98,8 @@ class MethodConfig:
         if self.steps < 1:
             raise ValueError(f"steps must be an integer >= 1, got {self.steps}")
         _check_label_smoothing(self.label_smoothing)
+        if not (math.isfinite(self.adre_floor) and 0 <= self.adre_floor < 1):
+            raise ValueError(f"adre_floor must be in [0, 1), got {self.adre_floor}")
 
 
 Method = Callable[
@@ -109,7 +124,8 @@ def _loss_at(
         )
     logits = noisy_logits(model, x, noise)
     loss, terms = adre_loss(
-        logits, y, lam, single_draw=single_draw, label_smoothing=cfg.label_smoothing
+        logits, y, lam, single_draw=single_draw, label_smoothing=cfg.label_smoothing,
+        floor=cfg.adre_floor,
     )
     terms["acc"] = (logits.detach().argmax(dim=-1) == y.unsqueeze(1)).float().mean()
     return loss, terms

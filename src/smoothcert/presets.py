@@ -28,6 +28,7 @@ class TrainConfig:
     steps: int = 1
     eps_warmup: int = 10
     label_smoothing: float = 0.0
+    adre_floor: float = 1e-6
     epochs: int = 10
     batch: int = 256
     lr: float = 0.01
@@ -57,6 +58,7 @@ class TrainConfig:
             steps=self.steps,
             single_draw=self.single_draw,
             label_smoothing=self.label_smoothing,
+            adre_floor=self.adre_floor,
         )
 
     def validate(self) -> TrainConfig:
