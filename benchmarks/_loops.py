@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import numpy as np
@@ -11,6 +10,7 @@ from torch import nn
 
 from smoothcert import Smooth, stats
 from smoothcert.models import build_model
+from smoothcert.smooth import autocast as smooth_autocast
 
 SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32), "imagenet": (3, 224, 224)}
 CLASSES = {"mnist": 10, "cifar10": 10, "imagenet": 1000}
@@ -48,9 +48,7 @@ def make_input(dataset: str) -> torch.Tensor:
 
 
 def autocast(amp: str | None):
-    if amp is None:
-        return contextlib.nullcontext()
-    return torch.autocast("cpu", dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[amp])
+    return smooth_autocast(torch.device("cpu"), amp)
 
 
 class ChannelsLastNoiseSmooth(Smooth):

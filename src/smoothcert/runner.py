@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from .data import dataset_info, get_dataset
 from .distributed import DistContext, init_distributed
 from .io import atomic_write_json, atomic_write_text
-from .smooth import Smooth
+from .smooth import Smooth, derived_seed
 from .stats import ABSTAIN, Certificate, check_alpha, check_positive_int
 from .train import load_model
 
@@ -209,11 +209,11 @@ class Runner:
                     f"{n_examples} examples")
         # "method" names the main columns' method (analyze labels curves with it); sigma and
         # dataset are the values in force (the checkpoint's unless overridden).
-        meta = {**cfg.identity(), "columns_of_main": main, **cfg.extra, "method": main,
+        meta = {**cfg.identity(), **cfg.extra, "method": main,
                 "sigma": self.sigma, "dataset": self.dataset_name, "protocol": protocol}
         if sidecar.exists() and (self.out.exists() or self.part_files()):
-            # Compare with what this run would write: cfg.identity() itself holds the method
-            # option ("both") and None for an inherited sigma/dataset, so no resume ever matched.
+            # Compare with what this run would write, not with cfg.identity(): the method option
+            # ("both") and an inherited sigma/dataset (None) are resolved in meta.
             saved = json.loads(sidecar.read_text())
             differ = [k for k in cfg.identity() if saved.get(k) != meta[k]]
             if differ:
@@ -241,7 +241,7 @@ class Runner:
         cfg = self.cfg
         x, label = self.dataset[idx]
         label = int(label)
-        generator = torch.Generator(device=self.ctx.device).manual_seed(cfg.seed * 1_000_003 + idx)
+        generator = torch.Generator(device=self.ctx.device).manual_seed(derived_seed(cfg.seed, idx))
         started = time.time()
         if cfg.mode == "predict":
             prediction = self.smooth.predict(x, cfg.n, cfg.alpha, cfg.batch, generator=generator)

@@ -19,6 +19,18 @@ from .stats import ABSTAIN, Certificate
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def derived_seed(seed: int, index: int) -> int:
+    """The seed of the index-th stream (an epoch, an example) of a run seeded with `seed`."""
+    return seed * 1_000_003 + index
+
+
+def autocast(device: torch.device, amp: str | None):
+    """Autocast to `amp` ("bf16"/"fp16") on `device`, or nothing for amp=None."""
+    if amp is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp])
+
+
 @dataclass(frozen=True)
 class CertifyAllResult:
     """CERTIFY, T-CERTIFY and strict T-CERTIFY from one set of samples, with the counts."""
@@ -162,7 +174,7 @@ class Smooth:
             raise ValueError("x must hold only finite values (found NaN or inf)")
         counts = torch.zeros(self.num_classes, dtype=torch.long, device=device)
         first = True
-        with torch.inference_mode(), self._autocast(device):
+        with torch.inference_mode(), autocast(device, self.amp):
             buffer = self._noise_buffer(x, min(batch_size, num), device)
             remaining = num
             while remaining > 0:
@@ -196,8 +208,3 @@ class Smooth:
                 f" expected [batch, {self.num_classes}]"
             )
         return logits
-
-    def _autocast(self, device: torch.device):
-        if self.amp is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[self.amp])

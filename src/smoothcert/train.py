@@ -34,7 +34,7 @@ from .io import (
 from .models import build_model
 from .objectives import get_method
 from .presets import TrainConfig, eps_at, lr_factor
-from .smooth import AMP_DTYPES
+from .smooth import autocast, derived_seed
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
@@ -43,7 +43,7 @@ RESUMABLE_CHANGES = {"epochs", "out", "workers", "device", "data_dir", "download
 
 
 def epoch_seed(cfg: TrainConfig, epoch: int) -> int:
-    return cfg.seed * 1_000_003 + epoch
+    return derived_seed(cfg.seed, epoch)
 
 
 def first_n(dataset: Dataset, count: int) -> Dataset:
@@ -62,7 +62,7 @@ def check_global_batch(batch: int, world_size: int) -> None:
 
 
 def train_loader(dataset: Dataset, cfg: TrainConfig, ctx: DistContext, epoch: int) -> DataLoader:
-    check_global_batch(cfg.batch, ctx.world_size)
+    """This rank's loader of `epoch`; cfg.batch was checked by check_global_batch at start-up."""
     # DistributedSampler with one replica is a seeded shuffle, so 1 and N processes agree.
     sampler = DistributedSampler(
         dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.seed,
@@ -238,7 +238,7 @@ class Trainer:
             if cfg.channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             noise = draw_noise(cfg, ctx, x, noise_gen)
-            with self._autocast():
+            with autocast(ctx.device, cfg.amp):
                 loss, terms = self.method(self.trained, x, y, noise, method_cfg)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
@@ -253,11 +253,6 @@ class Trainer:
         loss, l_per, l_adre, acc = (sums / steps).tolist()
         return {"loss": loss, "l_per": l_per, "l_adre": l_adre, "train_acc": acc,
                 "eps": method_cfg.eps, "steps": steps}
-
-    def _autocast(self):
-        enabled = self.cfg.amp is not None
-        dtype = AMP_DTYPES[self.cfg.amp] if enabled else None
-        return torch.autocast(self.ctx.device.type, dtype=dtype, enabled=enabled)
 
     def _save(self, epoch: int) -> None:
         save_checkpoint(
