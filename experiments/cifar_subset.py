@@ -46,7 +46,8 @@ def main() -> None:
         ("CERTIFY vs T-CERTIFY", curves_of(files, ("certify", "tcertify", "tcertify-strict")),
          None),
     ]
-    write_summary(STUDY, "CIFAR-10 subset: Basic vs ADREREG", sections, notes, files)
+    write_summary(STUDY, "CIFAR-10 subset: Basic vs ADREREG", sections, notes, files,
+                  [(files[0], files[1:])])
 
 
 if __name__ == "__main__":

@@ -13,9 +13,17 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from smoothcert.analyze import format_table, load_results, plot_curves
+import numpy as np
+
+from smoothcert.analyze import (
+    average_certified_radius,
+    format_table,
+    load_results,
+    plot_curves,
+)
 from smoothcert.data import get_dataset
 from smoothcert.io import atomic_write_json, atomic_write_text
+from smoothcert.perf import set_threads, tune_allocator
 from smoothcert.presets import resolve_config
 from smoothcert.runner import RunConfig, read_rows, run, selected_indices
 from smoothcert.train import LOG, train
@@ -45,6 +53,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only", nargs="*", help="run only these run names")
     parser.add_argument("--train-subset", type=int, default=0,
                         help="train on the first N examples (0: all; for smoke runs)")
+    parser.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "none"],
+                        help="autocast for training and certification (certificates are then "
+                             "of the bf16 model)")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -60,9 +71,13 @@ def certify_config(study: str, run_: Run, args: argparse.Namespace, checkpoint: 
     return RunConfig(
         checkpoint=checkpoint, out=str(result_dir(study) / f"{run_.name}.tsv"), method="both",
         n0=args.n0, n=args.n, alpha=args.alpha, batch=args.batch, skip=args.skip,
-        max=args.max, seed=args.seed, extra={"label": run_.label or run_.name},
+        max=args.max, seed=args.seed, amp=amp_of(args), extra={"label": run_.label or run_.name},
         **run_.certify,
     )
+
+
+def amp_of(args: argparse.Namespace) -> str | None:
+    return None if args.amp == "none" else args.amp
 
 
 def is_complete(tsv: Path, dataset: str, args: argparse.Namespace, data_dir: str | None) -> bool:
@@ -76,6 +91,8 @@ def is_complete(tsv: Path, dataset: str, args: argparse.Namespace, data_dir: str
 
 def execute(study: str, runs: list[Run], args: argparse.Namespace) -> list[Path]:
     """Train and certify every run not yet complete; return the result files in order."""
+    tune_allocator()  # as the CLI does: big batches otherwise page-fault heavily
+    set_threads()
     out = result_dir(study)
     out.mkdir(parents=True, exist_ok=True)
     files = []
@@ -85,7 +102,8 @@ def execute(study: str, runs: list[Run], args: argparse.Namespace) -> list[Path]
         if args.only and run_.name not in args.only:
             continue
         cfg = resolve_config(seed=args.seed, out=str(run_dir(study, run_.name)),
-                             train_subset=args.train_subset, **run_.train)
+                             train_subset=args.train_subset, amp=amp_of(args),
+                             channels_last=True, **run_.train)
         if is_complete(tsv, cfg.dataset, args, cfg.data_dir):
             print(f"[{study}] {run_.name}: complete, skipped")
             continue
@@ -145,9 +163,55 @@ def curves_of(files: list[Path], methods: tuple[str, ...] = ("certify",)) -> lis
     return curves
 
 
+def tcertify_gain_table(files: list[Path]) -> str:
+    """ACR of CERTIFY, T-CERTIFY and strict T-CERTIFY (same samples) and the gains, per run."""
+    lines = [
+        "| run | ACR CERTIFY | ACR T-CERTIFY | gain | ACR strict | gain (strict) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for tsv in files:
+        if not tsv.exists():
+            continue
+        acr = {c.method: average_certified_radius(c) for c in load_results(tsv)}
+        base, paper, strict = acr["certify"], acr["tcertify"], acr["tcertify-strict"]
+        lines.append(f"| {tsv.stem} | {base:.4f} | {paper:.4f} | {paper - base:+.4f} | "
+                     f"{strict:.4f} | {strict - base:+.4f} |")
+    return "\n".join(lines)
+
+
+def certified_indicators(tsv: Path, radii: tuple[float, ...]) -> np.ndarray:
+    """[examples, radii] booleans: CERTIFY correct with radius >= r, rows sorted by index."""
+    curve = next(c for c in load_results(tsv) if c.method == "certify")
+    order = np.argsort([int(line.split("\t", 1)[0]) for line in tsv.read_text().splitlines()[1:]
+                        if line.strip()])
+    return (curve.correct[:, None] & (curve.radius[:, None] >= np.array(radii)))[order]
+
+
+def paired_gain_table(baseline: Path, others: list[Path],
+                      radii: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0)) -> str:
+    """Certified-accuracy gain of each run over `baseline` on the same examples, ± its
+    standard error (of the mean of the per-example paired differences)."""
+    base = certified_indicators(baseline, radii)
+    lines = [f"| {baseline.stem} → | " + " | ".join(f"r = {r}" for r in radii) + " |",
+             "|---|" + "---:|" * len(radii)]
+    for tsv in others:
+        if not tsv.exists():
+            continue
+        diff = certified_indicators(tsv, radii).astype(float) - base
+        if diff.shape != base.shape:
+            raise ValueError(f"{tsv} and {baseline} do not hold the same examples")
+        se = diff.std(axis=0, ddof=1) / np.sqrt(len(diff))
+        lines.append(f"| {tsv.stem} | " + " | ".join(
+            f"{100 * m:+.1f} ± {100 * e:.1f}" for m, e in zip(diff.mean(axis=0), se, strict=True)
+        ) + " |")
+    return "\n".join(lines)
+
+
 def write_summary(study: str, title: str, sections: list[tuple[str, list, str | None]],
-                  notes: str, files: list[Path]) -> Path:
-    """summary.md with one table (and plot) per section, the notes and the timing table."""
+                  notes: str, files: list[Path],
+                  comparisons: list[tuple[Path, list[Path]]] = ()) -> Path:
+    """summary.md: one table (and plot) per section, the paired gains of each comparison
+    (baseline, others), the T-CERTIFY gains and the costs."""
     out = result_dir(study)
     parts = [f"# {title}", "", notes, ""]
     for heading, curves, plot_name in sections:
@@ -157,6 +221,13 @@ def write_summary(study: str, title: str, sections: list[tuple[str, list, str | 
         if plot_name:
             plot_curves(curves, out / plot_name, title=heading)
             parts += [f"![{heading}]({plot_name})", ""]
+    gains = [paired_gain_table(base, others) for base, others in comparisons if base.exists()]
+    if gains:
+        parts += ["## Certified-accuracy gain over the baseline, same test points (CERTIFY)", "",
+                  "Percentage points, ± one standard error of the paired difference.", ""]
+        parts += [line for table in gains for line in (table, "")]
+    parts += ["## T-CERTIFY vs CERTIFY: average certified radius, same samples", "",
+              tcertify_gain_table(files), ""]
     parts += ["## Cost", "", timing_table(files), ""]
     path = out / "summary.md"
     atomic_write_text(path, "\n".join(parts))
