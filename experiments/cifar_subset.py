@@ -47,7 +47,7 @@ def main() -> None:
          None),
     ]
     write_summary(STUDY, "CIFAR-10 subset: Basic vs ADREREG", sections, notes, files,
-                  [(files[0], files[1:])])
+                  [(files[0], files[1:])], gain_radii=(0.0, 0.25, 0.5))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ def main() -> None:
     parser.add_argument("--sigma", type=float, default=0.5)
     parser.add_argument("--eps", type=float, default=1.0)
     parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--lam", type=float, default=0.2)
+    parser.add_argument("--lams", type=float, nargs="+", default=[0.1, 0.2])
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--lr", type=float, default=0.01,
                         help="the preset's 0.05 made ADREREG (lambda 0.3) diverge")
@@ -31,9 +31,8 @@ def main() -> None:
                   eps_warmup=args.eps_warmup)
     runs = [
         Run("smoothadv", dict(common, method="smoothadv"), label="SmoothAdv"),
-        Run(f"adreadv_l{args.lam}", dict(common, method="adreadv", lam=args.lam),
-            label=f"ADREADV λ={args.lam}"),
-    ]
+    ] + [Run(f"adreadv_l{lam}", dict(common, method="adreadv", lam=lam),
+             label=f"ADREADV λ={lam}") for lam in args.lams]
     files = execute(STUDY, runs, args)
     notes = (f"LeNet, sigma = {args.sigma}, k = {args.k}, {args.steps}-step L2 PGD on the soft "
              f"smoothed classifier with eps = {args.eps} (linear warm-up over "

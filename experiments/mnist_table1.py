@@ -2,7 +2,8 @@
 
 As in the paper's Table 1, Basic is Cohen's single-draw Gaussian augmentation (k = 1) and
 ADREREG uses the single-draw l_per with the regulariser over k draws, so the ADRE term is the
-only difference between the two.
+only difference between the two. An ADREREG step costs k forward passes per example, so Basic
+with the loss averaged over k draws is trained too (at --control-sigmas), as a compute control.
 
 Also Figure 2 in kind: every result file holds CERTIFY and T-CERTIFY (paper and strict) from
 the same samples, so the T-CERTIFY comparison is read from the same runs.
@@ -33,6 +34,10 @@ def runs(args: argparse.Namespace) -> list[Run]:
     for sigma in args.sigmas:
         found.append(Run(f"basic_s{sigma}", dict(common, method="gaussian", k=1, sigma=sigma),
                          label=f"Basic σ={sigma}"))
+        if sigma in args.control_sigmas:
+            found.append(Run(f"basic_k{args.k}_s{sigma}",
+                             dict(common, method="gaussian", k=args.k, sigma=sigma),
+                             label=f"Basic k={args.k} σ={sigma}"))
         for lam in args.lams:
             found.append(Run(f"adre_s{sigma}_l{lam}", dict(adre, sigma=sigma, lam=lam),
                              label=f"ADREREG σ={sigma} λ={lam}"))
@@ -45,6 +50,9 @@ def main() -> None:
     parser.add_argument("--sigmas", type=float, nargs="+", default=[0.25, 0.5, 1.0])
     parser.add_argument("--lams", type=float, nargs="+", default=[0.1, 0.2, 0.3])
     parser.add_argument("--k", type=int, default=8, help="ADREREG's draws per example")
+    parser.add_argument("--control-sigmas", type=float, nargs="*", default=[0.5, 1.0],
+                        help="also train Basic with k draws (averaged loss) at these sigmas: "
+                             "the same compute per step as ADREREG")
     parser.add_argument("--single-draw", action=argparse.BooleanOptionalAction, default=True,
                         help="ADREREG's l_per from one draw (the paper's Table-1 variant)")
     parser.add_argument("--lr", type=float, default=0.01,
@@ -59,17 +67,20 @@ def main() -> None:
     for sigma in args.sigmas:
         mine = [f for f, r in zip(files, all_runs, strict=True) if r.train["sigma"] == sigma]
         comparisons.append((mine[0], mine[1:]))  # the Basic run of this sigma comes first
+        if sigma in args.control_sigmas:  # ADREREG against Basic at the same compute
+            comparisons.append((mine[1], mine[2:]))
         sections.append((f"σ = {sigma}: Basic vs ADREREG (CERTIFY)", curves_of(mine),
                          f"table1_sigma{sigma}.png"))
         sections.append((f"σ = {sigma}: CERTIFY vs T-CERTIFY (paper, strict), same samples",
                          curves_of(mine, ("certify", "tcertify", "tcertify-strict")), None))
-    basics = [f for f, r in zip(files, all_runs, strict=True) if r.train["method"] == "gaussian"]
+    basics = [f for f, r in zip(files, all_runs, strict=True) if r.name.startswith("basic_s")]
     sections.append(("Figure 2 in kind: Basic models, CERTIFY (dashed) vs T-CERTIFY (solid)",
                      curves_of(basics, ("certify", "tcertify")), "fig2.png"))
     data = (f"the first {args.train_subset} MNIST training images" if args.train_subset
             else "the full MNIST training set")
     l_per = "one draw (the paper's Table-1 variant)" if args.single_draw else "all k draws"
-    notes = (f"LeNet on {data}; Basic: Gaussian augmentation with one draw per example; "
+    notes = (f"LeNet on {data}; Basic: Gaussian augmentation with one draw per example "
+             f"(Basic k = {args.k}: the loss averaged over k draws, as compute control); "
              f"ADREREG: k = {args.k} draws for the regulariser, l_per from {l_per}; "
              f"{args.epochs} epochs (SGD "
              f"momentum 0.9, lr {args.lr} divided by 10 after {args.lr_step} epochs, batch 128). "

@@ -57,19 +57,23 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                         help="autocast for training and certification (certificates are then "
                              "of the bf16 model)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--root", type=Path, default=None,
+                        help="write results to ROOT/results/<study> and checkpoints to "
+                             "ROOT/runs/<study> (default: experiments/results/<study> and "
+                             "runs/experiments/<study>)")
 
 
-def result_dir(study: str) -> Path:
-    return ROOT / "results" / study
+def result_dir(study: str, root: Path | None) -> Path:
+    return (root or ROOT) / "results" / study
 
 
-def run_dir(study: str, name: str) -> Path:
-    return REPO / "runs" / "experiments" / study / name
+def run_dir(study: str, name: str, root: Path | None) -> Path:
+    return (root / "runs" if root else REPO / "runs" / "experiments") / study / name
 
 
-def certify_config(study: str, run_: Run, args: argparse.Namespace, checkpoint: str) -> RunConfig:
+def certify_config(run_: Run, args: argparse.Namespace, checkpoint: str, tsv: Path) -> RunConfig:
     return RunConfig(
-        checkpoint=checkpoint, out=str(result_dir(study) / f"{run_.name}.tsv"), method="both",
+        checkpoint=checkpoint, out=str(tsv), method="both",
         n0=args.n0, n=args.n, alpha=args.alpha, batch=args.batch, skip=args.skip,
         max=args.max, seed=args.seed, amp=amp_of(args), extra={"label": run_.label or run_.name},
         **run_.certify,
@@ -93,7 +97,7 @@ def execute(study: str, runs: list[Run], args: argparse.Namespace) -> list[Path]
     """Train and certify every run not yet complete; return the result files in order."""
     tune_allocator()  # as the CLI does: big batches otherwise page-fault heavily
     set_threads()
-    out = result_dir(study)
+    out = result_dir(study, args.root)
     out.mkdir(parents=True, exist_ok=True)
     files = []
     for run_ in runs:
@@ -101,7 +105,7 @@ def execute(study: str, runs: list[Run], args: argparse.Namespace) -> list[Path]
         files.append(tsv)
         if args.only and run_.name not in args.only:
             continue
-        cfg = resolve_config(seed=args.seed, out=str(run_dir(study, run_.name)),
+        cfg = resolve_config(seed=args.seed, out=str(run_dir(study, run_.name, args.root)),
                              train_subset=args.train_subset, amp=amp_of(args),
                              channels_last=True, **run_.train)
         if is_complete(tsv, cfg.dataset, args, cfg.data_dir):
@@ -111,7 +115,7 @@ def execute(study: str, runs: list[Run], args: argparse.Namespace) -> list[Path]
         checkpoint = train(cfg, resume=True, progress=not args.no_progress)
         summarise_training(Path(cfg.out), out / f"{run_.name}.train.json")
         print(f"[{study}] {run_.name}: certifying")
-        run(certify_config(study, run_, args, str(checkpoint)), progress=not args.no_progress)
+        run(certify_config(run_, args, str(checkpoint), tsv), progress=not args.no_progress)
     return files
 
 
@@ -209,10 +213,11 @@ def paired_gain_table(baseline: Path, others: list[Path],
 
 def write_summary(study: str, title: str, sections: list[tuple[str, list, str | None]],
                   notes: str, files: list[Path],
-                  comparisons: list[tuple[Path, list[Path]]] = ()) -> Path:
-    """summary.md: one table (and plot) per section, the paired gains of each comparison
-    (baseline, others), the T-CERTIFY gains and the costs."""
-    out = result_dir(study)
+                  comparisons: list[tuple[Path, list[Path]]] = (),
+                  gain_radii: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0)) -> Path:
+    """summary.md beside the result files: one table (and plot) per section, the paired
+    gains of each comparison (baseline, others), the T-CERTIFY gains and the costs."""
+    out = files[0].parent
     parts = [f"# {title}", "", notes, ""]
     for heading, curves, plot_name in sections:
         if not curves:
@@ -221,7 +226,8 @@ def write_summary(study: str, title: str, sections: list[tuple[str, list, str | 
         if plot_name:
             plot_curves(curves, out / plot_name, title=heading)
             parts += [f"![{heading}]({plot_name})", ""]
-    gains = [paired_gain_table(base, others) for base, others in comparisons if base.exists()]
+    gains = [paired_gain_table(base, others, gain_radii) for base, others in comparisons
+             if base.exists()]
     if gains:
         parts += ["## Certified-accuracy gain over the baseline, same test points (CERTIFY)", "",
                   "Percentage points, ± one standard error of the paired difference.", ""]
