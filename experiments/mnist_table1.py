@@ -16,13 +16,7 @@ from __future__ import annotations
 
 import argparse
 
-from study import (
-    Run,
-    add_common_arguments,
-    curves_of,
-    execute,
-    write_summary,
-)
+from study import Run, add_common_arguments, curves_of, execute, write_summary
 
 STUDY = "mnist_table1"
 
@@ -60,6 +54,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--lr-step", type=int, default=3, help="lr / 10 after this many epochs")
     args = parser.parse_args()
+    if not set(args.control_sigmas) <= set(args.sigmas):
+        parser.error(f"--control-sigmas must be among --sigmas {args.sigmas}, "
+                     f"got {args.control_sigmas}")
     all_runs = runs(args)
     files = execute(STUDY, all_runs, args)
     sections = [("Certified accuracy (CERTIFY), Basic vs ADREREG", curves_of(files), None)]

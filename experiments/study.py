@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from smoothcert.io import atomic_write_json, atomic_write_text
 from smoothcert.perf import set_threads, tune_allocator
 from smoothcert.presets import resolve_config
 from smoothcert.runner import RunConfig, read_rows, run, selected_indices
-from smoothcert.train import LOG, train
+from smoothcert.train import CHECKPOINT, LOG, train
 
 ROOT = Path(__file__).resolve().parent
 REPO = ROOT.parent
@@ -55,7 +56,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                         help="train on the first N examples (0: all; for smoke runs)")
     parser.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "none"],
                         help="autocast for training and certification (certificates are then "
-                             "of the bf16 model)")
+                             "of the autocast model)")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--root", type=Path, default=None,
                         help="write results to ROOT/results/<study> and checkpoints to "
@@ -98,24 +99,29 @@ def execute(study: str, runs: list[Run], args: argparse.Namespace) -> list[Path]
     tune_allocator()  # as the CLI does: big batches otherwise page-fault heavily
     set_threads()
     out = result_dir(study, args.root)
+    files = [out / f"{run_.name}.tsv" for run_ in runs]
+    todo = []
+    try:  # every run's settings are checked before hours of training start
+        for run_, tsv in zip(runs, files, strict=True):
+            if args.only and run_.name not in args.only:
+                continue
+            cfg = resolve_config(seed=args.seed, out=str(run_dir(study, run_.name, args.root)),
+                                 train_subset=args.train_subset, amp=amp_of(args),
+                                 channels_last=True, **run_.train)
+            checkpoint = str(Path(cfg.out) / CHECKPOINT)
+            todo.append((run_, tsv, cfg, certify_config(run_, args, checkpoint, tsv).validate()))
+    except ValueError as err:
+        sys.exit(f"{study}: error: {err}")
     out.mkdir(parents=True, exist_ok=True)
-    files = []
-    for run_ in runs:
-        tsv = out / f"{run_.name}.tsv"
-        files.append(tsv)
-        if args.only and run_.name not in args.only:
-            continue
-        cfg = resolve_config(seed=args.seed, out=str(run_dir(study, run_.name, args.root)),
-                             train_subset=args.train_subset, amp=amp_of(args),
-                             channels_last=True, **run_.train)
+    for run_, tsv, cfg, certify in todo:
         if is_complete(tsv, cfg.dataset, args, cfg.data_dir):
             print(f"[{study}] {run_.name}: complete, skipped")
             continue
         print(f"[{study}] {run_.name}: training ({cfg.method}, sigma={cfg.sigma}, lam={cfg.lam})")
-        checkpoint = train(cfg, resume=True, progress=not args.no_progress)
+        train(cfg, resume=True, progress=not args.no_progress)
         summarise_training(Path(cfg.out), out / f"{run_.name}.train.json")
         print(f"[{study}] {run_.name}: certifying")
-        run(certify_config(run_, args, str(checkpoint), tsv), progress=not args.no_progress)
+        run(certify, progress=not args.no_progress)
     return files
 
 
@@ -201,9 +207,10 @@ def paired_gain_table(baseline: Path, others: list[Path],
     for tsv in others:
         if not tsv.exists():
             continue
-        diff = certified_indicators(tsv, radii).astype(float) - base
-        if diff.shape != base.shape:
+        other = certified_indicators(tsv, radii)
+        if other.shape != base.shape:
             raise ValueError(f"{tsv} and {baseline} do not hold the same examples")
+        diff = other.astype(float) - base
         se = diff.std(axis=0, ddof=1) / np.sqrt(len(diff))
         lines.append(f"| {tsv.stem} | " + " | ".join(
             f"{100 * m:+.1f} ± {100 * e:.1f}" for m, e in zip(diff.mean(axis=0), se, strict=True)

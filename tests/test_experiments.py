@@ -39,3 +39,16 @@ def test_mnist_table1_trains_certifies_summarises_and_resumes(tmp_path: Path) ->
     again = run_study(tmp_path)
     assert again.count("complete, skipped") == len(names)
     assert "training" not in again
+
+
+def test_bad_settings_stop_the_study_before_any_training(tmp_path: Path) -> None:
+    for flag, value, message in [("--lams", "-0.5", "lam must be"),
+                                 ("--n", "0", "n must be"),
+                                 ("--control-sigmas", "0.3", "--control-sigmas must be among")]:
+        args = [*SMOKE, "--root", str(tmp_path), flag, value]
+        done = subprocess.run([sys.executable, str(EXPERIMENTS / "mnist_table1.py"), *args],
+                              capture_output=True, text=True, timeout=600, check=False)
+        assert done.returncode != 0, flag
+        assert message in done.stderr, done.stderr[-2000:]
+        assert "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert not any(tmp_path.iterdir())  # nothing trained, nothing written
