@@ -1,16 +1,23 @@
-"""Crash-safe file writing and checkpoint loading: a killed run never leaves a half-written file."""
+"""Crash-safe file writing, output locks and checkpoint loading.
+
+A killed run never leaves a half-written file, and two processes never write one output.
+torch is imported only by the checkpoint functions, so torch-free modules (analyze, results)
+can write files through here.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import io
 import json
 import os
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import torch
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -37,8 +44,52 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+class OutputLockedError(ValueError):
+    """Another live process holds the lock of an output this run would write."""
+
+
+def lock_path(path: str | os.PathLike) -> Path:
+    """The lock file guarding output `path` (a file or a run folder): `.NAME.lock` beside it."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.lock")
+
+
+@contextlib.contextmanager
+def output_lock(path: str | os.PathLike, holder: bool = True) -> Iterator[None]:
+    """Hold an exclusive lock on output `path` for the block; refuse if another process has it.
+
+    `fcntl.flock` on a lock file beside the output: the kernel drops the lock when the holder
+    dies, so a killed run never leaves a stale lock. `holder=False` (the non-main ranks of a
+    torchrun job, which write only their own part files) yields without locking.
+    """
+    if not holder:
+        yield
+        return
+    lock = lock_path(path)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            owner = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+            raise OutputLockedError(
+                f"out: '{path}' is being written by another smoothcert process (PID {owner}); "
+                "wait for it to finish or choose another --out"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
     """Serialise `state` with torch.save and write it atomically."""
+    import torch
+
     buffer = io.BytesIO()
     torch.save(state, buffer)
     atomic_write_bytes(path, buffer.getvalue())
@@ -48,8 +99,10 @@ class CheckpointError(ValueError):
     """A checkpoint file that is missing, truncated or not a smoothcert checkpoint."""
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     """Load a smoothcert checkpoint safely (`weights_only=True`: no code is executed)."""
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint: no such file '{path}'")
