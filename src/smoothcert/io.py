@@ -13,7 +13,8 @@ import fcntl
 import io
 import json
 import os
-import tempfile
+import re
+import secrets
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,10 +22,13 @@ from typing import Any
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same folder and an atomic rename."""
+    """Write `data` to `path` through a temporary file in the same folder and an atomic rename.
+
+    The file gets the mode a plain `open` would give it (0666 less the umask).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _create_temporary(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -32,8 +36,35 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def _create_temporary(path: Path) -> tuple[int, Path]:
+    """A new file `.NAME.XXXXXXXX.tmp` beside `path`, created 0666 & ~umask (mkstemp: 0600)."""
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666), tmp
+        except FileExistsError:
+            continue
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries a killed atomic_write_bytes(path) left; return what was removed.
+
+    Only files named as atomic_write_bytes names them (`.NAME.` + 8 characters + `.tmp`, which
+    also matches the names of tempfile.mkstemp that earlier versions used). Call it only while
+    holding the output_lock that guards `path`, so that no live writer's temporary is taken.
+    """
+    path = Path(path)
+    pattern = re.compile(re.escape(f".{path.name}.") + r"[a-z0-9_]{8}\.tmp")
+    if not path.parent.is_dir():
+        return []
+    stale = [p for p in path.parent.iterdir() if pattern.fullmatch(p.name) and p.is_file()]
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return stale
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -49,8 +80,11 @@ class OutputLockedError(ValueError):
 
 
 def lock_path(path: str | os.PathLike) -> Path:
-    """The lock file guarding output `path` (a file or a run folder): `.NAME.lock` beside it."""
-    path = Path(path)
+    """The lock file guarding output `path` (a file or a run folder): `.NAME.lock` beside it.
+
+    The path is resolved first, so `runs/a`, `./runs/a/` and a symlink to it share one lock.
+    """
+    path = Path(path).resolve()
     return path.with_name(f".{path.name}.lock")
 
 

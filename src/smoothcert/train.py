@@ -8,7 +8,9 @@ and each rank takes its own examples' rows, so 1 process and N processes see the
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -23,12 +25,14 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .data import get_dataset
-from .distributed import DistContext, init_distributed
+from .distributed import DistContext, batch_memory_guard, init_distributed
 from .io import (
     CheckpointError,
     atomic_write_json,
     atomic_write_text,
     load_checkpoint,
+    output_lock,
+    remove_stale_temporaries,
     save_checkpoint,
 )
 from .models import build_model
@@ -37,9 +41,56 @@ from .presets import TrainConfig, eps_at, lr_factor
 from .smooth import autocast, derived_seed
 
 CHECKPOINT = "checkpoint.pt"
+CONFIG = "config.json"
 LOG = "log.jsonl"
 # Options that may differ between a run and its resumption without changing what it computes.
 RESUMABLE_CHANGES = {"epochs", "out", "workers", "device", "data_dir", "download", "eval_subset"}
+# Keys every config.json smoothcert has written holds: how its own file is told from a user's.
+CONFIG_SIGNATURE = {"dataset", "model", "sigma", "epochs", "seed", "out"}
+# How each log line starts (json.dumps of a record whose first key is "epoch").
+LOG_RECORD_START = '{"epoch": '
+
+logger = logging.getLogger(__name__)
+
+
+def read_log(path: Path) -> list[dict]:
+    """The records of the training log `path` (none if missing), less a line a kill cut off.
+
+    Raises ValueError if the file is not smoothcert's log, so that it is never overwritten.
+    """
+    if not path.exists():
+        return []
+    foreign = ValueError(
+        f"out: '{path}' is not a training log smoothcert wrote; move it away or choose another "
+        "--out"
+    )
+    try:
+        *lines, last = path.read_bytes().decode("utf-8").split("\n")
+    except UnicodeDecodeError:
+        raise foreign from None
+    records = [_log_record(line) for line in lines]
+    cut_off = last.startswith(LOG_RECORD_START) or LOG_RECORD_START.startswith(last)
+    if None in records or not cut_off:
+        raise foreign
+    return records
+
+
+def _log_record(line: str) -> dict | None:
+    """The record of one complete log line, or None if the line is not one."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("epoch"), int) else None
+
+
+def is_own_config(path: Path) -> bool:
+    """Whether `path` is a config.json smoothcert wrote (a JSON object with its keys)."""
+    try:
+        config = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(config, dict) and CONFIG_SIGNATURE <= config.keys()
 
 
 def epoch_seed(cfg: TrainConfig, epoch: int) -> int:
@@ -109,7 +160,11 @@ def evaluate(
 
 
 class Trainer:
-    """One training run in `cfg.out`: config.json, checkpoint.pt (every epoch) and log.jsonl."""
+    """One training run in `cfg.out`: config.json, checkpoint.pt (every epoch) and log.jsonl.
+
+    From its start until close() the run holds the output lock of `cfg.out`; use it as a
+    context manager (`with Trainer(cfg) as trainer: trainer.fit()`).
+    """
 
     def __init__(self, cfg: TrainConfig, resume: bool = False, progress: bool = True):
         self.cfg = cfg.validate()
@@ -146,10 +201,40 @@ class Trainer:
         )
         if download_first and self.ctx.is_main:
             self.ctx.barrier()
-        self.start_epoch = self._restore() if resume else self._fresh()
+        self._lock = contextlib.ExitStack()
+        try:
+            self._lock.enter_context(output_lock(self.out, holder=self.ctx.is_main))
+            if self.ctx.is_main:
+                for name in (CHECKPOINT, CONFIG, LOG):
+                    for path in remove_stale_temporaries(self.out / name):
+                        logger.info("removed '%s', left by a run killed while writing", path)
+            self.start_epoch = self._restore() if resume else self._fresh()
+        except BaseException:
+            self.close()
+            raise
         ddp_ids = [device.index] if device.type == "cuda" else None
         self.trained = DistributedDataParallel(model, device_ids=ddp_ids) if self.ctx.distributed \
             else model
+
+    def close(self) -> None:
+        """Release the output lock."""
+        self._lock.close()
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _check_own_files(self) -> None:
+        """Refuse an --out whose config.json or log.jsonl smoothcert did not write."""
+        config = self.out / CONFIG
+        if config.exists() and not is_own_config(config):
+            raise ValueError(
+                f"out: '{config}' is not a config.json smoothcert wrote; move it away or choose "
+                "another --out"
+            )
+        read_log(self.out / LOG)
 
     def _fresh(self) -> int:
         if (self.out / CHECKPOINT).exists():
@@ -157,8 +242,9 @@ class Trainer:
                 f"out: '{self.out}' already holds a checkpoint; pass --resume to continue it or "
                 "choose another --out"
             )
+        self._check_own_files()
         if self.ctx.is_main:
-            atomic_write_json(self.out / "config.json", asdict(self.cfg))
+            atomic_write_json(self.out / CONFIG, asdict(self.cfg))
             atomic_write_text(self.out / LOG, "")
         return 0
 
@@ -174,35 +260,36 @@ class Trainer:
                 f"resume: '{path}' was trained with different {', '.join(sorted(changed))}; "
                 "start a new --out instead"
             )
+        if int(state["epoch"]) > self.cfg.epochs:
+            raise ValueError(
+                f"epochs: '{path}' has already trained {int(state['epoch'])} epochs; resume it "
+                f"with --epochs {int(state['epoch'])} or more, got {self.cfg.epochs}"
+            )
+        self._check_own_files()
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         epoch = int(state["epoch"])
         if self.ctx.is_main:
-            atomic_write_json(self.out / "config.json", asdict(self.cfg))
+            atomic_write_json(self.out / CONFIG, asdict(self.cfg))
             self._truncate_log(epoch)
+        logger.info("resuming '%s' after epoch %d of %d", self.out, epoch, self.cfg.epochs)
         return epoch
 
     def _truncate_log(self, epoch: int) -> None:
         """Keep the complete log lines of the epochs the checkpoint holds, drop the rest."""
-        kept = []
-        log = self.out / LOG
-        for line in (log.read_text().splitlines() if log.exists() else []):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if record.get("epoch", epoch) < epoch:
-                kept.append(line + "\n")
-        atomic_write_text(log, "".join(kept))
+        path = self.out / LOG
+        kept = [json.dumps(r) + "\n" for r in read_log(path) if r["epoch"] < epoch]
+        atomic_write_text(path, "".join(kept))
 
     def fit(self) -> Path:
         """Train the remaining epochs; return the checkpoint path."""
         for epoch in range(self.start_epoch, self.cfg.epochs):
             started = time.time()
             record = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"]}
-            record.update(self.train_epoch(epoch))
+            with batch_memory_guard(self.cfg.batch, multiple_of=self.ctx.world_size):
+                record.update(self.train_epoch(epoch))
             self.scheduler.step()
             if self.ctx.is_main:
                 if self.cfg.eval_subset:
@@ -210,8 +297,8 @@ class Trainer:
                 record["time"] = time.time() - started
                 # Log line first, checkpoint second: a kill between the two leaves a line for an
                 # epoch the checkpoint lacks, which resume drops; the other order lost the line.
-                with open(self.out / LOG, "a") as log:
-                    log.write(json.dumps(record) + "\n")
+                with open(self.out / LOG, "a") as log_file:
+                    log_file.write(json.dumps(record) + "\n")
                 self._save(epoch + 1)
             self.ctx.barrier()
         return self.out / CHECKPOINT
@@ -271,7 +358,8 @@ class Trainer:
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
     """Run (or resume) training as configured; return the checkpoint path."""
-    return Trainer(cfg, resume=resume, progress=progress).fit()
+    with Trainer(cfg, resume=resume, progress=progress) as trainer:
+        return trainer.fit()
 
 
 def load_model(
