@@ -209,12 +209,12 @@ class Trainer:
                     for path in remove_stale_temporaries(self.out / name):
                         logger.info("removed '%s', left by a run killed while writing", path)
             self.start_epoch = self._restore() if resume else self._fresh()
+            ddp_ids = [device.index] if device.type == "cuda" else None
+            self.trained = DistributedDataParallel(model, device_ids=ddp_ids) \
+                if self.ctx.distributed else model
         except BaseException:
             self.close()
             raise
-        ddp_ids = [device.index] if device.type == "cuda" else None
-        self.trained = DistributedDataParallel(model, device_ids=ddp_ids) if self.ctx.distributed \
-            else model
 
     def close(self) -> None:
         """Release the output lock."""
