@@ -146,8 +146,10 @@ def _verify(args) -> int:
         for problem in problems:
             print(problem)
         failed |= bool(problems)
-        verdict = f"{len(problems)} do not match" if problems else "every certificate matches"
-        print(f"{path}: {checked} rows recomputed from their counts; {verdict}", file=sys.stderr)
+        verdict = (f"mismatches listed above: {len(problems)}" if problems
+                   else "every certificate matches")
+        print(f"{path}: {checked} rows recomputed from their counts and sidecar: {verdict}",
+              file=sys.stderr)
     return 1 if failed else 0
 
 
