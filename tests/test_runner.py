@@ -339,10 +339,11 @@ def test_a_lone_result_file_is_never_mixed_with_another_run(trained_checkpoint, 
 
 
 def test_restart_stale_replaces_a_result_of_other_settings(trained_checkpoint, both_file,
-                                                          tmp_path):
+                                                          tmp_path, caplog):
     out = copy_result(both_file, tmp_path / "restart")
     certify(trained_checkpoint, out, method="certify", n=100, batch=100, max=2,
             restart_if_stale=True)
+    assert f"discarding {COUNT} rows of another run" in caplog.text
     fresh = certify(trained_checkpoint, tmp_path / "fresh.tsv", method="certify", n=100,
                     batch=100, max=2)
     assert without_time(out) == without_time(fresh)

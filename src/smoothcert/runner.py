@@ -11,6 +11,7 @@ refused.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Iterable
@@ -29,6 +30,7 @@ from .smooth import Smooth, derived_seed
 from .stats import ABSTAIN, check_alpha, check_positive_int
 from .train import load_model
 
+log = logging.getLogger(__name__)
 _FIX = ("remove it, choose another --out, or pass --restart-stale (restart_if_stale=True) to "
         "discard those rows and recompute")
 
@@ -158,24 +160,29 @@ class Runner:
         self._check_sidecar_is_ours()
         keep: dict[int, str] = {}
         stale: list[tuple[Path, results.ResultFile]] = []
-        rewrite = False
+        rewrite, discarded = False, 0
         for path in [self.out, *self.part_files()]:
             if not path.exists():
                 continue
-            table = results.read_results(path, allow_cut=True)
+            try:
+                table = results.read_results(path, allow_cut=True)
+            except ValueError as err:
+                raise ValueError(f"out: {err}; smoothcert leaves it as it is: repair or remove "
+                                 "it, or choose another --out") from None
             self._check_kind(table)
             mine = table.header == self.columns
             runs = table.runs() if mine else [None] * len(table.lines)
             for idx, line, run in zip(table.values["idx"], table.lines, runs, strict=True):
                 if run == self.run_id:
                     keep.setdefault(idx, line)
+                else:
+                    discarded += 1
             if not mine or any(run != self.run_id for run in runs):
                 stale.append((path, table))
             rewrite |= table.cut or path != self.out
         if stale and not self.cfg.restart_if_stale:
             raise self._stale_error(*stale[0])
         todo = [i for i in self.indices if i not in keep]
-        discarded = sum(len(t.lines) for _, t in stale)
         return Plan(keep, todo, rewrite or bool(stale), discarded)
 
     def _check_sidecar_is_ours(self) -> None:
@@ -230,8 +237,11 @@ class Runner:
     def execute(self, plan: Plan) -> None:
         ctx = self.ctx
         ctx.barrier()  # every rank has planned before rank 0 folds the parts into out
+        if ctx.is_main and plan.discarded:
+            log.warning("%s: discarding %d rows of another run (--restart-stale)", self.out,
+                        plan.discarded)
         if ctx.is_main and plan.rewrite:
-            self._fold(plan.keep, discard=plan.discarded > 0)
+            self._fold(plan.keep)
         ctx.barrier()
         self._process(plan.todo[ctx.rank :: ctx.world_size], self.part_path(ctx.rank))
         ctx.barrier()
@@ -239,16 +249,15 @@ class Runner:
             self._finish()
         ctx.barrier()
 
-    def _fold(self, rows: dict[int, str], discard: bool) -> None:
+    def _fold(self, rows: dict[int, str]) -> None:
         """Write `rows` (this run's finished rows) as out, then remove the part files."""
         parts = self.part_files()
         if rows:
             self._write_sidecar()
             results.write_table(self.out, self.columns, [rows[i] for i in sorted(rows)])
         else:
-            self.out.unlink(missing_ok=True)
-            if discard:
-                results.sidecar_path(self.out).unlink(missing_ok=True)
+            self.out.unlink(missing_ok=True)  # with its sidecar: both are smoothcert's
+            results.sidecar_path(self.out).unlink(missing_ok=True)
         for part in parts:
             part.unlink(missing_ok=True)
 
@@ -259,7 +268,7 @@ class Runner:
             for path in [self.out, *self.part_files()]:
                 if path.exists():
                     rows.update(results.read_results(path).rows_by_index())
-            self._fold(rows, discard=False)
+            self._fold(rows)
         if not self.out.exists():
             self._write_sidecar()
             results.write_table(self.out, self.columns, [])
