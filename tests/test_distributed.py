@@ -293,6 +293,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_killing_a_rank_mid_run_then_rerunning_completes_without_duplicates(checkpoint, tmp_path):
     out = tmp_path / "two.tsv"
     args = ["certify", str(checkpoint), "--out", out.name, *KILLED]
