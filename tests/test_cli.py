@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -210,26 +211,27 @@ def test_library_messages_are_logged_to_stderr(capsys, tmp_path):
 # ---------------------------------------------------------------- certify, predict, analyze
 
 
-def test_certify_writes_results_and_resumes(capsys, trained_checkpoint, result_file):
+def test_certify_writes_results_and_resumes(capsys, trained_checkpoint, result_file, tmp_path):
     lines = result_file.read_text().splitlines()
-    assert lines[0].startswith("idx\tlabel\tpredict\tradius\tcorrect\ttime\ttcertify_predict")
+    assert lines[0].startswith("idx\tlabel\tpredict\tradius\tcorrect\ttime\tmethod\trun\t")
     assert [line.split("\t")[0] for line in lines[1:]] == ["0", "1", "2", "3"]
     before = result_file.read_text()
     code, stdout, _ = cli(capsys, "certify", str(trained_checkpoint), "--out", str(result_file),
                           "--max", "4", *SMALL_CERTIFY)
     assert code == 0 and str(result_file) in stdout
     assert result_file.read_text() == before  # finished: nothing recomputed
-    code, _, stderr = cli(capsys, "certify", str(trained_checkpoint), "--out", str(result_file),
-                          "--max", "4", "--n0", "10", "--n", "50", "--device", "cpu")
-    assert code == 2 and "--out" in stderr
-
-
-def test_certify_max_is_a_count(capsys, trained_checkpoint, tmp_path):
-    out = tmp_path / "sel.tsv"
-    code, _, _ = cli(capsys, "certify", str(trained_checkpoint), "--out", str(out), "--max", "3",
-                     "--skip", "2", "--method", "certify", *SMALL_CERTIFY)
-    assert code == 0
-    assert [line.split("\t")[0] for line in out.read_text().splitlines()[1:]] == ["0", "2", "4"]
+    copy = tmp_path / result_file.name  # other settings on a copy of the shared file
+    for suffix in ("", ".json"):
+        shutil.copy(f"{result_file}{suffix}", f"{copy}{suffix}")
+    other = ["certify", str(trained_checkpoint), "--out", str(copy), "--max", "4", "--n0", "10",
+             "--n", "50", "--batch", "50", "--device", "cpu"]
+    code, _, stderr = cli(capsys, *other)
+    assert code == 2 and "different n" in stderr and "--restart-stale" in stderr
+    assert copy.read_text() == before
+    code, _, _ = cli(capsys, *other, "--restart-stale")
+    assert code == 0 and copy.read_text() != before
+    code, _, stderr = cli(capsys, "verify", str(copy))
+    assert code == 0 and "every certificate matches" in stderr
 
 
 def test_predict_prints_the_abstention_rate(capsys, trained_checkpoint, tmp_path):
@@ -238,7 +240,9 @@ def test_predict_prints_the_abstention_rate(capsys, trained_checkpoint, tmp_path
                           "--max", "3", "--n", "5", "--batch", "5", "--device", "cpu")
     assert code == 0
     assert "abstention rate: 1.0000" in stdout  # 5 votes can never reject at alpha 0.001
-    assert out.read_text().splitlines()[0] == "idx\tlabel\tpredict\tcorrect\ttime"
+    header, *rows = (line.split("\t") for line in out.read_text().splitlines())
+    assert header == ["idx", "label", "predict", "correct", "time", "method", "run"]
+    assert len(rows) == 3 and all(row[2:4] == ["-1", "0"] for row in rows)
 
 
 @pytest.mark.parametrize(
@@ -271,8 +275,8 @@ def test_analyze_prints_a_markdown_table_with_acr(capsys, result_file):
     code, stdout, _ = cli(capsys, "analyze", str(result_file))
     assert code == 0
     assert "ACR" in stdout
-    assert "| res: certify |" in stdout and "| res: tcertify |" in stdout
-    assert "| res: tcertify-strict |" in stdout
+    assert "| res: CERTIFY |" in stdout and "| res: T-CERTIFY (paper mode) |" in stdout
+    assert "| res: T-CERTIFY (strict) |" in stdout
     assert "4 examples" in stdout  # the protocol note from the sidecar
 
 
@@ -284,7 +288,7 @@ def test_analyze_latex_and_csv(capsys, result_file):
     assert code == 0
     rows = stdout.rstrip("\n").splitlines()
     assert rows[0].startswith("method,0.0,0.25,") and rows[0].endswith(",ACR,n")
-    assert rows[1].startswith("res: certify,") and len(rows) == 4
+    assert rows[1].startswith("res: CERTIFY,") and len(rows) == 4
     code, _, stderr = cli(capsys, "analyze", "--csv", "--latex", str(result_file))
     assert code == 2 and "not allowed" in stderr
 
@@ -314,7 +318,7 @@ def test_demo_runs_end_to_end_and_resumes(capsys, tmp_path):
     report = (out / "report.md").read_text()
     assert "ACR" in report
     for name in ("basic", "adre"):
-        for method in ("certify", "tcertify", "tcertify-strict"):
+        for method in ("CERTIFY", "T-CERTIFY (paper mode)", "T-CERTIFY (strict)"):
             assert f"| {name}: {method} |" in report
         assert (out / name / "checkpoint.pt").is_file()
         assert len((out / f"{name}.tsv").read_text().splitlines()) == 1 + 5

@@ -88,6 +88,9 @@ def _add_run_options(parser: argparse.ArgumentParser, certify: bool) -> None:
     parser.add_argument("--amp", choices=["bf16", "fp16"])
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                         help="run the model in channels_last memory format (default on)")
+    parser.add_argument("--restart-stale", dest="restart_if_stale", action="store_true",
+                        help="discard rows in --out that another run wrote (other settings or "
+                        "checkpoint content) and recompute them, instead of refusing")
     if certify:
         parser.add_argument("--n0", type=int, default=100, help="selection samples")
         parser.add_argument("--method", choices=["certify", "tcertify", "both"], default="both")
@@ -111,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     style.add_argument("--latex", action="store_true")
     style.add_argument("--csv", action="store_true")
     analyze.add_argument("--plot", help="write a PNG of certified accuracy against radius")
+    verify = sub.add_parser("verify", help="recompute every certificate of result files")
+    verify.add_argument("files", nargs="+", help="result TSVs of `smoothcert certify`")
     demo = sub.add_parser("demo", help="the offline end-to-end MNIST job")
     from .demo import add_demo_arguments
 
@@ -186,6 +191,22 @@ def logging_to_stderr(debug: bool = False) -> Iterator[None]:
         logger.setLevel(level)
 
 
+def _verify(args) -> int:
+    from .results import verify
+
+    failed = False
+    for path in args.files:
+        checked, problems = verify(path)
+        for problem in problems:
+            print(problem)
+        failed |= bool(problems)
+        verdict = (f"mismatches listed above: {len(problems)}" if problems
+                   else "every certificate matches")
+        print(f"{path}: {checked} rows recomputed from their counts and sidecar: {verdict}",
+              file=sys.stderr)
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .perf import set_threads, tune_allocator
@@ -196,10 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     from .distributed import shutdown_distributed
 
     commands = {"train": _train, "certify": _run, "predict": _run, "analyze": _analyze,
-                "demo": run_demo_from_args}
+                "verify": _verify, "demo": run_demo_from_args}
     try:
         with logging_to_stderr(args.debug):
-            commands[args.command](args)
+            code = commands[args.command](args)
     except Exception as err:
         if args.debug or not is_usage_error(err):
             raise  # a bug (or --debug): the full traceback
@@ -207,4 +228,4 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         shutdown_distributed()
-    return 0
+    return code or 0

@@ -56,6 +56,7 @@ def run_demo(args: argparse.Namespace, progress: bool = True) -> Path:
             checkpoint=str(checkpoint), out=str(out / f"{name}.tsv"), method="both",
             n0=args.n0, n=args.n, alpha=args.alpha, batch=args.batch, skip=args.skip,
             max=args.num_certify, seed=args.seed, extra={"label": name},
+            restart_if_stale=True,  # a retrained model or new settings: recompute, never mix
         ), progress=progress))
     plot = out / "certified_accuracy.png"
     table = analyze([str(p) for p in results], plot=str(plot))
