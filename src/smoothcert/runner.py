@@ -21,12 +21,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .checkpoints import load_for_run
 from .data import dataset_info, get_dataset
 from .distributed import DistContext, init_distributed
 from .io import atomic_write_json, atomic_write_text
 from .smooth import Smooth, derived_seed
 from .stats import ABSTAIN, Certificate, check_alpha, check_positive_int
-from .train import load_model
 
 COHEN_COLUMNS = ["idx", "label", "predict", "radius", "correct", "time"]
 GROUP_FIELDS = ["predict", "radius", "correct", "alpha", "pa_lower", "pb_upper"]
@@ -59,6 +59,8 @@ class RunConfig:
     seed: int = 0
     sigma: float | None = None
     dataset: str | None = None
+    format: str = "auto"  # of the checkpoint: auto, smoothcert, cohen or macer
+    arch: str | None = None  # a MACER checkpoint's architecture
     data_dir: str | None = None
     device: str = "auto"
     amp: str | None = None
@@ -147,11 +149,10 @@ class Runner:
         self.cfg = cfg.validate()
         self.progress = progress
         self.ctx: DistContext = init_distributed(cfg.device)
-        model, train_config = load_model(cfg.checkpoint, self.ctx.device)
+        model, self.dataset_name, self.sigma = load_for_run(
+            cfg.checkpoint, cfg.format, cfg.arch, cfg.dataset, cfg.sigma, self.ctx.device)
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        self.dataset_name = cfg.dataset or train_config["dataset"]
-        self.sigma = cfg.sigma if cfg.sigma is not None else float(train_config["sigma"])
         self.smooth = Smooth(model, dataset_info(self.dataset_name).num_classes, self.sigma,
                              amp=cfg.amp)
         self.dataset = get_dataset(self.dataset_name, cfg.split, cfg.data_dir, augment=False)
