@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_cli import cli
 from torch import nn
 from torchvision.models import resnet50
 
@@ -25,7 +26,6 @@ from smoothcert.checkpoints import (
     load_checkpoint,
     load_for_run,
 )
-from smoothcert.cli import main
 from smoothcert.io import WEIGHTS_DIGEST, CheckpointError, weights_digest
 from smoothcert.models import Standardize
 from smoothcert.models.lenet_20_50 import lenet_20_50
@@ -62,15 +62,6 @@ def max_logit_error(model: nn.Module, ref: dict[str, torch.Tensor]) -> tuple[flo
     assert logits.shape == ref["logits"].shape
     scale = ref["logits"].abs().max().item()
     return (logits - ref["logits"]).abs().max().item(), max(1e-4, 1e-6 * scale)
-
-
-def cli(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        code = main(["--no-progress", *argv])
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 # ---------------------------------------------------------------- the published formats
