@@ -67,7 +67,11 @@ def _example_count(text: str) -> int:
 
 
 def _add_run_options(parser: argparse.ArgumentParser, certify: bool) -> None:
-    parser.add_argument("checkpoint", help="checkpoint.pt written by `smoothcert train`")
+    parser.add_argument("checkpoint", help="checkpoint.pt of `smoothcert train`, or a Cohen "
+                        "et al./SmoothAdv/Consistency/SmoothMix or MACER checkpoint")
+    parser.add_argument("--format", choices=["auto", "smoothcert", "cohen", "macer"],
+                        default="auto", help="the checkpoint's format (default: from its keys)")
+    parser.add_argument("--arch", help="a MACER checkpoint's architecture: resnet110 or lenet")
     parser.add_argument("--out", required=True, help="result TSV (re-running resumes it)")
     parser.add_argument("--split", default="test")
     # --N / --max-examples: torchrun swallows --n and --max as abbreviations of its own
@@ -81,7 +85,8 @@ def _add_run_options(parser: argparse.ArgumentParser, certify: bool) -> None:
                         help="at most this many examples (a COUNT; Cohen's --max is an index; "
                         "use --max-examples under torchrun)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sigma", type=float, help="override the checkpoint's sigma")
+    parser.add_argument("--sigma", type=float, help="noise level: required for Cohen/MACER "
+                        "checkpoints, overrides a smoothcert checkpoint's")
     parser.add_argument("--dataset", help="override the checkpoint's dataset")
     parser.add_argument("--data-dir", help="dataset folder (or set SMOOTHCERT_DATA)")
     parser.add_argument("--device", default="auto")

@@ -23,12 +23,12 @@ import torch
 from tqdm.auto import tqdm
 
 from . import results
+from .checkpoints import load_for_run
 from .data import dataset_info, get_dataset
 from .distributed import DistContext, init_distributed
 from .io import output_lock
 from .smooth import Smooth, derived_seed
 from .stats import ABSTAIN, check_alpha, check_positive_int
-from .train import load_model
 
 log = logging.getLogger(__name__)
 _FIX = ("remove it, choose another --out, or pass --restart-stale (restart_if_stale=True) to "
@@ -54,6 +54,8 @@ class RunConfig:
     seed: int = 0
     sigma: float | None = None
     dataset: str | None = None
+    format: str = "auto"  # of the checkpoint: auto, smoothcert, cohen or macer
+    arch: str | None = None  # a MACER checkpoint's architecture
     data_dir: str | None = None
     device: str = "auto"
     amp: str | None = None
@@ -103,11 +105,10 @@ class Runner:
         self.ctx: DistContext = init_distributed(cfg.device)
         # Hashed before loading: a checkpoint replaced meanwhile makes the next run recompute.
         digest = results.file_sha256(cfg.checkpoint) if os.path.isfile(cfg.checkpoint) else ""
-        model, train_config = load_model(cfg.checkpoint, self.ctx.device)
+        model, self.dataset_name, self.sigma = load_for_run(
+            cfg.checkpoint, cfg.format, cfg.arch, cfg.dataset, cfg.sigma, self.ctx.device)
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        self.dataset_name = cfg.dataset or train_config["dataset"]
-        self.sigma = cfg.sigma if cfg.sigma is not None else float(train_config["sigma"])
         num_classes = dataset_info(self.dataset_name).num_classes
         self.smooth = Smooth(model, num_classes, self.sigma, amp=cfg.amp)
         self.dataset = get_dataset(self.dataset_name, cfg.split, cfg.data_dir, augment=False)
@@ -129,7 +130,8 @@ class Runner:
             "alpha": cfg.alpha, "grid": cfg.grid, "skip": cfg.skip, "max": cfg.max,
             "seed": cfg.seed, "sigma": self.sigma, "dataset": self.dataset_name, "amp": cfg.amp,
             "num_classes": num_classes, "checkpoint": str(cfg.checkpoint),
-            "checkpoint_sha256": digest, "protocol": protocol,
+            "checkpoint_sha256": digest, "checkpoint_format": cfg.format, "arch": cfg.arch,
+            "protocol": protocol,
         }
         return {**meta, "run": results.fingerprint(meta)}
 

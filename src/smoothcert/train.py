@@ -24,9 +24,11 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
 from . import __version__
+from .checkpoints import load_native
 from .data import get_dataset
 from .distributed import DistContext, batch_memory_guard, init_distributed
 from .io import (
+    WEIGHTS_DIGEST,
     CheckpointError,
     atomic_write_json,
     atomic_write_text,
@@ -34,6 +36,7 @@ from .io import (
     output_lock,
     remove_stale_temporaries,
     save_checkpoint,
+    weights_digest,
 )
 from .models import build_model
 from .objectives import get_method
@@ -253,6 +256,12 @@ class Trainer:
         if not path.exists():
             return self._fresh()
         state = load_checkpoint(path, map_location=self.ctx.device)
+        missing = [key for key in ("optimizer", "scheduler", "scaler", "epoch") if key not in state]
+        if missing:
+            raise CheckpointError(
+                f"resume: '{path}' holds the model but not the training state "
+                f"({', '.join(missing)}); it can be certified, not resumed: train into a new --out"
+            )
         saved = state["config"]
         changed = {k for k, v in asdict(self.cfg).items() if saved.get(k) != v} - RESUMABLE_CHANGES
         if changed:
@@ -342,10 +351,12 @@ class Trainer:
                 "eps": method_cfg.eps, "steps": steps}
 
     def _save(self, epoch: int) -> None:
+        weights = self.model.state_dict()
         save_checkpoint(
             self.out / CHECKPOINT,
             {
-                "model": self.model.state_dict(),
+                "model": weights,
+                WEIGHTS_DIGEST: weights_digest(weights),  # verified by io.load_checkpoint
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(),
@@ -366,16 +377,4 @@ def load_model(
     checkpoint: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[nn.Module, dict]:
     """The trained model of a checkpoint (in eval mode) and its config."""
-    state = load_checkpoint(checkpoint, map_location=device)
-    config = state["config"]
-    try:  # {"model": ..., "config": ...} is a common layout: check that it is ours
-        model = build_model(config["model"], config["dataset"])
-        model.load_state_dict(state["model"])
-        float(config["sigma"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise CheckpointError(
-            f"checkpoint: '{checkpoint}' is not a smoothcert checkpoint: its config and weights "
-            f"do not describe a smoothcert model ({type(err).__name__}: {first_line})"
-        ) from None
-    return model.to(device).eval(), config
+    return load_native(checkpoint, device)
