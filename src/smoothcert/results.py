@@ -59,7 +59,7 @@ METHOD_LABELS = {
 }
 # The settings a row's `run` fingerprint covers: rows agree on these or come from another run.
 IDENTITY_KEYS = ("mode", "method", "split", "n0", "n", "alpha", "grid", "skip", "seed", "sigma",
-                 "dataset", "amp", "checkpoint_sha256", "arch")
+                 "dataset", "amp", "checkpoint_sha256")
 _REQUIRED = ("idx", "label", "predict", "radius", "correct")
 _RUN = re.compile(r"^[0-9a-f]{12}$")
 _TIME = re.compile(r"^(?:(\d+) days?, )?(\d+):(\d\d):(\d\d(?:\.\d+)?)$")
