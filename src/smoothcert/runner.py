@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 from .data import dataset_info, get_dataset
 from .distributed import DistContext, init_distributed
 from .io import atomic_write_json, atomic_write_text
-from .smooth import Smooth, derived_seed
+from .rng import generator
+from .smooth import Smooth
 from .stats import ABSTAIN, Certificate, check_alpha, check_positive_int
 from .train import load_model
 
@@ -241,15 +242,18 @@ class Runner:
         cfg = self.cfg
         x, label = self.dataset[idx]
         label = int(label)
-        generator = torch.Generator(device=self.ctx.device).manual_seed(derived_seed(cfg.seed, idx))
+        streams = {purpose: generator(cfg.seed, purpose, idx, self.ctx.device)
+                   for purpose in ("selection", "estimation", "prediction")}
         started = time.time()
         if cfg.mode == "predict":
-            prediction = self.smooth.predict(x, cfg.n, cfg.alpha, cfg.batch, generator=generator)
+            prediction = self.smooth.predict(x, cfg.n, cfg.alpha, cfg.batch,
+                                             generator=streams["prediction"])
             ok = prediction == label
             return [str(idx), str(label), str(prediction), str(int(ok)),
                     elapsed(time.time() - started)], ok
         result = self.smooth.certify_all(x, cfg.n0, cfg.n, cfg.alpha, cfg.batch, cfg.grid,
-                                         generator=generator)
+                                         generator=streams["selection"],
+                                         estimation_generator=streams["estimation"])
         main_name, groups = CERTIFY_LAYOUTS[cfg.method]
         main = getattr(result, main_name)
         ok = main.label == label
