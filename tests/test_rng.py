@@ -8,7 +8,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from torch import nn
+from conftest import InputRecorder
 
 from smoothcert import rng, runner, train
 from smoothcert.presets import resolve_config
@@ -67,17 +67,6 @@ def test_bad_addresses_are_refused(args, message):
         rng.seed_sequence(*args)
 
 
-class InputRecorder(nn.Module):
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-        self.rows: list[torch.Tensor] = []
-
-    def forward(self, x):
-        self.rows.append(x.detach().flatten(1).clone())
-        return self.model(x)
-
-
 def test_certification_never_draws_the_noise_training_drew(tmp_path, monkeypatch):
     """Default seeds (0 for both): each draw of certify is compared with every training draw."""
     drawn = []
@@ -103,7 +92,7 @@ def test_certification_never_draws_the_noise_training_drew(tmp_path, monkeypatch
     run = Runner(RunConfig(str(checkpoint), str(tmp_path / "out.tsv"), n0=8, n=24, batch=16,
                            max=3, device="cpu", channels_last=False), progress=False)
     run.run()
-    rows = torch.cat(recorders[0].rows)
+    rows = torch.cat(recorders[0].batches).flatten(1)
     images = [run.dataset[idx][0].flatten() for idx in range(3)]
     certified = (rows - torch.cat([x.expand(32, -1) for x in images])) / 0.5
     trained = torch.cat(drawn)

@@ -1,23 +1,10 @@
 import numpy as np
 import pytest
 import torch
-from conftest import LinearTwoClass, ThresholdClassifier, true_radius
+from conftest import InputRecorder, LinearTwoClass, ThresholdClassifier, true_radius
 from torch import nn
 
 from smoothcert import ABSTAIN, Smooth
-
-
-class CallRecorder(nn.Module):
-    """Wraps a model and records the batch sizes it is called with."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-        self.batch_sizes: list[int] = []
-
-    def forward(self, x):
-        self.batch_sizes.append(len(x))
-        return self.model(x)
 
 
 def test_linear_classifier_radius_approaches_the_exact_radius_from_below():
@@ -51,11 +38,12 @@ def test_certify_all_gives_three_certificates_from_the_same_samples(threshold_cl
 
 
 def test_selection_samples_are_not_reused_and_batches_are_bounded(threshold_classifier):
-    recorder = CallRecorder(threshold_classifier)
+    recorder = InputRecorder(threshold_classifier)
     smooth = Smooth(recorder, threshold_classifier.num_classes, sigma=0.5)
     smooth.certify(torch.zeros(2), n0=30, n=1_000, alpha=0.01, batch_size=128)
-    assert sum(recorder.batch_sizes) == 1_030
-    assert max(recorder.batch_sizes) <= 128
+    sizes = [len(batch) for batch in recorder.batches]
+    assert sum(sizes) == 1_030
+    assert max(sizes) <= 128
 
 
 def test_seeded_runs_are_reproducible(threshold_classifier):
@@ -217,19 +205,6 @@ def test_modes_are_restored_when_sampling_fails():
 # --- separate streams for selection and estimation ---------------------------------------------
 
 
-class InputRecorder(nn.Module):
-    """Wraps a model and keeps a copy of every input row it is given."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-        self.rows: list[torch.Tensor] = []
-
-    def forward(self, x):
-        self.rows.append(x.detach().clone())
-        return self.model(x)
-
-
 @pytest.mark.parametrize("separate", [False, True])
 def test_no_noisy_input_is_used_twice(threshold_classifier, separate):
     recorder = InputRecorder(threshold_classifier)
@@ -238,7 +213,7 @@ def test_no_noisy_input_is_used_twice(threshold_classifier, separate):
     if separate:
         streams["estimation_generator"] = torch.Generator().manual_seed(6)
     smooth.certify_all(torch.tensor([0.2, 0.7]), 40, 200, 0.01, 32, **streams)
-    rows = torch.cat(recorder.rows)
+    rows = torch.cat(recorder.batches)
     assert len(rows) == 240
     assert len(torch.unique(rows, dim=0)) == 240
 
