@@ -218,6 +218,16 @@ def test_no_noisy_input_is_used_twice(threshold_classifier, separate):
     assert len(torch.unique(rows, dim=0)) == 240
 
 
+def test_the_noise_is_centred_gaussian_with_standard_deviation_sigma(threshold_classifier):
+    recorder = InputRecorder(threshold_classifier)
+    x = torch.linspace(0.1, 0.9, 50)
+    Smooth(recorder, 4, sigma=0.3).certify(x, 10, 2_000, 0.01, 500)
+    noise = torch.cat(recorder.batches) - x
+    assert noise.shape == (2_010, 50)
+    assert abs(float(noise.mean())) < 0.005  # standard error 0.3 / sqrt(100500) ~ 0.001
+    assert float(noise.std()) == pytest.approx(0.3, rel=0.01)
+
+
 def test_estimation_counts_come_from_the_estimation_generator_alone(threshold_classifier):
     smooth = Smooth(threshold_classifier, threshold_classifier.num_classes, sigma=0.5)
     x = torch.tensor([0.3, 0.0])
