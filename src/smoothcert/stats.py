@@ -4,9 +4,8 @@ Samples -> counts -> bounds -> certificate. Every bound here is rounded conserva
 lower bound is never above, and an upper bound never below, the exact Clopper-Pearson value
 because of floating-point error: each is checked against the binomial tail it inverts, with
 a relative margin (_MARGIN) far above the tails' own rounding error (~3e-15 against 50-digit
-arithmetic).
-Levels below ALPHA_FLOOR are refused: there double-precision tails lose the accuracy that
-check relies on (scipy's beta quantiles fail near 1e-265).
+arithmetic). Levels below ALPHA_FLOOR are refused: double-precision tails underflow near
+1e-265, and the check would be blind. docs/statistics.md states what each method guarantees.
 """
 
 from __future__ import annotations
