@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -99,6 +100,32 @@ def fake_parsers(tmp_path: Path):
         listener.close()
 
 
+# Optional folders a script skips a part for when they are unset: set, so every part runs.
+OPTIONAL_FOLDERS = {"certify_cohen_models.sh": ("CIFAR", "IMAGENET")}
+# Inputs a script acts on only when they exist (it skips the missing ones): created empty.
+PRESENT = {
+    "certify_cohen_models.sh": [
+        f"MODELS/{folder}/noise_{sigma}/checkpoint.pth.tar"
+        for folder, sigmas in (("cifar10/resnet110", ("0.12", "0.25", "0.50", "1.00")),
+                               ("imagenet/resnet50", ("0.25", "0.50", "1.00")))
+        for sigma in sigmas
+    ],
+}
+
+
+def script_environment(script: Path, tmp_path: Path) -> dict[str, str]:
+    """A folder for every variable the script requires (${X:?}) and its optional folders."""
+    names = set(re.findall(r"\$\{(\w+):\?", script.read_text()))
+    names |= set(OPTIONAL_FOLDERS.get(script.name, ()))
+    env = {name: str(tmp_path / name) for name in names}
+    env["OUT"] = str(tmp_path / "out")
+    for relative in PRESENT.get(script.name, []):
+        path = tmp_path / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+    return env
+
+
 def test_there_are_scripts_to_check():
     assert {path.name for path in SCRIPTS} >= {"cifar10_table1.sh", "imagenet_table1.sh"}
 
@@ -107,12 +134,11 @@ def test_there_are_scripts_to_check():
 def test_every_command_line_of_the_script_parses(script, tmp_path):
     with fake_parsers(tmp_path) as (bin_dir, address, calls):
         env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-                   FAKE_PARSER_SOCKET=address, DATA=str(tmp_path / "data"),
-                   OUT=str(tmp_path / "out"))
+                   FAKE_PARSER_SOCKET=address, **script_environment(script, tmp_path))
         done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True,
                               timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     commands = [argv[0] for _, argv, _ in calls]
-    assert {"train", "certify", "analyze"} <= set(commands), commands
-    trained = commands.count("train")
-    assert commands.count("certify") >= trained > 0  # every trained run is certified
+    assert "certify" in commands and "analyze" in commands, commands
+    # Every run a script trains is certified afterwards.
+    assert commands.count("certify") >= commands.count("train")

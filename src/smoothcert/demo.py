@@ -6,6 +6,7 @@ Every stage resumes: re-running the same command finishes what a killed run left
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from .io import atomic_write_text
 from .presets import resolve_config
 from .runner import RunConfig, run
 from .train import train
+
+logger = logging.getLogger(__name__)
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,21 +48,23 @@ def run_demo(args: argparse.Namespace, progress: bool = True) -> Path:
             epochs=args.epochs, train_subset=args.train_subset, eval_subset=1000,
             seed=args.seed, out=str(out / name),
         )
-        print(f"[demo] training {name} ({method}, lambda={lam}, k={args.k}, sigma={args.sigma})")
+        logger.info("[demo] training %s (%s, lambda=%s, k=%s, sigma=%s)", name, method, lam, args.k,
+                    args.sigma)
         checkpoint = train(cfg, resume=True, progress=progress)
-        print(f"[demo] certifying {args.num_certify} test images with CERTIFY and T-CERTIFY")
+        logger.info("[demo] certifying %s test images with CERTIFY and T-CERTIFY", args.num_certify)
         results.append(run(RunConfig(
             checkpoint=str(checkpoint), out=str(out / f"{name}.tsv"), method="both",
             n0=args.n0, n=args.n, alpha=args.alpha, batch=args.batch, skip=args.skip,
             max=args.num_certify, seed=args.seed, extra={"label": name},
+            restart_if_stale=True,  # a retrained model or new settings: recompute, never mix
         ), progress=progress))
     plot = out / "certified_accuracy.png"
     table = analyze([str(p) for p in results], plot=str(plot))
     minutes = (time.time() - started) / 60
     report = out / "report.md"
     atomic_write_text(report, _report(args, table, plot, minutes))
-    print(table)
-    print(f"[demo] report: {report}  plot: {plot}  ({minutes:.1f} min)")
+    logger.info("%s", table)
+    logger.info("[demo] report: %s  plot: %s  (%.1f min)", report, plot, minutes)
     return report
 
 
