@@ -304,33 +304,3 @@ def test_analyze_of_a_missing_file_exits_2(capsys, tmp_path):
     code, _, stderr = cli(capsys, "analyze", str(tmp_path / "none.tsv"))
     assert code == 2
     assert "none.tsv" in stderr and "Traceback" not in stderr
-
-
-# ---------------------------------------------------------------- demo
-
-
-def test_demo_runs_end_to_end_and_resumes(capsys, tmp_path):
-    out = tmp_path / "demo"
-    args = ["demo", "--out", str(out), "--epochs", "1", "--train-subset", "256", "--certify",
-            "5", "--n", "100", "--k", "2"]
-    code, stdout, stderr = cli(capsys, *args)
-    assert code == 0
-    report = (out / "report.md").read_text()
-    assert "ACR" in report
-    for name in ("basic", "adre"):
-        for method in ("CERTIFY", "T-CERTIFY (paper mode)", "T-CERTIFY (strict)"):
-            assert f"| {name}: {method} |" in report
-        assert (out / name / "checkpoint.pt").is_file()
-        assert len((out / f"{name}.tsv").read_text().splitlines()) == 1 + 5
-    assert "![certified accuracy](certified_accuracy.png)" in report
-    assert (out / "certified_accuracy.png").read_bytes().startswith(PNG)
-    assert "[demo] training basic" in stderr and "ACR" in stderr  # logged, not printed
-    assert stdout == ""
-
-    # Re-running the same command resumes every stage: nothing is trained or certified again.
-    results = {name: (out / f"{name}.tsv").read_text() for name in ("basic", "adre")}
-    checkpoint = (out / "basic" / "checkpoint.pt").read_bytes()
-    code, _, stderr = cli(capsys, *args)
-    assert code == 0, stderr
-    assert {name: (out / f"{name}.tsv").read_text() for name in results} == results
-    assert (out / "basic" / "checkpoint.pt").read_bytes() == checkpoint

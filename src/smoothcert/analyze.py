@@ -122,6 +122,39 @@ def average_certified_radius(curve: ResultCurve) -> float:
     return float(np.mean(np.where(curve.correct, curve.radius, 0.0)))
 
 
+def _paired(a: ResultCurve, b: ResultCurve) -> None:
+    if a.radius.shape != b.radius.shape or (
+        a.idx is not None and b.idx is not None and not np.array_equal(a.idx, b.idx)
+    ):
+        raise ValueError(f"'{a.name}' and '{b.name}' do not hold the same examples: a paired "
+                         "comparison needs the same test points in the same order")
+
+
+def _mean_and_se(diff: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    se = diff.std(axis=0, ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else np.full(
+        diff.shape[1:], np.nan)
+    return diff.mean(axis=0), se
+
+
+def paired_difference(
+    a: ResultCurve, b: ResultCurve, radii: np.ndarray = DEFAULT_RADII
+) -> tuple[np.ndarray, np.ndarray]:
+    """Certified accuracy of `a` minus that of `b` at each radius, on the same examples, and
+    the standard error of that mean of per-example differences."""
+    _paired(a, b)
+    radii = _check_radii(radii)
+    certified = [(c.correct[:, None] & (c.radius[:, None] >= radii[None, :])) for c in (a, b)]
+    return _mean_and_se(certified[0].astype(float) - certified[1])
+
+
+def paired_radius_difference(a: ResultCurve, b: ResultCurve) -> tuple[float, float]:
+    """ACR of `a` minus ACR of `b` on the same examples, and its standard error."""
+    _paired(a, b)
+    mean, se = _mean_and_se(
+        (np.where(a.correct, a.radius, 0.0) - np.where(b.correct, b.radius, 0.0))[:, None])
+    return float(mean[0]), float(se[0])
+
+
 # ---------------------------------------------------------------- tables
 
 
@@ -238,7 +271,6 @@ def plot_curves(
 
     if not curves:
         raise ValueError("plot_curves: curves must not be empty")
-    _check_plot_target(Path(path))
     if radii_max is not None and not (np.isfinite(radii_max) and radii_max > 0):
         raise ValueError(f"radii_max must be a finite number > 0, got {radii_max}")
     observed = max((float(c.radius.max()) for c in curves if c.radius.size), default=0.0)
@@ -264,6 +296,13 @@ def plot_curves(
         ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: str | os.PathLike) -> None:
+    """Write a matplotlib figure as a PNG marked as smoothcert's, atomically; like every plot,
+    it replaces only a plot smoothcert wrote."""
+    _check_plot_target(Path(path))
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight",
                 metadata={PLOT_MARK[0]: PLOT_MARK[1]})

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -149,10 +149,11 @@ class Runner:
         return sorted(p for p in folder.iterdir()
                       if p.name.startswith(prefix) and p.name[len(prefix):].isdigit())
 
-    def run(self) -> Path:
+    def run(self, on_row: Callable[[], None] | None = None) -> Path:
+        """Certify (or predict) what is left; `on_row()` is called after each row written."""
         with output_lock(self.out, holder=self.ctx.is_main):
             self.ctx.barrier()  # rank 0 holds the lock before any rank reads the files
-            self.execute(self.plan())
+            self.execute(self.plan(), on_row)
         return self.out
 
     # ------------------------------------------------------------ plan: read and decide
@@ -237,7 +238,7 @@ class Runner:
 
     # ------------------------------------------------------------ execute: write
 
-    def execute(self, plan: Plan) -> None:
+    def execute(self, plan: Plan, on_row: Callable[[], None] | None = None) -> None:
         ctx = self.ctx
         ctx.barrier()  # every rank has planned before rank 0 folds the parts into out
         if ctx.is_main and plan.discarded:
@@ -246,7 +247,7 @@ class Runner:
         if ctx.is_main and plan.rewrite:
             self._fold(plan.keep)
         ctx.barrier()
-        self._process(plan.todo[ctx.rank :: ctx.world_size], self.part_path(ctx.rank))
+        self._process(plan.todo[ctx.rank :: ctx.world_size], self.part_path(ctx.rank), on_row)
         ctx.barrier()
         if ctx.is_main:
             self._finish()
@@ -281,7 +282,8 @@ class Runner:
     def _write_sidecar(self) -> None:
         results.write_sidecar(self.out, self.meta)
 
-    def _process(self, indices: Iterable[int], part: Path) -> None:
+    def _process(self, indices: Iterable[int], part: Path,
+                 on_row: Callable[[], None] | None = None) -> None:
         indices = list(indices)
         certified = 0
         bar = tqdm(indices, desc=f"{self.cfg.mode} {self.out.name}",
@@ -293,6 +295,8 @@ class Runner:
                 writer.write(row)
                 certified += ok
                 bar.set_postfix(correct=f"{certified}/{count}")
+                if on_row is not None:
+                    on_row()
 
     def _row(self, idx: int) -> tuple[list[str], bool]:
         cfg = self.cfg
@@ -317,8 +321,9 @@ class Runner:
         return row, certificates[results.LAYOUTS[cfg.method][0]].label == label
 
 
-def run(cfg: RunConfig, progress: bool = True) -> Path:
-    return Runner(cfg, progress=progress).run()
+def run(cfg: RunConfig, progress: bool = True,
+        on_row: Callable[[], None] | None = None) -> Path:
+    return Runner(cfg, progress=progress).run(on_row)
 
 
 def abstention_rate(path: str | os.PathLike) -> float:

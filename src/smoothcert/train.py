@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -289,8 +290,11 @@ class Trainer:
         kept = [json.dumps(r) + "\n" for r in read_log(path) if r["epoch"] < epoch]
         atomic_write_text(path, "".join(kept))
 
-    def fit(self) -> Path:
-        """Train the remaining epochs; return the checkpoint path."""
+    def fit(self, on_epoch: Callable[[int], None] | None = None) -> Path:
+        """Train the remaining epochs; return the checkpoint path.
+
+        `on_epoch(epoch)` is called on the main process after each epoch's checkpoint is saved.
+        """
         for epoch in range(self.start_epoch, self.cfg.epochs):
             started = time.time()
             record = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"]}
@@ -306,6 +310,8 @@ class Trainer:
                 with open(self.out / LOG, "a") as log_file:
                     log_file.write(json.dumps(record) + "\n")
                 self._save(epoch + 1)
+                if on_epoch is not None:
+                    on_epoch(epoch)
             self.ctx.barrier()
         return self.out / CHECKPOINT
 
