@@ -49,6 +49,19 @@ class LinearTwoClass(nn.Module):
         return torch.cat([torch.zeros_like(score), score], dim=1)
 
 
+class InputRecorder(nn.Module):
+    """Wraps a model and keeps a copy of every batch it is given."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.batches: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.batches.append(x.detach().clone())
+        return self.model(x)
+
+
 def true_radius(probs: np.ndarray, sigma: float) -> tuple[int, float]:
     """The exact certified radius of the smoothed classifier from its class probabilities."""
     order = np.argsort(-probs)

@@ -1,23 +1,10 @@
 import numpy as np
 import pytest
 import torch
-from conftest import LinearTwoClass, ThresholdClassifier, true_radius
+from conftest import InputRecorder, LinearTwoClass, ThresholdClassifier, true_radius
 from torch import nn
 
 from smoothcert import ABSTAIN, Smooth
-
-
-class CallRecorder(nn.Module):
-    """Wraps a model and records the batch sizes it is called with."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-        self.batch_sizes: list[int] = []
-
-    def forward(self, x):
-        self.batch_sizes.append(len(x))
-        return self.model(x)
 
 
 def test_linear_classifier_radius_approaches_the_exact_radius_from_below():
@@ -25,7 +12,7 @@ def test_linear_classifier_radius_approaches_the_exact_radius_from_below():
     x = torch.tensor([0.5, 0.1, 0.3, -0.2, 0.9])
     b = -0.05
     exact = float((w @ x + b).abs() / w.norm())  # 0.17
-    smooth = Smooth(LinearTwoClass(w, b), num_classes=2, sigma=0.25)
+    smooth = Smooth(LinearTwoClass(w, b), num_classes=2, sigma=0.25, input_range=(-1.0, 1.0))
     label, radius = smooth.certify(
         x,
         n0=100,
@@ -51,11 +38,12 @@ def test_certify_all_gives_three_certificates_from_the_same_samples(threshold_cl
 
 
 def test_selection_samples_are_not_reused_and_batches_are_bounded(threshold_classifier):
-    recorder = CallRecorder(threshold_classifier)
+    recorder = InputRecorder(threshold_classifier)
     smooth = Smooth(recorder, threshold_classifier.num_classes, sigma=0.5)
     smooth.certify(torch.zeros(2), n0=30, n=1_000, alpha=0.01, batch_size=128)
-    assert sum(recorder.batch_sizes) == 1_030
-    assert max(recorder.batch_sizes) <= 128
+    sizes = [len(batch) for batch in recorder.batches]
+    assert sum(sizes) == 1_030
+    assert max(sizes) <= 128
 
 
 def test_seeded_runs_are_reproducible(threshold_classifier):
@@ -71,7 +59,7 @@ def test_seeded_runs_are_reproducible(threshold_classifier):
 
 
 def test_cohen_signatures(threshold_classifier):
-    smooth = Smooth(threshold_classifier, threshold_classifier.num_classes, sigma=0.5)
+    smooth = Smooth(threshold_classifier, threshold_classifier.num_classes, 0.5, input_range=None)
     x = torch.tensor([2.5, 0.0])  # deep inside class 3
     assert smooth.predict(x, n=200, alpha=0.001, batch_size=100) == 3
     label, radius = smooth.certify(x, 100, 1_000, 0.001, 100)
@@ -119,19 +107,25 @@ def test_monte_carlo_coverage_through_the_smoothed_classifier():
 @pytest.mark.parametrize(
     ("build", "call", "message"),
     [
-        (lambda m: Smooth(m, 4, sigma=0.0), None, "sigma"),
-        (lambda m: Smooth(m, 1, sigma=0.5), None, "num_classes"),
-        (lambda m: Smooth(m, 4, sigma=0.5, amp="fp8"), None, "amp"),
-        (None, lambda s, x: s.certify(x, 10, 100, 1.5, 10), "alpha"),
-        (None, lambda s, x: s.certify(x, 0, 100, 0.01, 10), "n0"),
-        (None, lambda s, x: s.certify(x, 10, 0, 0.01, 10), "n"),
-        (None, lambda s, x: s.predict(x, 100, 0.01, 0), "batch_size"),
-        (None, lambda s, x: s.tcertify(x, 10, 100, 0.01, 10, grid=0), "grid"),
+        (lambda m: Smooth(m, 4, sigma=0.0), None, "^sigma must be a finite number > 0"),
+        (lambda m: Smooth(m, 1, sigma=0.5), None, "^num_classes must be an integer >= 2"),
+        (lambda m: Smooth(m, 4, sigma=0.5, amp="fp8"), None, "^amp must be None or one of"),
+        (lambda m: Smooth(m, 4, 0.5, input_range=(1, 0)), None, "^input_range must be None or"),
+        (lambda m: Smooth(m, 4, 0.5, input_range=3), None, "^input_range must be None or"),
+        (None, lambda s, x: s.certify(x, 10, 100, 1.5, 10), r"^alpha must be a number in \["),
+        (None, lambda s, x: s.certify(x, 10, 100, 1e-101, 10), r"^alpha must be .* got 1e-101"),
+        (None, lambda s, x: s.tcertify(x, 10, 100, 5e-100, 10), r"^alpha / grid .* >= 1e-100"),
+        (None, lambda s, x: s.certify(x, 0, 100, 0.01, 10), "^n0 must be an integer >= 1"),
+        (None, lambda s, x: s.certify(x, 10, 0, 0.01, 10), "^n must be an integer >= 1"),
+        (None, lambda s, x: s.predict(x, 0, 0.01, 10), "^n must be an integer >= 1"),
+        (None, lambda s, x: s.predict(x, 100, 0.01, 0), "^batch_size must be an integer >= 1"),
+        (None, lambda s, x: s.tcertify(x, 10, 100, 0.01, 10, grid=0), "^grid must be an integer"),
         (
             None,
             lambda s, x: s.certify(torch.tensor([float("nan"), 0.0]), 10, 100, 0.01, 10),
-            "finite",
+            "^x must hold only finite values",
         ),
+        (None, lambda s, x: s.certify([0.0, 0.0], 10, 100, 0.01, 10), "^x must be a torch.Tensor"),
     ],
 )
 def test_bad_input_is_rejected_with_the_argument_named(threshold_classifier, build, call, message):
@@ -150,3 +144,179 @@ def test_wrong_number_of_logits_is_reported():
     smooth = Smooth(nn.Linear(4, 3), 10, sigma=0.5)
     with pytest.raises(ValueError, match="num_classes"):
         smooth.predict(torch.zeros(4), 100, 0.01, 10)
+
+
+# --- the base classifier is sampled in eval mode ------------------------------------------------
+
+
+def batchnorm_dropout_model() -> nn.Sequential:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Flatten(), nn.Linear(16, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.5),
+        nn.Linear(16, 3),
+    )
+    with torch.no_grad():  # running statistics that differ from any batch's own
+        model[2].running_mean.uniform_(-1, 1)
+        model[2].running_var.uniform_(0.5, 2)
+    return model
+
+
+def test_train_mode_batchnorm_and_dropout_are_sampled_in_eval_mode():
+    model = batchnorm_dropout_model()
+    model.train()
+    model[4].eval()  # a mixed state, which must come back exactly
+    modes = [m.training for m in model.modules()]
+    statistics = {k: v.clone() for k, v in model.state_dict().items()}
+    smooth = Smooth(model, 3, sigma=0.5)
+    # 16 values: torch then draws the same noise for any batching (it fills blocks of 16).
+    x = torch.linspace(0.2, 0.8, 16)
+    results = [
+        smooth.certify_all(x, 20, 300, 0.01, batch, generator=torch.Generator().manual_seed(3))
+        for batch in (1, 7, 300)
+    ]
+    for result in results[1:]:  # counts do not depend on how the samples are batched
+        assert np.array_equal(result.selection_counts, results[0].selection_counts)
+        assert np.array_equal(result.estimation_counts, results[0].estimation_counts)
+    model.eval()
+    expected = Smooth(model, 3, sigma=0.5).certify_all(
+        x, 20, 300, 0.01, 64, generator=torch.Generator().manual_seed(3)
+    )
+    assert np.array_equal(results[0].estimation_counts, expected.estimation_counts)
+    model.train()
+    model[4].eval()
+    assert [m.training for m in model.modules()] == modes
+    for key, value in model.state_dict().items():  # running statistics untouched
+        assert torch.equal(value, statistics[key]), key
+
+
+def test_modes_are_restored_when_sampling_fails():
+    model = batchnorm_dropout_model()
+    model.train()
+    smooth = Smooth(model, 3, sigma=0.5)
+    with pytest.raises(ValueError, match="rejected an input of shape"):
+        smooth.certify(torch.zeros(5), 10, 100, 0.01, 10)
+    assert all(m.training for m in model.modules())
+    with pytest.raises(ValueError, match="non-finite logits"):
+        smooth.base_classifier[1].bias.data[0] = float("nan")
+        smooth.certify(torch.zeros(16), 10, 100, 0.01, 10)
+    assert all(m.training for m in model.modules())
+
+
+# --- separate streams for selection and estimation ---------------------------------------------
+
+
+@pytest.mark.parametrize("separate", [False, True])
+def test_no_noisy_input_is_used_twice(threshold_classifier, separate):
+    recorder = InputRecorder(threshold_classifier)
+    smooth = Smooth(recorder, threshold_classifier.num_classes, sigma=0.5)
+    streams = {"generator": torch.Generator().manual_seed(5)}
+    if separate:
+        streams["estimation_generator"] = torch.Generator().manual_seed(6)
+    smooth.certify_all(torch.tensor([0.2, 0.7]), 40, 200, 0.01, 32, **streams)
+    rows = torch.cat(recorder.batches)
+    assert len(rows) == 240
+    assert len(torch.unique(rows, dim=0)) == 240
+
+
+def test_the_noise_is_centred_gaussian_with_standard_deviation_sigma(threshold_classifier):
+    recorder = InputRecorder(threshold_classifier)
+    x = torch.linspace(0.1, 0.9, 50)
+    Smooth(recorder, 4, sigma=0.3).certify(x, 10, 2_000, 0.01, 500)
+    noise = torch.cat(recorder.batches) - x
+    assert noise.shape == (2_010, 50)
+    assert abs(float(noise.mean())) < 0.005  # standard error 0.3 / sqrt(100500) ~ 0.001
+    assert float(noise.std()) == pytest.approx(0.3, rel=0.01)
+
+
+def test_estimation_counts_come_from_the_estimation_generator_alone(threshold_classifier):
+    smooth = Smooth(threshold_classifier, threshold_classifier.num_classes, sigma=0.5)
+    x = torch.tensor([0.3, 0.0])
+
+    def run(selection_seed: int, estimation_seed: int):
+        return smooth.certify_all(
+            x, 30, 400, 0.01, 64, generator=torch.Generator().manual_seed(selection_seed),
+            estimation_generator=torch.Generator().manual_seed(estimation_seed),
+        )
+
+    a, b, c = run(1, 2), run(9, 2), run(1, 3)
+    assert np.array_equal(a.estimation_counts, b.estimation_counts)
+    assert not np.array_equal(a.selection_counts, b.selection_counts)
+    assert np.array_equal(a.selection_counts, c.selection_counts)
+    assert not np.array_equal(a.estimation_counts, c.estimation_counts)
+
+
+# --- inputs and models that would give meaningless certificates ---------------------------------
+
+
+class Constant(nn.Module):
+    """Returns `output(batch)`; has one parameter so that it has a device."""
+
+    def __init__(self, output):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1))
+        self.output = output
+
+    def forward(self, x):
+        return self.output(len(x))
+
+
+@pytest.mark.parametrize(
+    ("x", "message"),
+    [
+        (torch.full((1, 4, 4), 200, dtype=torch.uint8), r"^x must be a floating-point .*uint8"),
+        (torch.ones(3, dtype=torch.int64), r"^x must be a floating-point .*int64"),
+        (torch.tensor([0.5, 1.2]), r"^x must lie in \[0, 1\], got values in \[0.5, 1.2\]"),
+        (torch.tensor([-0.1, 0.5]), r"^x must lie in \[0, 1\]"),
+    ],
+)
+def test_inputs_outside_the_noise_calibration_are_refused(threshold_classifier, x, message):
+    smooth = Smooth(threshold_classifier, threshold_classifier.num_classes, sigma=0.5)
+    with pytest.raises(ValueError, match=message):
+        smooth.certify(x, 10, 100, 0.01, 10)
+
+
+def test_input_range_opt_out(threshold_classifier):
+    x = torch.tensor([2.5, -3.0])
+    for input_range in ((-4.0, 4.0), None):
+        smooth = Smooth(threshold_classifier, 4, sigma=0.5, input_range=input_range)
+        assert smooth.certify(x, 100, 1_000, 0.001, 100)[0] == 3
+    with pytest.raises(ValueError, match=r"x must lie in \[-1, 1\]"):
+        Smooth(threshold_classifier, 4, 0.5, input_range=(-1, 1)).certify(x, 10, 100, 0.01, 10)
+
+
+@pytest.mark.parametrize(
+    ("output", "message"),
+    [
+        (lambda b: torch.full((b, 3), float("nan")), "non-finite logits"),
+        (lambda b: torch.tensor([[0.0, float("inf"), 0.0]]).repeat(b, 1), "non-finite logits"),
+        (lambda b: (torch.zeros(b, 3), torch.zeros(b, 5)), "must return a logits tensor.*tuple"),
+        (lambda b: {"logits": torch.zeros(b, 3)}, "must return a logits tensor.*dict"),
+        (lambda b: torch.zeros(b, 3, dtype=torch.complex64), "real-valued logits.*complex64"),
+        (lambda b: torch.zeros(b, 3, dtype=torch.bool), "real-valued logits.*bool"),
+    ],
+)
+def test_outputs_that_cannot_be_counted_are_refused(output, message):
+    smooth = Smooth(Constant(output), 3, sigma=0.5)
+    with pytest.raises(ValueError, match=message):
+        smooth.certify(torch.zeros(2), 10, 100, 0.01, 10)
+
+
+def test_non_finite_logits_after_the_first_batch_are_refused():
+    calls = []
+
+    def output(b):
+        calls.append(b)
+        logits = torch.zeros(b, 3)
+        logits[:, 0] = 1.0 if len(calls) < 5 else float("nan")
+        return logits
+
+    smooth = Smooth(Constant(output), 3, sigma=0.5)
+    with pytest.raises(ValueError, match="non-finite logits"):
+        smooth.predict(torch.zeros(2), 100, 0.01, 10)
+
+
+def test_a_model_on_the_meta_device_is_refused():
+    with torch.device("meta"):
+        model = nn.Linear(2, 3)
+    with pytest.raises(ValueError, match="^base_classifier is on the meta device"):
+        Smooth(model, 3, sigma=0.5).certify(torch.zeros(2), 10, 100, 0.01, 10)

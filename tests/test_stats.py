@@ -1,12 +1,17 @@
+from fractions import Fraction
+from math import comb
+
+import mpmath
 import numpy as np
 import pytest
 from conftest import true_radius
 from scipy.optimize import brentq
-from scipy.stats import beta, binom, binomtest, norm
+from scipy.stats import beta, binom, norm
 
 from smoothcert import stats
 from smoothcert.stats import (
     ABSTAIN,
+    ALPHA_FLOOR,
     certify_from_counts,
     clopper_pearson_lower,
     clopper_pearson_upper,
@@ -14,9 +19,27 @@ from smoothcert.stats import (
     predict_from_counts,
 )
 
+# scipy.stats' tails (the reference here) and scipy.special's (used by stats) agree to ~1e-12
+# relative at n = 10^7; exact checks at small n use mpmath with no slack at all.
+REFERENCE_SLACK = 1 + 1e-9
+
 
 def union_tail(p, counts, n):
     return binom.cdf(np.asarray(counts), n, p).sum()
+
+
+def exact_tail_at_least(k: int, n: int, p: float) -> mpmath.mpf:
+    """P(Bin(n, p) >= k) in 50-digit arithmetic, p taken exactly as the given double."""
+    with mpmath.workdps(50):
+        p = mpmath.mpf(p)
+        return mpmath.fsum(comb(n, j) * p**j * (1 - p) ** (n - j) for j in range(k, n + 1))
+
+
+def exact_tail_at_most(k: int, n: int, p: float) -> mpmath.mpf:
+    """P(Bin(n, p) <= k) in 50-digit arithmetic."""
+    with mpmath.workdps(50):
+        p = mpmath.mpf(p)
+        return mpmath.fsum(comb(n, j) * p**j * (1 - p) ** (n - j) for j in range(0, k + 1))
 
 
 # --- Clopper-Pearson -------------------------------------------------------------------------
@@ -51,8 +74,21 @@ def test_clopper_pearson_is_conservative_after_rounding():
     alpha = 10 ** rng.uniform(-6, -1, size=300)
     low = clopper_pearson_lower(k, n, alpha)
     up = clopper_pearson_upper(k, n, alpha)
-    assert np.all(binom.sf(k - 1, n, low) <= alpha)
-    assert np.all(binom.cdf(k, n, up) <= alpha)
+    assert np.all(binom.sf(k - 1, n, low) <= alpha * REFERENCE_SLACK)
+    assert np.all(binom.cdf(k, n, up) <= alpha * REFERENCE_SLACK)
+
+
+@pytest.mark.parametrize("alpha", [ALPHA_FLOOR, 1e-40, 1e-3, 0.2])
+def test_clopper_pearson_is_exact_against_50_digit_tails(alpha):
+    """Valid (the exact tail at the bound is <= alpha) and tight (not so 1e-9 further on)."""
+    for n in (30, 60, 500):
+        for k in sorted({1, 2, 5, n // 3, n // 2, n - 1, n}):
+            low = clopper_pearson_lower(k, n, alpha)
+            assert exact_tail_at_least(k, n, low) <= alpha, (n, k)
+            assert exact_tail_at_least(k, n, low * (1 + 1e-9)) > alpha, (n, k)
+            up = clopper_pearson_upper(n - k, n, alpha)
+            assert exact_tail_at_most(n - k, n, up) <= alpha, (n, k)
+            assert exact_tail_at_most(n - k, n, up * (1 - 1e-9)) > alpha, (n, k)
 
 
 def test_clopper_pearson_vectorises_over_alpha():
@@ -81,7 +117,7 @@ def test_pb_upper_bound_is_the_root_of_the_union_tail(num_classes):
 
         root = brentq(excess, 1e-15, 1 - 1e-15, xtol=1e-300, rtol=1e-15)
         assert bound == pytest.approx(root, rel=1e-9)
-        assert union_tail(bound, others, n) <= alpha  # a valid bound ...
+        assert union_tail(bound, others, n) <= alpha * REFERENCE_SLACK  # a valid bound ...
         assert union_tail(bound * (1 - 1e-9), others, n) > alpha  # ... and a tight one
 
 
@@ -128,6 +164,16 @@ def test_pb_upper_bound_vectorises_over_alpha():
 
 def test_pb_upper_bound_top_count_equal_to_n_is_one():
     assert pb_upper_bound([100, 0], 100, 0.01) == 1.0
+
+
+@pytest.mark.parametrize("alpha", [ALPHA_FLOOR, 1e-3, 0.15])
+def test_pb_upper_bound_is_exact_against_50_digit_tails(alpha):
+    for others, n in (([7, 3], 40), ([0, 0, 0], 30), ([12, 5, 1, 0], 60), ([250, 30], 500)):
+        bound = pb_upper_bound(others, n, alpha)
+        tails = [exact_tail_at_most(c, n, bound) for c in others]
+        assert mpmath.fsum(tails) <= alpha, others
+        tails = [exact_tail_at_most(c, n, bound * (1 - 1e-9)) for c in others]
+        assert mpmath.fsum(tails) > alpha, others
 
 
 # --- certificates ----------------------------------------------------------------------------
@@ -184,6 +230,48 @@ def test_tcertify_reports_the_winning_alpha_prime():
     assert cert.radius == pytest.approx(expected)
 
 
+def test_strict_alpha_prime_never_depends_on_the_estimation_counts():
+    rng = np.random.default_rng(7)
+    selection = np.array([70, 25, 5])
+    chosen = set()
+    for _ in range(40):
+        estimation = rng.multinomial(2_000, rng.dirichlet(np.ones(3)))
+        chosen.add(certify_from_counts(selection, estimation, 0.5, 0.01, "tcertify-strict")
+                   .alpha_prime)
+    assert len(chosen) == 1
+    # ... and it is the one the plug-in counts make T-CERTIFY pick (here not alpha itself).
+    plug_in = certify_from_counts(selection, np.array([1400, 500, 100]), 0.5, 0.01, "tcertify")
+    assert chosen == {plug_in.alpha_prime} and plug_in.alpha_prime < 0.01
+
+
+@pytest.mark.parametrize("method", stats.METHODS)
+def test_every_certificate_spends_at_most_alpha(method):
+    """pA's tail at level alpha' plus the union tail of pB at alpha - alpha' is <= alpha."""
+    rng = np.random.default_rng(8)
+    alpha = 0.01
+    for num_classes in (2, 3, 10):
+        for _ in range(25):
+            n = int(rng.integers(50, 5_000))
+            estimation = random_counts(rng, num_classes, n)
+            selection = rng.multinomial(50, (estimation + 1) / (estimation + 1).sum())
+            cert = certify_from_counts(selection, estimation, 0.5, alpha, method)
+            label = int(np.argmax(selection))
+            k = int(estimation[label])
+            assert cert.alpha_prime <= alpha
+            if k > 0:
+                assert binom.sf(k - 1, n, cert.pa_lower) <= cert.alpha_prime * REFERENCE_SLACK
+            spent = cert.alpha_prime
+            if cert.pb_upper < 1 - cert.pa_lower:  # the union bound was used: it spends the rest
+                spent += union_tail(cert.pb_upper, np.delete(estimation, label), n)
+            assert spent <= alpha * REFERENCE_SLACK, (cert, spent)
+
+
+def test_the_grid_ends_at_alpha_exactly():
+    for alpha in (0.001, 0.05, 0.3, 1e-7):
+        for grid in (1, 3, 7, 10):
+            assert stats.alpha_grid(alpha, grid)[-1] == alpha
+
+
 def test_strict_mode_evaluates_one_alpha_prime_chosen_from_selection_counts():
     estimation = np.array([9_000, 30, 0, 0, 0, 0, 0, 0, 0, 970])
     selection = np.array([95, 0, 0, 0, 0, 0, 0, 0, 0, 5])
@@ -217,6 +305,10 @@ def test_selection_picks_the_label_even_when_estimation_disagrees():
         ({"sigma": -1.0}, "sigma"),
         ({"alpha": 0.0}, "alpha"),
         ({"alpha": 1.0}, "alpha"),
+        ({"alpha": float("nan")}, "alpha"),
+        ({"alpha": 1e-101}, r"alpha must be a number in \[1e-100, 1\), got 1e-101"),
+        ({"alpha": 5e-100, "method": "tcertify"}, r"alpha / grid .* >= 1e-100"),
+        ({"alpha": 5e-100, "method": "tcertify-strict"}, r"alpha / grid .* >= 1e-100"),
         ({"grid": 0}, "grid"),
         ({"method": "fast"}, "method"),
         ({"selection_counts": [1]}, "selection_counts"),
@@ -235,9 +327,13 @@ def test_certify_from_counts_rejects_bad_input(kwargs, message):
 # --- PREDICT -----------------------------------------------------------------------------------
 
 
-def test_binomial_test_matches_scipy():
-    for k, n in [(10, 12), (60, 100), (3, 3), (500, 1000)]:
-        assert stats.binomial_test_pvalue(k, n) == pytest.approx(binomtest(k, n, 0.5).pvalue)
+def test_binomial_test_pvalue_is_the_exact_two_sided_tail():
+    # Against p = 1/2 the two-sided p-value is 2 P(X >= max(k, n - k)), capped at 1.
+    for k, n in [(10, 12), (2, 12), (60, 100), (3, 3), (0, 7), (500, 1000), (530, 1000)]:
+        extreme = max(k, n - k)
+        tail = Fraction(sum(comb(n, j) for j in range(extreme, n + 1)), 2**n)
+        expected = min(Fraction(1), 2 * tail)
+        assert stats.binomial_test_pvalue(k, n) == pytest.approx(float(expected), rel=1e-9)
 
 
 def test_predict_from_counts():
@@ -245,6 +341,22 @@ def test_predict_from_counts():
     assert predict_from_counts([45, 55, 0], 0.05) == ABSTAIN
     with pytest.raises(ValueError, match="alpha"):
         predict_from_counts([1, 2], 2.0)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda a: stats.check_alpha(a),
+        lambda a: predict_from_counts([1, 2], a),
+        lambda a: clopper_pearson_lower(3, 10, a),
+        lambda a: clopper_pearson_upper(3, 10, [0.01, a]),
+        lambda a: pb_upper_bound([3, 1], 10, a),
+    ],
+)
+def test_alpha_below_the_floor_is_refused(call):
+    call(ALPHA_FLOOR)  # the floor itself is fine
+    with pytest.raises(ValueError, match="1e-100"):
+        call(ALPHA_FLOOR / 10)
 
 
 # --- Monte-Carlo coverage with known class probabilities ---------------------------------------
@@ -264,6 +376,7 @@ def coverage_failures(probs, sigma, alpha, n0, n, runs, rng):
     return failures
 
 
+@pytest.mark.slow  # the exact enumeration of test_coverage_exact.py covers this at small n
 @pytest.mark.parametrize(
     "probs",
     [

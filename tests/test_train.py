@@ -17,6 +17,7 @@ import torch
 
 import smoothcert
 from smoothcert import io as sc_io
+from smoothcert import rng
 from smoothcert.distributed import BatchTooLargeError
 from smoothcert.models import build_model
 from smoothcert.presets import TrainConfig, eps_at, lr_factor, resolve_config
@@ -25,7 +26,6 @@ from smoothcert.train import (
     LOG,
     Trainer,
     draw_noise,
-    epoch_seed,
     train,
     train_loader,
 )
@@ -111,11 +111,13 @@ def assert_same_runs(a: Path, b: Path) -> None:
     ],
 )
 def test_a_few_epochs_lower_the_loss(tmp_path, method, extra):
-    # 3 epochs of 4 steps; eps_warmup 0 so the attack is equally strong in every epoch.
-    cfg = tiny(tmp_path / method, method=method, epochs=3, eps_warmup=0, train_subset=256, **extra)
+    # 3 epochs of 4 steps; eps_warmup 0 so the attack is equally strong in every epoch. At lr
+    # 0.05 some seeds diverge in 12 steps (seed 0 for three methods); at 0.02 seeds 0-5 drop
+    # the loss and l_per by 0.25 to 0.62 (seed 0: 0.40 to 0.62).
+    cfg = tiny(tmp_path / method, method=method, epochs=3, eps_warmup=0, train_subset=256,
+               lr=0.02, **extra)
     train(cfg, progress=False)
     first, _, last = read_log(tmp_path / method)
-    # Seeded runs drop the mean loss by 0.57 to 0.9 over these 3 epochs; 0.3 leaves a margin.
     assert last["loss"] < first["loss"] - 0.3
     assert last["l_per"] < first["l_per"] - 0.3
     assert last["train_acc"] > first["train_acc"]
@@ -524,7 +526,7 @@ def test_label_smoothing_reaches_the_trained_loss(tmp_path):
     with Trainer(cfg, progress=False) as trainer:
         # The first step's batch and noise, drawn as train_epoch draws them, on the initial model.
         x, y = next(iter(train_loader(trainer.train_set, cfg, trainer.ctx, 0)))
-        noise = draw_noise(cfg, trainer.ctx, x, torch.Generator().manual_seed(epoch_seed(cfg, 0)))
+        noise = draw_noise(cfg, trainer.ctx, x, rng.generator(cfg.seed, "training-noise", 0))
         with torch.no_grad():
             log_p = trainer.model((x[:, None] + noise).flatten(0, 1)).log_softmax(-1)
         nll = -log_p.gather(1, y.repeat_interleave(cfg.k)[:, None]).mean()

@@ -19,6 +19,6 @@ done
 for run in "$OUT"/*/; do
   name=$(basename "$run")
   $RUN certify "$run/checkpoint.pt" --data-dir "$DATA" --split val --skip 100 --n0 100 \
-      --n 100000 --alpha 0.001 --batch 400 --method both --seed 0 $AMP --out "$OUT/$name.tsv"
+      --N 100000 --alpha 0.001 --batch 400 --method both --seed 0 $AMP --out "$OUT/$name.tsv"
 done
 smoothcert analyze "$OUT"/*.tsv --plot "$OUT/table1.png" | tee "$OUT/table1.md"

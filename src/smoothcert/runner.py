@@ -27,7 +27,8 @@ from .checkpoints import load_for_run
 from .data import dataset_info, get_dataset
 from .distributed import DistContext, init_distributed
 from .io import output_lock
-from .smooth import Smooth, derived_seed
+from .rng import generator
+from .smooth import Smooth
 from .stats import ABSTAIN, check_alpha, check_positive_int
 
 log = logging.getLogger(__name__)
@@ -301,14 +302,17 @@ class Runner:
         cfg = self.cfg
         x, label = self.dataset[idx]
         label = int(label)
-        generator = torch.Generator(device=self.ctx.device).manual_seed(derived_seed(cfg.seed, idx))
+        streams = {purpose: generator(cfg.seed, purpose, idx, self.ctx.device)
+                   for purpose in ("selection", "estimation", "prediction")}
         started = time.time()
         if cfg.mode == "predict":
-            prediction = self.smooth.predict(x, cfg.n, cfg.alpha, cfg.batch, generator=generator)
+            prediction = self.smooth.predict(x, cfg.n, cfg.alpha, cfg.batch,
+                                             generator=streams["prediction"])
             return results.predict_row(idx, label, prediction, time.time() - started,
                                        self.run_id), prediction == label
         result = self.smooth.certify_all(x, cfg.n0, cfg.n, cfg.alpha, cfg.batch, cfg.grid,
-                                         generator=generator)
+                                         generator=streams["selection"],
+                                         estimation_generator=streams["estimation"])
         certificates = {"certify": result.certify, "tcertify": result.tcertify,
                         "tcertify-strict": result.strict}
         row = results.certify_row(idx, label, time.time() - started, certificates,

@@ -1,7 +1,8 @@
 """The smoothed classifier g(x) = argmax_c P(f(x + delta) = c), delta ~ N(0, sigma^2 I).
 
 Method names and signatures follow Cohen et al.'s `core.Smooth`, so code written against it
-runs unchanged; `tcertify` and `certify_all` add the paper's T-CERTIFY.
+runs unchanged; `tcertify` and `certify_all` add the paper's T-CERTIFY. Like Cohen's, the base
+classifier is sampled in eval mode (each module's own mode is given back afterwards).
 """
 
 from __future__ import annotations
@@ -17,11 +18,6 @@ from . import stats
 from .stats import ABSTAIN, Certificate
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def derived_seed(seed: int, index: int) -> int:
-    """The seed of the index-th stream (an epoch, an example) of a run seeded with `seed`."""
-    return seed * 1_000_003 + index
 
 
 def autocast(device: torch.device, amp: str | None):
@@ -42,6 +38,34 @@ class CertifyAllResult:
     estimation_counts: np.ndarray
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Run the block with every submodule of `model` in eval mode, then restore each one's mode.
+
+    Train-mode BatchNorm would make each noisy sample depend on the rest of its batch (and
+    overwrite the running statistics); dropout would sample a different network per input.
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _check_input_range(input_range) -> tuple[float, float]:
+    try:
+        low, high = (float(value) for value in input_range)
+    except (TypeError, ValueError):
+        low = high = float("nan")
+    if not (np.isfinite(low) and np.isfinite(high) and low < high):
+        raise ValueError(
+            f"input_range must be None or finite (low, high) with low < high, got {input_range!r}"
+        )
+    return low, high
+
+
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter or buffer (CPU for a model with neither)."""
     for tensor in (*model.parameters(), *model.buffers()):
@@ -50,7 +74,13 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 class Smooth:
-    """Smoothed classifier over `base_classifier` (any nn.Module mapping [B, *shape] to logits)."""
+    """Smoothed classifier over `base_classifier` (any nn.Module mapping [B, *shape] to logits).
+
+    The noise is calibrated to inputs in `input_range` ([0, 1] pixels by default); inputs
+    outside it are refused. Give the range a base classifier really takes, or None to accept
+    any finite input. Sampling runs the base classifier in eval mode and then gives every
+    submodule its previous mode back, even when sampling fails.
+    """
 
     ABSTAIN = ABSTAIN
 
@@ -60,6 +90,7 @@ class Smooth:
         num_classes: int,
         sigma: float,
         amp: str | None = None,
+        input_range: tuple[float, float] | None = (0.0, 1.0),
     ):
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
@@ -69,6 +100,7 @@ class Smooth:
         self.num_classes = num_classes
         self.sigma = stats.check_sigma(sigma)
         self.amp = amp
+        self.input_range = None if input_range is None else _check_input_range(input_range)
 
     def predict(
         self,
@@ -91,9 +123,15 @@ class Smooth:
         alpha: float,
         batch_size: int,
         generator: torch.Generator | None = None,
+        estimation_generator: torch.Generator | None = None,
     ) -> tuple[int, float]:
-        """Cohen's CERTIFY: (label, radius), or (ABSTAIN, 0.0)."""
-        cert = self._certify(x, n0, n, alpha, batch_size, generator, "certify", grid=1)
+        """Cohen's CERTIFY: (label, radius), or (ABSTAIN, 0.0).
+
+        The n0 selection samples are drawn from `generator`, the n estimation samples from
+        `estimation_generator` (from where `generator` left off when it is None).
+        """
+        cert = self._certify(x, n0, n, alpha, batch_size, (generator, estimation_generator),
+                             "certify", grid=1)
         return cert.label, cert.radius
 
     def tcertify(
@@ -106,10 +144,12 @@ class Smooth:
         grid: int = 10,
         strict: bool = False,
         generator: torch.Generator | None = None,
+        estimation_generator: torch.Generator | None = None,
     ) -> tuple[int, float]:
         """The paper's T-CERTIFY (strict=True: alpha' chosen from the selection samples only)."""
         method = "tcertify-strict" if strict else "tcertify"
-        cert = self._certify(x, n0, n, alpha, batch_size, generator, method, grid)
+        cert = self._certify(x, n0, n, alpha, batch_size, (generator, estimation_generator),
+                             method, grid)
         return cert.label, cert.radius
 
     def certify_all(
@@ -121,10 +161,11 @@ class Smooth:
         batch_size: int,
         grid: int = 10,
         generator: torch.Generator | None = None,
+        estimation_generator: torch.Generator | None = None,
     ) -> CertifyAllResult:
         """CERTIFY and T-CERTIFY (paper and strict) on the same selection and estimation samples."""
         selection, estimation = self._selection_and_estimation(
-            x, n0, n, alpha, batch_size, grid, generator
+            x, n0, n, alpha, batch_size, grid, (generator, estimation_generator)
         )
         certs = {
             method: stats.certify_from_counts(
@@ -140,17 +181,21 @@ class Smooth:
             estimation_counts=estimation,
         )
 
-    def _certify(self, x, n0, n, alpha, batch_size, generator, method, grid) -> Certificate:
+    def _certify(self, x, n0, n, alpha, batch_size, generators, method, grid) -> Certificate:
         selection, estimation = self._selection_and_estimation(
-            x, n0, n, alpha, batch_size, grid, generator
+            x, n0, n, alpha, batch_size, grid, generators
         )
         return stats.certify_from_counts(selection, estimation, self.sigma, alpha, method, grid)
 
-    def _selection_and_estimation(self, x, n0, n, alpha, batch_size, grid, generator):
-        stats.check_alpha(alpha)
-        stats.check_positive_int(grid, "grid")
-        selection = self._sample_noise(x, n0, batch_size, generator, name="n0")
-        estimation = self._sample_noise(x, n, batch_size, generator, name="n")
+    def _selection_and_estimation(self, x, n0, n, alpha, batch_size, grid, generators):
+        stats.check_alpha_grid(alpha, grid)
+        selection_generator, estimation_generator = generators
+        selection = self._sample_noise(x, n0, batch_size, selection_generator, name="n0")
+        estimation = self._sample_noise(
+            x, n, batch_size,
+            selection_generator if estimation_generator is None else estimation_generator,
+            name="n",
+        )
         return selection, estimation
 
     def _sample_noise(
@@ -164,17 +209,12 @@ class Smooth:
         """Counts of the base classifier's predictions on `num` noisy copies of x."""
         num = stats.check_positive_int(num, name)
         batch_size = stats.check_positive_int(batch_size, "batch_size")
-        if not isinstance(x, torch.Tensor):
-            raise ValueError(
-                f"x must be a torch.Tensor (one example, no batch axis), got {type(x)}"
-            )
         device = model_device(self.base_classifier)
-        x = x.to(device=device, dtype=torch.float32)
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError("x must hold only finite values (found NaN or inf)")
+        x = self._checked_input(x, device)
         counts = torch.zeros(self.num_classes, dtype=torch.long, device=device)
+        finite = torch.ones((), dtype=torch.bool, device=device)
         first = True
-        with torch.inference_mode(), autocast(device, self.amp):
+        with torch.inference_mode(), autocast(device, self.amp), eval_mode(self.base_classifier):
             buffer = self._noise_buffer(x, min(batch_size, num), device)
             remaining = num
             while remaining > 0:
@@ -183,9 +223,45 @@ class Smooth:
                 batch = buffer[:size].normal_(0.0, self.sigma, generator=generator).add_(x)
                 logits = self._forward(batch, x.shape) if first else self.base_classifier(batch)
                 first = False
+                finite &= torch.isfinite(logits).all()  # checked once at the end: no sync
                 counts += torch.bincount(logits.argmax(dim=1), minlength=self.num_classes)
                 remaining -= size
+        if not bool(finite):
+            raise ValueError(
+                "the base classifier returned non-finite logits (NaN or inf) for noisy copies "
+                "of x: its predictions, and so any certificate, would be meaningless"
+            )
         return counts.cpu().numpy()
+
+    def _checked_input(self, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """x as float32 on `device`, after the checks that keep the noise level meaningful."""
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(
+                f"x must be a torch.Tensor (one example, no batch axis), got {type(x)}"
+            )
+        if device.type == "meta":
+            raise ValueError(
+                "base_classifier is on the meta device (it has no weights): load its weights "
+                "(e.g. to_empty() then load_state_dict()) before certifying"
+            )
+        if not x.is_floating_point():
+            raise ValueError(
+                f"x must be a floating-point tensor in the range the noise is calibrated to, "
+                f"got dtype {x.dtype} (an integer 0..255 image needs x.float() / 255)"
+            )
+        x = x.to(device=device, dtype=torch.float32)
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("x must hold only finite values (found NaN or inf)")
+        if self.input_range is not None:
+            low, high = self.input_range
+            x_min, x_max = float(x.min()), float(x.max())
+            if x_min < low or x_max > high:
+                raise ValueError(
+                    f"x must lie in [{low:g}, {high:g}], got values in [{x_min:g}, {x_max:g}]: "
+                    "sigma is relative to that range. For a base classifier taking another "
+                    "range pass Smooth(..., input_range=(low, high)), or input_range=None"
+                )
+        return x
 
     @staticmethod
     def _noise_buffer(x: torch.Tensor, size: int, device: torch.device) -> torch.Tensor:
@@ -202,6 +278,15 @@ class Smooth:
                 f"x: the base classifier rejected an input of shape {tuple(shape)} "
                 f"(batched as {tuple(batch.shape)}): {err}"
             ) from err
+        if not isinstance(logits, torch.Tensor):
+            raise ValueError(
+                f"base_classifier must return a logits tensor [batch, num_classes], got "
+                f"{type(logits).__name__}: wrap it in a module that returns the logits only"
+            )
+        if logits.dtype == torch.bool or logits.is_complex():
+            raise ValueError(
+                f"base_classifier must return real-valued logits, got dtype {logits.dtype}"
+            )
         if logits.dim() != 2 or logits.shape[1] != self.num_classes:
             raise ValueError(
                 f"num_classes: the base classifier returned logits of shape {tuple(logits.shape)},"

@@ -2,21 +2,28 @@
 
 Samples -> counts -> bounds -> certificate. Every bound here is rounded conservatively: a
 lower bound is never above, and an upper bound never below, the exact Clopper-Pearson value
-because of floating-point error (each is checked against the binomial tail it inverts).
+because of floating-point error: each is checked against the binomial tail it inverts, with
+a relative margin (_MARGIN) far above the tails' own rounding error (~3e-15 against 50-digit
+arithmetic). Levels below ALPHA_FLOOR are refused: double-precision tails underflow near
+1e-265, and the check would be blind. docs/statistics.md states what each method guarantees.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from scipy.stats import beta, binom, binomtest, norm
+from scipy import special
+from scipy.stats import binomtest
 
 ABSTAIN = -1
 METHODS = ("certify", "tcertify", "tcertify-strict")
 Method = Literal["certify", "tcertify", "tcertify-strict"]
-_BISECTION_STEPS = 64
+ALPHA_FLOOR = 1e-100
+_MARGIN = 1 - 1e-12  # a bound is accepted where its computed tail is <= alpha * _MARGIN
+_ROOT_STEPS = 200  # a safety cap: the root finder needs about 10 steps
+_ROOT_TOLERANCE = 1e-11  # relative width of the final bracket of the pB root (its tightness)
 
 
 @dataclass(frozen=True)
@@ -29,14 +36,26 @@ class Certificate:
     pb_upper: float
     alpha_prime: float
 
-    def as_dict(self) -> dict:
-        return asdict(self)
-
 
 def check_alpha(alpha: float, name: str = "alpha") -> float:
-    if not (isinstance(alpha, (int, float, np.floating)) and 0.0 < float(alpha) < 1.0):
-        raise ValueError(f"{name} must be a number in (0, 1), got {alpha!r}")
+    """`alpha` as a float; ValueError unless ALPHA_FLOOR <= alpha < 1."""
+    if not (isinstance(alpha, (int, float, np.floating)) and ALPHA_FLOOR <= alpha < 1.0):
+        raise ValueError(
+            f"{name} must be a number in [{ALPHA_FLOOR:g}, 1), got {alpha!r} (below "
+            f"{ALPHA_FLOOR:g} double-precision binomial tails cannot be trusted)"
+        )
     return float(alpha)
+
+
+def check_alpha_grid(alpha: float, grid: int) -> int:
+    """`grid` as an int; ValueError unless every alpha' = alpha j / grid is >= ALPHA_FLOOR."""
+    alpha, grid = check_alpha(alpha), check_positive_int(grid, "grid")
+    if alpha / grid < ALPHA_FLOOR:
+        raise ValueError(
+            f"alpha / grid (the smallest alpha' of the T-CERTIFY grid) must be >= "
+            f"{ALPHA_FLOOR:g}, got {alpha!r} / {grid}"
+        )
+    return grid
 
 
 def check_sigma(sigma: float) -> float:
@@ -65,13 +84,20 @@ def _check_counts(counts: np.ndarray | list, name: str) -> np.ndarray:
     return arr.astype(np.int64)
 
 
+def _check_levels(alpha) -> np.ndarray:
+    levels = np.atleast_1d(np.asarray(alpha, dtype=np.float64))
+    if np.any(~((levels >= ALPHA_FLOOR) & (levels < 1))):
+        raise ValueError(f"alpha must be in [{ALPHA_FLOOR:g}, 1), got {alpha!r}")
+    return levels
+
+
 def _nudge_until_valid(p: np.ndarray, violates, direction: float) -> np.ndarray:
     """Move `p` by growing relative steps (down for direction -1, up for +1) until valid."""
     p = p.copy()
     step = 1e-15
     bad = violates(p)
     while np.any(bad):
-        p[bad] = np.clip(p[bad] * (1.0 + direction * step), 0.0, 1.0)
+        p[bad] = np.clip(p[bad] + direction * step * np.maximum(p[bad], 1e-300), 0.0, 1.0)
         step *= 4.0
         bad = violates(p)
     return p
@@ -79,35 +105,51 @@ def _nudge_until_valid(p: np.ndarray, violates, direction: float) -> np.ndarray:
 
 def _broadcast(k, n, alpha) -> tuple[bool, np.ndarray, np.ndarray, np.ndarray]:
     scalar = all(np.ndim(v) == 0 for v in (k, n, alpha))
+    _check_levels(alpha)
     k, n, alpha = (np.atleast_1d(v).astype(np.float64) for v in np.broadcast_arrays(k, n, alpha))
     return scalar, k, n, alpha
+
+
+def _tail_at_least(k, n, p):
+    """P(Bin(n, p) >= k) for 1 <= k <= n (the regularised incomplete beta function)."""
+    return special.betainc(k, n - k + 1, p)
+
+
+def _tail_at_most(k, n, p):
+    """P(Bin(n, p) <= k) for 0 <= k < n."""
+    return special.betaincc(k + 1, n - k, p)
+
+
+def _cp_lower(k: np.ndarray, n: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    inside = k > 0
+    p = np.zeros_like(k)
+    p[inside] = special.betaincinv(k[inside], n[inside] - k[inside] + 1, alpha[inside])
+    # P(Bin(n, p) >= k) must not exceed alpha at the bound; enforce it against rounding.
+    level = alpha * _MARGIN
+    return _nudge_until_valid(p, lambda q: inside & (_tail_at_least(k, n, q) > level), -1.0)
+
+
+def _cp_upper(k: np.ndarray, n: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    inside = k < n
+    p = np.ones_like(k)
+    p[inside] = special.betainccinv(k[inside] + 1, n[inside] - k[inside], alpha[inside])
+    # P(Bin(n, p) <= k) must not exceed alpha at the bound.
+    level = alpha * _MARGIN
+    return _nudge_until_valid(p, lambda q: inside & (_tail_at_most(k, n, q) > level), +1.0)
 
 
 def clopper_pearson_lower(k, n, alpha) -> np.ndarray | float:
     """One-sided level-`alpha` lower confidence bound on p from k successes in n trials."""
     scalar, k, n, alpha = _broadcast(k, n, alpha)
-    inside = k > 0
-    p = np.zeros_like(k)
-    p[inside] = beta.ppf(alpha[inside], k[inside], n[inside] - k[inside] + 1)
-    # P(Bin(n, p) >= k) must not exceed alpha at the bound; enforce it against rounding.
-    p = _nudge_until_valid(p, lambda q: inside & (binom.sf(k - 1, n, q) > alpha), -1.0)
+    p = _cp_lower(k, n, alpha)
     return float(p[0]) if scalar else p
 
 
 def clopper_pearson_upper(k, n, alpha) -> np.ndarray | float:
     """One-sided level-`alpha` upper confidence bound on p from k successes in n trials."""
     scalar, k, n, alpha = _broadcast(k, n, alpha)
-    inside = k < n
-    p = np.ones_like(k)
-    p[inside] = beta.isf(alpha[inside], k[inside] + 1, n[inside] - k[inside])
-    # P(Bin(n, p) <= k) must not exceed alpha at the bound.
-    p = _nudge_until_valid(p, lambda q: inside & (binom.cdf(k, n, q) > alpha), +1.0)
+    p = _cp_upper(k, n, alpha)
     return float(p[0]) if scalar else p
-
-
-def _union_tail(p: np.ndarray, values: np.ndarray, weights: np.ndarray, n: int) -> np.ndarray:
-    """Sum over classes of P(Bin(n, p) <= N_c), classes grouped by equal count."""
-    return (binom.cdf(values[None, :], n, p[:, None]) * weights[None, :]).sum(axis=1)
 
 
 def pb_upper_bound(other_counts, n: int, alpha) -> np.ndarray | float:
@@ -115,42 +157,58 @@ def pb_upper_bound(other_counts, n: int, alpha) -> np.ndarray | float:
 
     `other_counts` holds the counts of all num_classes - 1 classes other than the top one,
     zeros included. `alpha` may be an array (one bound per level, e.g. a grid of alpha - alpha').
-    The root is bracketed by the single-class Clopper-Pearson bounds at levels alpha and
-    alpha / (num_classes - 1), then bisected on the log scale; the upper end of the bracket,
-    where the tail sum is verified to be <= alpha, is returned.
     """
     counts = np.asarray(other_counts, dtype=np.int64)
     if counts.ndim != 1 or counts.size < 1:
         raise ValueError("other_counts must be a 1-D array of the num_classes - 1 other counts")
-    alphas = np.atleast_1d(np.asarray(alpha, dtype=np.float64))
-    if np.any(~((alphas > 0) & (alphas < 1))):
-        raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
-    values, weights = np.unique(counts, return_counts=True)
-    top = values.max()
-    if top >= n:
-        result = np.ones_like(alphas)
-    else:
-        lo = clopper_pearson_upper(top, n, alphas)
-        hi = clopper_pearson_upper(top, n, alphas / counts.size)
-        lo, hi = np.atleast_1d(lo).astype(np.float64), np.atleast_1d(hi).astype(np.float64)
-        # hi must satisfy the tail condition; rounding in the beta quantile may leave it short.
-        step = 1e-15
-        short = _union_tail(hi, values, weights, n) > alphas
-        while np.any(short):
-            hi[short] = np.minimum(hi[short] * (1.0 + step), 1.0)
-            step *= 4.0
-            short = (_union_tail(hi, values, weights, n) > alphas) & (hi < 1.0)
-        lo = np.minimum(lo, hi)
-        log_lo, log_hi = np.log(np.maximum(lo, 1e-300)), np.log(hi)
-        for _ in range(_BISECTION_STEPS):
-            mid = 0.5 * (log_lo + log_hi)
-            ok = _union_tail(np.exp(mid), values, weights, n) <= alphas
-            log_hi = np.where(ok, mid, log_hi)
-            log_lo = np.where(ok, log_lo, mid)
-        result = np.exp(log_hi)
-        # exp(log(hi)) may round below the verified point; take the verified one.
-        result = np.where(_union_tail(result, values, weights, n) <= alphas, result, hi)
+    result = _pb_upper(counts, int(n), _check_levels(alpha))
     return result if np.ndim(alpha) else float(result[0])
+
+
+def _pb_upper(counts: np.ndarray, n: int, alphas: np.ndarray) -> np.ndarray:
+    """pb_upper_bound for a level array, without argument checks.
+
+    The root is bracketed by the single-class Clopper-Pearson bounds of the largest count at
+    levels alpha (the sum is at least that term) and alpha / (num_classes - 1) (every term is
+    at most it), then narrowed by Illinois regula falsi on (log p, log tail); the upper end,
+    where the tail sum was evaluated to be <= alpha, is returned.
+    """
+    values, weights = np.unique(counts, return_counts=True)
+    if values.max() >= n:
+        return np.ones_like(alphas)
+    top, size = np.full_like(alphas, values.max()), np.full_like(alphas, n)
+
+    def excess(log_p: np.ndarray) -> np.ndarray:  # decreasing in log_p; <= 0 where p is valid
+        tail = (_tail_at_most(values, n, np.exp(log_p)[:, None]) * weights).sum(axis=1)
+        return np.log(tail) - np.log(alphas * _MARGIN)
+
+    hi = _nudge_until_valid(
+        _cp_upper(top, size, alphas / counts.size), lambda p: excess(np.log(p)) > 0, +1.0
+    )
+    x_lo, x_hi = np.log(np.minimum(_cp_upper(top, size, alphas), hi)), np.log(hi)
+    f_lo, f_hi = excess(x_lo), excess(x_hi)
+    x_hi, f_hi = np.where(f_lo <= 0, x_lo, x_hi), np.where(f_lo <= 0, f_lo, f_hi)  # lo is valid
+    last = np.zeros(len(alphas))  # +1: the previous step moved x_hi, -1: x_lo
+    for _ in range(_ROOT_STEPS):
+        tolerance = _ROOT_TOLERANCE * np.maximum(1.0, np.abs(x_hi))
+        open_ = x_hi - x_lo > tolerance
+        if not np.any(open_):
+            break
+        secant = x_hi + f_hi * (x_hi - x_lo) / np.where(f_lo > f_hi, f_lo - f_hi, 1.0)
+        x = np.where(f_lo > f_hi, secant, 0.5 * (x_lo + x_hi))
+        # At least tolerance / 3 from either end: once the secant sits on the root (where the
+        # tail's rounding is all it sees), the next step then closes the bracket.
+        x = np.clip(x, x_lo + tolerance / 3, x_hi - tolerance / 3)
+        f = excess(x)
+        valid = open_ & (f <= 0)
+        raise_lo = open_ & ~valid
+        # Illinois: halve the stale end's value when the same end moves twice in a row.
+        f_lo = np.where(valid & (last == 1), 0.5 * f_lo, f_lo)
+        f_hi = np.where(raise_lo & (last == -1), 0.5 * f_hi, f_hi)
+        x_hi, f_hi = np.where(valid, x, x_hi), np.where(valid, f, f_hi)
+        x_lo, f_lo = np.where(raise_lo, x, x_lo), np.where(raise_lo, f, f_lo)
+        last = np.where(valid, 1, np.where(raise_lo, -1, last))
+    return np.exp(x_hi)
 
 
 def certified_radius(pa_lower, pb_upper, sigma: float) -> np.ndarray | float:
@@ -161,34 +219,72 @@ def certified_radius(pa_lower, pb_upper, sigma: float) -> np.ndarray | float:
     """
     pa, pb = np.asarray(pa_lower, dtype=np.float64), np.asarray(pb_upper, dtype=np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
-        one_sided = sigma * norm.ppf(pa)
-        two_sided = 0.5 * sigma * (norm.ppf(pa) - norm.ppf(pb))
+        one_sided = sigma * special.ndtri(pa)
+        two_sided = 0.5 * sigma * (special.ndtri(pa) - special.ndtri(pb))
         radius = np.where(pa > 0.5, np.maximum(one_sided, np.nan_to_num(two_sided, nan=0.0)), 0)
     return radius if radius.ndim else float(radius)
 
 
 def alpha_grid(alpha: float, grid: int) -> np.ndarray:
-    """The paper's grid of alpha' values: alpha * (1/grid, 2/grid, ..., 1)."""
-    return alpha * np.arange(1, grid + 1) / grid
+    """The paper's grid of alpha' values: alpha * (1/grid, 2/grid, ..., 1), ending at alpha."""
+    return alpha * (np.arange(1, grid + 1) / grid)
 
 
-def _grid_bounds(top_count, other_counts, n, alpha: float, grid: int):
-    """pA lower and pB upper (pB capped at 1 - pA) for every alpha' of the grid."""
-    alphas = alpha_grid(alpha, grid)
-    pa = np.atleast_1d(clopper_pearson_lower(top_count, n, alphas))
+def _best_certificate(label: int, counts: np.ndarray, sigma: float, alpha: float,
+                      alpha_primes: np.ndarray) -> Certificate:
+    """The certificate of `label` from `counts` at whichever alpha' gives the largest radius.
+
+    pA is bounded at level alpha' and pB at alpha - alpha' (the union bound), capped at
+    1 - pA; at alpha' = alpha the union bound degenerates and pB = 1 - pA is CERTIFY's.
+    Ties go to the largest alpha'.
+    """
+    n = int(counts.sum())
+    pa = _cp_lower(np.full_like(alpha_primes, counts[label]), np.full_like(alpha_primes, n),
+                   alpha_primes)
     pb = 1.0 - pa
-    split = alphas < alpha  # at alpha' = alpha the union bound degenerates: CERTIFY's pB
+    split = alpha_primes < alpha
     if np.any(split):
-        rest = np.maximum(alpha - alphas[split], np.finfo(float).tiny)
-        pb[split] = np.minimum(pb[split], pb_upper_bound(other_counts, n, rest))
-    return alphas, pa, pb
-
-
-def _best_alpha_index(top_count, other_counts, n, alpha, grid, sigma) -> int:
-    """Index of the grid's alpha' with the largest radius (ties go to the largest alpha')."""
-    _, pa, pb = _grid_bounds(top_count, other_counts, n, alpha, grid)
+        rest = alpha - alpha_primes[split]
+        pb[split] = np.minimum(pb[split], _pb_upper(np.delete(counts, label), n, rest))
     radii = certified_radius(pa, pb, sigma)
-    return int(len(radii) - 1 - np.argmax(radii[::-1]))
+    best = len(radii) - 1 - int(np.argmax(radii[::-1]))
+    radius = float(radii[best])
+    return Certificate(
+        label=label if radius > 0 else ABSTAIN,
+        radius=radius,
+        pa_lower=float(pa[best]),
+        pb_upper=float(pb[best]),
+        alpha_prime=float(alpha_primes[best]),
+    )
+
+
+def _certify(selection, estimation, sigma, alpha, grid) -> Certificate:
+    """Cohen's CERTIFY: alpha' = alpha, pB = 1 - pA (`grid` is unused)."""
+    label = int(np.argmax(selection))
+    return _best_certificate(label, estimation, sigma, alpha, np.array([alpha]))
+
+
+def _tcertify(selection, estimation, sigma, alpha, grid) -> Certificate:
+    """The paper's T-CERTIFY: the best alpha' of the grid, chosen on the estimation counts."""
+    label = int(np.argmax(selection))
+    return _best_certificate(label, estimation, sigma, alpha, alpha_grid(alpha, grid))
+
+
+def _tcertify_strict(selection, estimation, sigma, alpha, grid) -> Certificate:
+    """T-CERTIFY whose alpha' is chosen before the estimation counts are seen.
+
+    The alpha' that T-CERTIFY would pick on the plug-in counts n * selection / n0 is then
+    evaluated alone on the estimation counts, so the level is exactly 1 - alpha.
+    """
+    label = int(np.argmax(selection))
+    plug_in = np.rint(estimation.sum() * selection / selection.sum()).astype(np.int64)
+    chosen = _best_certificate(label, plug_in, sigma, alpha, alpha_grid(alpha, grid))
+    return _best_certificate(label, estimation, sigma, alpha, np.array([chosen.alpha_prime]))
+
+
+_METHOD_FUNCTIONS = {
+    "certify": _certify, "tcertify": _tcertify, "tcertify-strict": _tcertify_strict
+}
 
 
 def certify_from_counts(
@@ -202,14 +298,18 @@ def certify_from_counts(
     """Certify from n0 selection counts (which pick the class) and n fresh estimation counts.
 
     method "certify" is Cohen et al.'s CERTIFY; "tcertify" the paper's T-CERTIFY, maximising
-    the radius over the alpha' grid on the estimation counts; "tcertify-strict" picks alpha'
-    from the selection counts alone (plug-in n * count0 / n0) and evaluates that single alpha'
-    on the estimation counts, so its 1 - alpha guarantee is exact.
+    the radius over the alpha' grid on the estimation counts (level 1 - alpha only in
+    practice: see docs/statistics.md); "tcertify-strict" picks alpha' from the selection
+    counts alone and evaluates that single alpha' on the estimation counts (exactly 1 - alpha).
     """
-    sigma, alpha = check_sigma(sigma), check_alpha(alpha)
-    grid = check_positive_int(grid, "grid")
+    sigma = check_sigma(sigma)
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    alpha = check_alpha(alpha)
+    # CERTIFY has no grid; for T-CERTIFY every alpha' of the grid must be above the floor.
+    grid = check_alpha_grid(alpha, grid) if method != "certify" else check_positive_int(
+        grid, "grid"
+    )
     selection = _check_counts(selection_counts, "selection_counts")
     estimation = _check_counts(estimation_counts, "estimation_counts")
     if selection.size != estimation.size:
@@ -217,31 +317,7 @@ def certify_from_counts(
             "selection_counts and estimation_counts must have one entry per class each "
             f"(got {selection.size} and {estimation.size})"
         )
-    label = int(np.argmax(selection))
-    n = int(estimation.sum())
-    top, others = estimation[label], np.delete(estimation, label)
-    if method == "certify":
-        grid_used, pick = 1, 0
-    elif method == "tcertify":
-        grid_used, pick = grid, None
-    else:
-        n0 = int(selection.sum())
-        plug_in = np.rint(n * selection / n0).astype(np.int64)
-        pick = _best_alpha_index(plug_in[label], np.delete(plug_in, label), n, alpha, grid, sigma)
-        grid_used = grid
-    alphas, pa, pb = _grid_bounds(top, others, n, alpha, grid_used)
-    if pick is not None:  # evaluate only the one pre-chosen alpha'
-        alphas, pa, pb = alphas[pick : pick + 1], pa[pick : pick + 1], pb[pick : pick + 1]
-    radii = certified_radius(pa, pb, sigma)
-    best = int(len(radii) - 1 - np.argmax(radii[::-1]))
-    radius = float(radii[best])
-    return Certificate(
-        label=label if radius > 0 else ABSTAIN,
-        radius=radius,
-        pa_lower=float(pa[best]),
-        pb_upper=float(pb[best]),
-        alpha_prime=float(alphas[best]),
-    )
+    return _METHOD_FUNCTIONS[method](selection, estimation, sigma, alpha, grid)
 
 
 def binomial_test_pvalue(k: int, n: int) -> float:

@@ -1,9 +1,10 @@
 """The training loop: data -> model -> objective, with atomic checkpoints, resume, logs and DDP.
 
 Randomness is a function of (seed, epoch): every epoch reseeds the data order, the
-augmentations and the noise, so a run resumed from an epoch checkpoint continues exactly as
-the uninterrupted run would have. Noise is drawn for the whole global batch on every rank
-and each rank takes its own examples' rows, so 1 process and N processes see the same noise.
+augmentations and the noise (smoothcert.rng streams, none shared with certification), so a
+run resumed from an epoch checkpoint continues exactly as the uninterrupted run would have.
+Noise is drawn for the whole global batch on every rank and each rank takes its own examples'
+rows, so 1 process and N processes see the same noise.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
-from . import __version__
+from . import __version__, rng
 from .checkpoints import load_native
 from .data import get_dataset
 from .distributed import DistContext, batch_memory_guard, init_distributed
@@ -42,7 +43,7 @@ from .io import (
 from .models import build_model
 from .objectives import get_method
 from .presets import TrainConfig, eps_at, lr_factor
-from .smooth import autocast, derived_seed
+from .smooth import autocast
 
 CHECKPOINT = "checkpoint.pt"
 CONFIG = "config.json"
@@ -97,10 +98,6 @@ def is_own_config(path: Path) -> bool:
     return isinstance(config, dict) and CONFIG_SIGNATURE <= config.keys()
 
 
-def epoch_seed(cfg: TrainConfig, epoch: int) -> int:
-    return derived_seed(cfg.seed, epoch)
-
-
 def first_n(dataset: Dataset, count: int) -> Dataset:
     """The first `count` examples (all when count is 0 or larger than the dataset)."""
     return Subset(dataset, range(count)) if 0 < count < len(dataset) else dataset
@@ -120,8 +117,8 @@ def train_loader(dataset: Dataset, cfg: TrainConfig, ctx: DistContext, epoch: in
     """This rank's loader of `epoch`; cfg.batch was checked by check_global_batch at start-up."""
     # DistributedSampler with one replica is a seeded shuffle, so 1 and N processes agree.
     sampler = DistributedSampler(
-        dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.seed,
-        drop_last=True,
+        dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
+        seed=rng.int_seed(cfg.seed, "data-order"), drop_last=True,
     )
     sampler.set_epoch(epoch)
     return DataLoader(
@@ -179,7 +176,7 @@ class Trainer:
         device = self.ctx.device
         # The initial weights are a function of the seed too (torch's default seed is random per
         # process): a run is reproducible, and 1 and N processes start from the same weights.
-        torch.manual_seed(cfg.seed)
+        rng.seed_torch(cfg.seed, "model-init")
         model = build_model(cfg.model, cfg.dataset).to(device)
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -321,13 +318,14 @@ class Trainer:
     def _evaluate(self, epoch: int) -> dict[str, float]:
         cfg = self.cfg
         return evaluate(
-            self.model, self.eval_set, cfg.sigma, self.ctx.device, 500, epoch_seed(cfg, epoch)
+            self.model, self.eval_set, cfg.sigma, self.ctx.device, 500,
+            rng.int_seed(cfg.seed, "eval-noise", epoch),
         )
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         cfg, ctx = self.cfg, self.ctx
-        torch.manual_seed(epoch_seed(cfg, epoch))
-        noise_gen = torch.Generator(device=ctx.device).manual_seed(epoch_seed(cfg, epoch))
+        rng.seed_torch(cfg.seed, "training", epoch)
+        noise_gen = rng.generator(cfg.seed, "training-noise", epoch, ctx.device)
         method_cfg = cfg.method_config(eps=eps_at(cfg, epoch))
         loader = train_loader(self.train_set, cfg, ctx, epoch)
         sums = torch.zeros(4, device=ctx.device)  # loss, l_per, l_adre, acc (no per-step sync)

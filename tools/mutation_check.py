@@ -1,0 +1,153 @@
+"""Mutation check: plant known bugs in a copy of the source tree; the tests must catch each.
+
+Each mutant is plain data: a name, a file, a text to replace (every occurrence; it must occur)
+and its replacement, and the test files that must fail on it. For each mutant the source and
+test trees are copied to a temporary folder, the text is replaced there, and pytest runs the
+listed tests (fast ones only, stopping at the first failure) against the copy. A mutant is
+KILLED when a test fails, SURVIVED when all pass; the table names the first failing test.
+Exit status 0 only when every mutant is killed.
+
+    python tools/mutation_check.py            # all mutants
+    python tools/mutation_check.py --only "eval mode not set"
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STATS = "src/smoothcert/stats.py"
+SMOOTH = "src/smoothcert/smooth.py"
+RUNNER = "src/smoothcert/runner.py"
+STATS_TESTS = ("tests/test_stats.py", "tests/test_coverage_exact.py")
+SMOOTH_TESTS = ("tests/test_smooth.py",)
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    file: str
+    old: str
+    new: str
+    tests: tuple[str, ...] = STATS_TESTS
+
+
+MUTANTS = [
+    Mutant("alpha spent twice (pB at alpha, not alpha - alpha')", STATS,
+           "rest = alpha - alpha_primes[split]", "rest = alpha + 0 * alpha_primes[split]"),
+    Mutant("strict alpha' chosen from the estimation counts", STATS,
+           "plug_in = np.rint(estimation.sum() * selection / selection.sum()).astype(np.int64)",
+           "plug_in = estimation"),
+    Mutant("Clopper-Pearson lower bound at 2 alpha", STATS,
+           "def _cp_lower(k: np.ndarray, n: np.ndarray, alpha: np.ndarray) -> np.ndarray:\n",
+           "def _cp_lower(k: np.ndarray, n: np.ndarray, alpha: np.ndarray) -> np.ndarray:\n"
+           "    alpha = 2 * alpha\n"),
+    Mutant("T-CERTIFY grid missing alpha' = alpha", STATS,
+           "return alpha * (np.arange(1, grid + 1) / grid)",
+           "return alpha * (np.arange(1, grid) / grid)"),
+    Mutant("union bound ignores the unseen classes", STATS,
+           "values, weights = np.unique(counts, return_counts=True)",
+           "values, weights = np.unique(counts[counts > 0], return_counts=True)"),
+    Mutant("bounds not checked against their tails (rounding left as is)", STATS,
+           "    bad = violates(p)\n", "    bad = violates(p) & False\n"),
+    Mutant("selection samples reused as estimation samples", SMOOTH,
+           "estimation = self._sample_noise(\n            x, n, batch_size,",
+           "estimation = selection + self._sample_noise(\n            x, n - n0, batch_size,",
+           SMOOTH_TESTS),
+    Mutant("n counted off by one batch", SMOOTH,
+           "while remaining > 0:", "while remaining >= batch_size:", SMOOTH_TESTS),
+    Mutant("noise not scaled by sigma", SMOOTH,
+           "normal_(0.0, self.sigma, generator=generator)",
+           "normal_(0.0, 1.0, generator=generator)", SMOOTH_TESTS),
+    Mutant("eval mode not set", SMOOTH, "    model.eval()\n", "", SMOOTH_TESTS),
+    Mutant("submodule modes not restored", SMOOTH,
+           "            module.training = training\n", "            pass\n", SMOOTH_TESTS),
+    Mutant("non-finite logits counted", SMOOTH,
+           "if not bool(finite):", "if False:", SMOOTH_TESTS),
+    Mutant("inputs outside [0, 1] accepted", SMOOTH,
+           "if x_min < low or x_max > high:", "if False:", SMOOTH_TESTS),
+    Mutant("estimation noise restarts the selection stream (runner)", RUNNER,
+           'estimation_generator=streams["estimation"]',
+           'estimation_generator=generator(cfg.seed, "selection", idx, self.ctx.device)',
+           ("tests/test_rng.py",)),
+]
+
+
+def check_applicable(mutant: Mutant, root: Path = ROOT) -> None:
+    """ValueError unless the mutant's text occurs in its file (the code may have moved on)."""
+    if mutant.old not in (root / mutant.file).read_text():
+        raise ValueError(f"mutant {mutant.name!r}: its text no longer occurs in {mutant.file}")
+
+
+def run_mutant(mutant: Mutant, root: Path = ROOT, first_failure: bool = True
+               ) -> tuple[str, str, float]:
+    """(KILLED / SURVIVED / ERROR, the first failing test or the error, seconds)."""
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="smoothcert-mutant-") as tmp:
+        copy = Path(tmp)
+        for part in ("src", "tests"):
+            shutil.copytree(root / part, copy / part,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        shutil.copy2(root / "pyproject.toml", copy / "pyproject.toml")
+        target = copy / mutant.file
+        target.write_text(target.read_text().replace(mutant.old, mutant.new))
+        env = dict(os.environ, PYTHONPATH=str(copy / "src"), OMP_NUM_THREADS="1",
+                   PYTHONDONTWRITEBYTECODE="1")
+        # The copy, not an installed smoothcert, must be the one the tests import.
+        where = subprocess.run(
+            [sys.executable, "-c", "import smoothcert; print(smoothcert.__file__)"],
+            cwd=copy, env=env, capture_output=True, text=True,
+        )
+        if not where.stdout.startswith(str(copy)):
+            return "ERROR", f"imports {where.stdout.strip() or where.stderr[-300:]}", 0.0
+        done = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow",
+             *(["-x"] if first_failure else []), *mutant.tests],
+            cwd=copy, env=env, capture_output=True, text=True,
+        )
+    seconds = time.time() - started
+    if done.returncode == 0:
+        return "SURVIVED", "", seconds
+    failed = re.findall(r"^FAILED ([^\[\s]+)", done.stdout, re.MULTILINE)  # tests, no params
+    if done.returncode == 1 and failed:
+        return "KILLED", ", ".join(dict.fromkeys(failed)), seconds
+    return "ERROR", (done.stdout + done.stderr)[-500:], seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", action="append", help="run only the mutant of this name")
+    parser.add_argument("--all-failures", action="store_true",
+                        help="run every listed test on each mutant and name all that fail")
+    args = parser.parse_args(argv)
+    mutants = [m for m in MUTANTS if not args.only or m.name in args.only]
+    if args.only and len(mutants) != len(args.only):
+        parser.error(f"unknown mutant among {args.only}")
+    print("| mutant | file | result | caught by | seconds |")
+    print("|---|---|---|---|---|")
+    results = []
+    for mutant in mutants:
+        try:
+            check_applicable(mutant)
+            result, detail, seconds = run_mutant(mutant, first_failure=not args.all_failures)
+        except ValueError as err:
+            result, detail, seconds = "ERROR", str(err), 0.0
+        results.append(result)
+        print(f"| {mutant.name} | {Path(mutant.file).name} | {result} | {detail} | "
+              f"{seconds:.0f} |", flush=True)
+    killed = results.count("KILLED")
+    print(f"\n{killed} of {len(results)} mutants killed")
+    return 0 if killed == len(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
