@@ -151,6 +151,40 @@ def test_bonferroni_is_clopper_pearson_at_alpha_over_looks():
         cs.lower(10, 30, 0.01)
 
 
+def test_mixture_union_counts_every_class():
+    # sum over all other classes of 1/M_c(s), each class on its own (no grouping by count)
+    cs = mixture()
+    others, n, alpha = np.array([5, 5, 0, 0, 0, 2, 0]), 1000, 0.01
+    s = np.linspace(0.004, 0.05, 400)
+    total = sum(np.exp(-sequential._log_mixture(1 - s, n - c, n, cs.weights)) for c in others)
+    expected = (s >= (others.max() + 1) / n) & (total <= alpha)
+    near = np.abs(np.log(total / alpha)) < 1e-6
+    assert np.array_equal(cs.union_below(others, n, s, alpha)[~near], expected[~near])
+    assert expected.any() and not expected.all()
+
+
+def test_tcertify_decisions_use_each_bound_at_its_share_of_alpha():
+    # At a Bonferroni look: certified exactly up to T-CERTIFY's radius from Clopper-Pearson at
+    # alpha/2/J and the union bound at alpha/2/J (stats, tested on its own).
+    rng = np.random.default_rng(8)
+    sigma, alpha, n, radii = 1.0, 0.01, 1000, np.arange(0, 3.01, 0.05)
+    for _ in range(20):
+        counts = rng.multinomial(n, rng.dirichlet([30, 2, 1, 1]))
+        label = int(np.argmax(counts))
+        others = np.delete(counts, label)
+        procedure = RadiiProcedure(radii, sigma, alpha, 8000, method="tcertify", num_classes=4,
+                                   confidence_sequence="bonferroni", first_look=n,
+                                   batch_size=n)
+        level = alpha / 2 / len(procedure.cs.looks)  # looks 1000, 2000, 4000, 8000
+        pa = stats.clopper_pearson_lower(counts[label], n, level)
+        pb = min(stats.pb_upper_bound(others, n, level), 1 - pa)
+        radius = stats.certified_radius(pa, pb, sigma)
+        procedure.update(counts[label], n, others)
+        clear = np.abs(radii - radius) > 1e-6
+        expected = (radii <= radius) & (radius > 0)
+        assert np.array_equal(procedure.certified[clear], expected[clear])
+
+
 # --- exact coverage of the confidence sequences over all stopping times ----------------------
 
 
@@ -454,6 +488,16 @@ def test_choose_n_keeps_the_expected_radius_loss_near_the_tolerance(p):
     smaller = round(n * 2 ** -0.5)  # two grid steps smaller would have lost more than allowed
     assert (expected_certify_radius(p, max_n, sigma, alpha)
             - expected_certify_radius(p, smaller, sigma, alpha)) > 0.75 * tolerance
+
+
+@pytest.mark.parametrize("p", [0.85, 0.9, 0.95])
+def test_choose_n_bounds_the_loss_over_the_pilots_interval(p):
+    # 90 of 100 pilot votes: the 95% Clopper-Pearson interval is [0.824, 0.951]
+    sigma, alpha, max_n, tolerance = 0.5, 0.001, 20_000, 0.02
+    n = choose_n(np.array([90, 6, 4]), max_n, sigma, alpha, tolerance)
+    loss = (expected_certify_radius(p, max_n, sigma, alpha)
+            - expected_certify_radius(p, n, sigma, alpha))
+    assert loss <= 1.25 * tolerance
 
 
 def test_choose_n_extremes():

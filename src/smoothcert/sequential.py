@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy.optimize import brentq
 from scipy.special import bdtr, bdtrc, betaincc, betaln, expit, logit, ndtr, ndtri
-from scipy.stats import beta as beta_dist
 
 from . import stats
 from .stats import ABSTAIN
@@ -264,8 +263,8 @@ class RadiiProcedure:
     `update(count_a, n_total[, other_counts])` with the cumulative counts. Radius r is
     certified once the lower bound(s) give a radius >= r, dropped once the upper bound on pA
     (and lower bound on the runner-up) say the true radius is below r, or once even all
-    remaining max_n samples voting for the label could not certify it; the last look drops
-    whatever is left. Only the certifying bounds spend alpha: dropping is always sound.
+    remaining max_n samples voting for the label could not certify it (at max_n: whatever is
+    not certified). Only the certifying bounds spend alpha: dropping is always sound.
 
     method "certify": pA alone (pB = 1 - pA_lower), the whole alpha on pA's sequence.
     method "tcertify": T-CERTIFY's two bounds, alpha * pa_share on pA's sequence and the rest
@@ -353,10 +352,8 @@ class RadiiProcedure:
         self._certify(self._certifiable(self.count_a, self.n))
         if not self.done:
             self._drop(~self._possible())
-        if not self.done:
+        if not self.done:  # at max_n this drops every radius not certified above
             self._drop(~self._certifiable(self.count_a + self.max_n - self.n, self.max_n))
-        if self.n == self.max_n:
-            self._set(self.status == UNDECIDED, DROPPED)
 
     def certificate(self, label: int, selection_n: int = 0) -> RadiiCertificate:
         """The decisions so far as a certificate for `label`, selection samples counted."""
@@ -417,16 +414,17 @@ def choose_n(
     alpha: float,
     tolerance: float = 0.02,
     min_n: int = 100,
-    quadrature: int = 64,
+    confidence: float = 0.05,
+    grid_points: int = 64,
 ) -> int:
     """Each input's n from its selection counts alone (Chen et al. 2022, input-specific
-    sampling): the smallest n on a grid max_n * 2^(-j/4), j >= 0, down to min_n, whose expected
-    CERTIFY radius loss against max_n is <= tolerance.
+    sampling): the smallest n on the grid max_n * 2^(-j/4) (and min_n) whose CERTIFY radius
+    loss against max_n is <= tolerance for every pA in the selection counts' two-sided
+    (1 - confidence) Clopper-Pearson interval, radii taken at the typical count round(pA n).
 
-    The expectation is over pA ~ Beta(k0 + 1/2, n0 - k0 + 1/2) (k0: the top selection count)
-    of the radius at the typical count round(pA n). Only the independent selection samples
-    are used, so CERTIFY / T-CERTIFY on n fresh samples keep their exact guarantee; the loss
-    bound itself is an estimate, measured in benchmarks/bench_sequential.py.
+    Only the independent selection samples are used, so CERTIFY / T-CERTIFY on n fresh samples
+    keep their exact guarantee; the loss bound is an approximation (typical counts), measured
+    in benchmarks/bench_sequential.py.
     """
     counts = np.asarray(selection_counts)
     if counts.ndim != 1 or counts.size < 2 or np.any(counts < 0) or counts.sum() < 1:
@@ -434,16 +432,18 @@ def choose_n(
     max_n = stats.check_positive_int(max_n, "max_n")
     min_n = min(stats.check_positive_int(min_n, "min_n"), max_n)
     sigma, alpha = stats.check_sigma(sigma), stats.check_alpha(alpha)
+    confidence = stats.check_alpha(confidence, "confidence")
     if not (isinstance(tolerance, (int, float)) and np.isfinite(tolerance) and tolerance >= 0):
         raise ValueError(f"tolerance must be a finite number >= 0, got {tolerance!r}")
-    top, n0 = float(counts.max()), float(counts.sum())
-    levels = (np.arange(quadrature) + 0.5) / quadrature
-    pa = beta_dist.ppf(levels, top + 0.5, n0 - top + 0.5)
+    top, n0 = int(counts.max()), int(counts.sum())
+    low = stats.clopper_pearson_lower(top, n0, confidence / 2)
+    high = stats.clopper_pearson_upper(top, n0, confidence / 2)
+    pa = np.linspace(low, high, grid_points)
     steps = int(np.floor(4 * np.log2(max_n / min_n))) + 1
-    grid = np.unique(np.maximum(np.rint(max_n * 2.0 ** (-np.arange(steps) / 4)), min_n))
-    grid = np.unique(np.append(grid, [min_n, max_n])).astype(np.int64)  # ascending
+    grid = np.rint(max_n * 2.0 ** (-np.arange(steps) / 4))
+    grid = np.unique(np.concatenate([grid, [min_n, max_n]])).astype(np.int64)  # ascending
     k = np.rint(pa[:, None] * grid[None, :])
     pa_lower = stats.clopper_pearson_lower(k, np.broadcast_to(grid, k.shape), alpha)
     radius = stats.certified_radius(pa_lower, 1.0 - pa_lower, sigma)
-    loss = np.maximum(radius[:, -1:] - radius, 0.0).mean(axis=0)
+    loss = (radius[:, -1:] - radius).max(axis=0)
     return int(grid[np.argmax(loss <= tolerance)])
