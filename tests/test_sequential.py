@@ -513,6 +513,19 @@ def test_choose_n_extremes():
             choose_n(**{**arguments, **bad})
 
 
+def test_certify_adaptive_checks_arguments_before_sampling():
+    class Refuses(torch.nn.Module):
+        def forward(self, x):
+            raise AssertionError("sampled before checking the arguments")
+
+    smooth = Smooth(Refuses(), 4, 0.5)
+    for bad, match in [(dict(tolerance=-0.1), "tolerance"), (dict(tolerance=True), "tolerance"),
+                       (dict(max_n=0), "max_n"), (dict(alpha=2.0), "alpha")]:
+        arguments = dict(x=torch.tensor([1.0]), n0=100, max_n=1000, alpha=0.001, batch_size=100)
+        with pytest.raises(ValueError, match=match):
+            smooth.certify_adaptive(**{**arguments, **bad})
+
+
 def test_certify_adaptive_runs_certify_all_on_fresh_samples(threshold_classifier):
     smooth = Smooth(threshold_classifier, 4, 0.5)
     x = torch.tensor([1.6])

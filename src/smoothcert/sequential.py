@@ -407,6 +407,13 @@ class RadiiProcedure:
 # --- input-specific n ------------------------------------------------------------------------
 
 
+def check_tolerance(tolerance: float) -> float:
+    ok = isinstance(tolerance, (int, float, np.floating)) and not isinstance(tolerance, bool)
+    if not (ok and np.isfinite(tolerance) and tolerance >= 0):
+        raise ValueError(f"tolerance must be a finite number >= 0, got {tolerance!r}")
+    return float(tolerance)
+
+
 def choose_n(
     selection_counts,
     max_n: int,
@@ -433,8 +440,7 @@ def choose_n(
     min_n = min(stats.check_positive_int(min_n, "min_n"), max_n)
     sigma, alpha = stats.check_sigma(sigma), stats.check_alpha(alpha)
     confidence = stats.check_alpha(confidence, "confidence")
-    if not (isinstance(tolerance, (int, float)) and np.isfinite(tolerance) and tolerance >= 0):
-        raise ValueError(f"tolerance must be a finite number >= 0, got {tolerance!r}")
+    check_tolerance(tolerance)
     top, n0 = int(counts.max()), int(counts.sum())
     low = stats.clopper_pearson_lower(top, n0, confidence / 2)
     high = stats.clopper_pearson_upper(top, n0, confidence / 2)

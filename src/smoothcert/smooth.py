@@ -267,6 +267,8 @@ class Smooth:
         the estimation counts record the n used."""
         stats.check_alpha(alpha)
         stats.check_positive_int(grid, "grid")
+        stats.check_positive_int(max_n, "max_n")
+        sequential.check_tolerance(tolerance)
         selection = self._sample_noise(x, n0, batch_size, generator, name="n0")
         n = sequential.choose_n(selection, max_n, self.sigma, alpha, tolerance)
         estimation = self._sample_noise(x, n, batch_size, generator, name="n")
