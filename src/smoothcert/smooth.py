@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import stats
+from . import sequential, stats
+from .sequential import RadiiCertificate
 from .stats import ABSTAIN, Certificate
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -36,6 +37,17 @@ class CertifyAllResult:
     strict: Certificate
     selection_counts: np.ndarray
     estimation_counts: np.ndarray
+
+    @classmethod
+    def from_counts(cls, selection, estimation, sigma: float, alpha: float, grid: int):
+        """All three certificates from one set of selection and estimation counts."""
+        certs = {
+            method: stats.certify_from_counts(selection, estimation, sigma, alpha, method, grid)
+            for method in stats.METHODS
+        }
+        return cls(certify=certs["certify"], tcertify=certs["tcertify"],
+                   strict=certs["tcertify-strict"], selection_counts=selection,
+                   estimation_counts=estimation)
 
 
 @contextlib.contextmanager
@@ -293,3 +305,56 @@ class Smooth:
                 f" expected [batch, {self.num_classes}]"
             )
         return logits
+
+    def certify_radii(
+        self,
+        x: torch.Tensor,
+        radii,
+        alpha: float,
+        max_n: int,
+        batch_size: int,
+        n0: int = 100,
+        method: str = "certify",
+        confidence_sequence: str = "mixture",
+        generator: torch.Generator | None = None,
+    ) -> RadiiCertificate:
+        """Is x certified at each of `radii`? Samples in growing looks and stops each input as
+        soon as every radius is decided (sequential.RadiiProcedure), at most n0 + max_n passes.
+
+        method "certify" bounds pA alone, "tcertify" also the runner-up (T-CERTIFY's two
+        bounds, alpha split evenly); the guarantee is CERTIFY's: a certified radius is wrong
+        with probability <= alpha, whatever the stopping time.
+        """
+        procedure = sequential.RadiiProcedure(
+            radii, self.sigma, alpha, max_n, method=method, num_classes=self.num_classes,
+            confidence_sequence=confidence_sequence, batch_size=batch_size,
+        )
+        label = int(np.argmax(self._sample_noise(x, n0, batch_size, generator, name="n0")))
+        counts = np.zeros(self.num_classes, dtype=np.int64)
+        while (size := procedure.next_batch()) > 0:
+            counts += self._sample_noise(x, size, batch_size, generator)
+            procedure.update(counts[label], int(counts.sum()), np.delete(counts, label))
+        return procedure.certificate(label, n0)
+
+    def certify_adaptive(
+        self,
+        x: torch.Tensor,
+        n0: int,
+        max_n: int,
+        alpha: float,
+        batch_size: int,
+        tolerance: float = 0.02,
+        grid: int = 10,
+        generator: torch.Generator | None = None,
+    ) -> CertifyAllResult:
+        """certify_all with each input's n chosen from its n0 selection counts alone
+        (sequential.choose_n: expected radius loss against max_n <= tolerance), then drawn fresh;
+        the estimation counts record the n used."""
+        stats.check_alpha(alpha)
+        stats.check_positive_int(grid, "grid")
+        stats.check_positive_int(max_n, "max_n")
+        sequential.check_tolerance(tolerance)
+        selection = self._sample_noise(x, n0, batch_size, generator, name="n0")
+        n = sequential.choose_n(selection, max_n, self.sigma, alpha, tolerance)
+        estimation = self._sample_noise(x, n, batch_size, generator, name="n")
+        return CertifyAllResult.from_counts(selection, estimation, self.sigma, alpha, grid)
