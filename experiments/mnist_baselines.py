@@ -3,8 +3,8 @@
 Same protocol as the Table-1 study (mnist_table1.py): LeNet, the full MNIST training set, 4
 epochs, lr 0.01 / 10 after 3, batch 128, seed 0, bf16; CERTIFY with alpha 0.001, n0 100,
 n 10,000 on every 20th test image. Basic and ADREREG (lambda 0.2, k = 8, single-draw l_per)
-are not trained again when results/mnist_table1 holds them with the same settings: their rows
-at this study's test points are copied here (a run with other settings is trained instead).
+are not trained again when results/mnist_table1 (--reuse-from) holds them with the same
+settings: their rows at this study's test points are copied here (otherwise they are trained).
 New: MACER, Consistency, Consistency + ADRE's regulariser (does ADRE add to Consistency?) and
 SmoothMix, each with its paper's MNIST hyper-parameters, at every sigma.
 
@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 
 from study import (
+    REPO,
     Run,
     add_common_arguments,
     amp_of,
@@ -38,7 +40,6 @@ from smoothcert.runner import selected_indices
 from smoothcert.train import RESUMABLE_CHANGES
 
 STUDY = "mnist_baselines"
-REUSED_STUDY = "mnist_table1"
 MNIST_TEST = 10_000
 # The MNIST settings the papers' authors used (MACER's lambda by sigma; SmoothMix's attack
 # steps T by sigma, step alpha = 1.0, m = 4; Consistency's lambda 5 at sigma 0.5 and 1.0).
@@ -80,9 +81,9 @@ def runs(args: argparse.Namespace) -> list[Run]:
 
 
 def reuse(run_: Run, args: argparse.Namespace) -> str | None:
-    """Copy `run_`'s rows at this study's test points from the Table-1 study if it was trained
-    and certified with the same settings; return why not otherwise (None: copied or present)."""
-    source = result_dir(REUSED_STUDY, None) / f"{run_.name}.tsv"
+    """Copy `run_`'s rows at this study's test points from --reuse-from if it was trained and
+    certified there with the same settings; return why not otherwise (None: copied or present)."""
+    source = args.reuse_from / f"{run_.name}.tsv"
     target = result_dir(STUDY, args.root) / source.name
     if target.exists():
         return None
@@ -112,7 +113,7 @@ def reuse(run_: Run, args: argparse.Namespace) -> str | None:
     meta.update(skip=args.skip,
                 protocol=(f"test split, every {args.skip}th example from index 0, "
                           f"{len(indices)} examples"),
-                copied_from=f"../{REUSED_STUDY}/{source.name}")
+                copied_from=os.path.relpath(source.resolve(), REPO))
     atomic_write_json(Path(f"{target}.json"), meta)
     atomic_write_json(target.with_name(train_path.name), trained)
     return None
@@ -130,6 +131,9 @@ def main() -> None:
     parser.add_argument("--smoothmix-warmup", type=int, default=1,
                         help="epochs over which SmoothMix's eta ramps up (1: none; the paper "
                              "ramps it over 10 of 90 epochs)")
+    parser.add_argument("--reuse-from", type=Path, default=result_dir("mnist_table1", None),
+                        help="copy Basic's and ADREREG's rows from the result files there when "
+                             "they were trained and certified with this study's settings")
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--lr-step", type=int, default=3, help="lr / 10 after this many epochs")
@@ -140,7 +144,7 @@ def main() -> None:
             if run_.name.startswith(("basic_", "adre_")):
                 why = reuse(run_, args)
                 print(f"[{STUDY}] {run_.name}: " + (f"trained here ({why})" if why else
-                                                     f"rows from {REUSED_STUDY}"))
+                                                     f"rows from {args.reuse_from}"))
     files = execute(STUDY, all_runs, args)
     sections, comparisons = [], []
     for sigma in args.sigmas:
@@ -164,8 +168,8 @@ def main() -> None:
         f"T {SMOOTHMIX_STEPS} by sigma, eta {args.smoothmix_eta} (warm-up over "
         f"{args.smoothmix_warmup} epoch(s)), mixing weight ~ U[0, 1/2]. Certification: "
         f"alpha = {args.alpha}, n0 = {args.n0}, n = {args.n}, every {args.skip}th MNIST test "
-        f"image from index 0, {args.max} images. Rows copied from ../{REUSED_STUDY} (same "
-        f"settings, same test points): {', '.join(reused) or 'none'}."
+        f"image from index 0, {args.max} images. Rows copied from earlier runs with the same "
+        f"settings at the same test points: {', '.join(reused) or 'none'}."
     )
     write_summary(STUDY, "MNIST: MACER, Consistency and SmoothMix beside Basic and ADREREG",
                   sections, notes, files, comparisons)

@@ -104,27 +104,17 @@ def reference_pgd(model, x, y, noise, eps, steps, lam, step=None):
     return x_adv.detach()
 
 
-@pytest.mark.parametrize(("eps", "steps", "lam"), [(0.3, 1, 0.0), (0.5, 4, 0.0), (1.0, 7, 0.5)])
-def test_matches_reference_loop(eps, steps, lam):
+@pytest.mark.parametrize(("eps", "steps", "lam", "step"),
+                         [(0.3, 1, 0.0, None), (0.5, 4, 0.0, None), (1.0, 7, 0.5, None),
+                          (0.5, 3, 0.0, 0.1), (1.0, 2, 0.5, 0.5)])
+def test_matches_reference_loop(eps, steps, lam, step):
     model = linear_model(scale=3.0)
     x, y, noise = batch()
     x, noise = x.double(), noise.double()
     model.double()
     torch.testing.assert_close(
-        smooth_pgd_l2(model, x, y, noise, eps, steps, lam),
-        reference_pgd(model, x, y, noise, eps, steps, lam),
-    )
-
-
-@pytest.mark.parametrize(("eps", "steps", "step"), [(0.5, 3, 0.1), (1.0, 2, 0.5)])
-def test_step_size_matches_reference_loop(eps, steps, step):
-    model = linear_model(scale=3.0)
-    x, y, noise = batch()
-    x, noise = x.double(), noise.double()
-    model.double()
-    torch.testing.assert_close(
-        smooth_pgd_l2(model, x, y, noise, eps, steps, step_size=step),
-        reference_pgd(model, x, y, noise, eps, steps, 0.0, step=step),
+        smooth_pgd_l2(model, x, y, noise, eps, steps, lam, step_size=step),
+        reference_pgd(model, x, y, noise, eps, steps, lam, step=step),
     )
 
 

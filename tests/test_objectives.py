@@ -399,6 +399,12 @@ def mean_probs(logits_i, scale=1.0):
     return [sum(p[c] for p in probs) / k for c in range(len(probs[0]))], probs
 
 
+def draws_of(logits_i, yi):
+    """(mean softmax, per-draw softmaxes, mean CE over the draws) of one example."""
+    mean, probs = mean_probs(logits_i)
+    return mean, probs, sum(-math.log(p[yi]) for p in probs) / len(probs)
+
+
 def reference_macer(logits, y, sigma, lam, beta, gamma):
     """(loss, l_C, l_R, kinds): kinds[i] is 'hinge', 'beyond' (correct, ξ >= γ) or 'wrong'."""
     b = len(logits)
@@ -501,9 +507,8 @@ def reference_consistency(logits, y, lam, eta, adre_lam=0.0, floor=0.0):
     total = 0.0
     for i in range(b):
         yi = int(y[i])
-        mean, probs = mean_probs(logits[i])
+        mean, probs, ce = draws_of(logits[i], yi)
         k, c = len(probs), len(mean)
-        ce = sum(-math.log(p[yi]) for p in probs) / k
         kl = sum(sum(mean[t] * math.log(mean[t] / p[t]) for t in range(c)) for p in probs) / k
         ent = -sum(m * math.log(m) for m in mean)
         runner = max(mean[t] for t in range(c) if t != yi)
@@ -559,9 +564,8 @@ def reference_smoothmix(logits, logits_mix, y, mix, eta):
     total = 0.0
     for i in range(b):
         yi = int(y[i])
-        mean, probs = mean_probs(logits[i])
+        mean, probs, ce = draws_of(logits[i], yi)
         k, c = len(probs), len(mean)
-        ce = sum(-math.log(p[yi]) for p in probs) / k
         target = [(1 - mix[i]) * mean[t] + mix[i] / c for t in range(c)]
         correct = max(range(c), key=lambda t: mean[t]) == yi
         kl = 0.0

@@ -29,15 +29,15 @@ class TrainConfig:
     eps_warmup: int = 10
     label_smoothing: float = 0.0
     adre_floor: float = 1e-6
-    # The baselines' hyper-parameters (MethodConfig lists the papers' values).
-    macer_lam: float = 12.0
-    macer_beta: float = 16.0
-    macer_gamma: float = 8.0
-    consistency_lam: float = 10.0
-    consistency_eta: float = 0.5
-    smoothmix_eta: float = 5.0
-    smoothmix_step: float = 1.0
-    smoothmix_mix_step: int = 0
+    # The baselines' hyper-parameters; MethodConfig holds their defaults and the papers' values.
+    macer_lam: float = MethodConfig.macer_lam
+    macer_beta: float = MethodConfig.macer_beta
+    macer_gamma: float = MethodConfig.macer_gamma
+    consistency_lam: float = MethodConfig.consistency_lam
+    consistency_eta: float = MethodConfig.consistency_eta
+    smoothmix_eta: float = MethodConfig.smoothmix_eta
+    smoothmix_step: float = MethodConfig.smoothmix_step
+    smoothmix_mix_step: int = MethodConfig.smoothmix_mix_step
     epochs: int = 10
     batch: int = 256
     lr: float = 0.01
@@ -60,26 +60,13 @@ class TrainConfig:
     preset: str | None = None
 
     def method_config(self, epoch: int | None = None) -> MethodConfig:
-        """The objective's settings in `epoch` (warm-ups applied), or without warm-up."""
-        return MethodConfig(
-            lam=self.lam,
-            k=self.k,
-            eps=self.eps if epoch is None else eps_at(self, epoch),
-            steps=self.steps,
-            single_draw=self.single_draw,
-            label_smoothing=self.label_smoothing,
-            adre_floor=self.adre_floor,
-            sigma=self.sigma,
-            macer_lam=self.macer_lam,
-            macer_beta=self.macer_beta,
-            macer_gamma=self.macer_gamma,
-            consistency_lam=self.consistency_lam,
-            consistency_eta=self.consistency_eta,
-            smoothmix_eta=self.smoothmix_eta,
-            smoothmix_step=self.smoothmix_step,
-            smoothmix_mix_step=self.smoothmix_mix_step,
-            warmup=1.0 if epoch is None else warmup_factor(self, epoch),
-        )
+        """The objective's settings (every MethodConfig field of the same name) in `epoch`,
+        warm-ups applied, or without warm-up."""
+        shared = {f.name: getattr(self, f.name) for f in fields(MethodConfig) if f.name != "warmup"}
+        if epoch is None:
+            return MethodConfig(**shared)
+        return MethodConfig(**shared | {"eps": eps_at(self, epoch),
+                                        "warmup": warmup_factor(self, epoch)})
 
     def validate(self) -> TrainConfig:
         """Raise ValueError naming the first bad field and its accepted range."""
