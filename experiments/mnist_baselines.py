@@ -39,7 +39,7 @@ from smoothcert.presets import resolve_config
 from smoothcert.runner import selected_indices
 from smoothcert.train import RESUMABLE_CHANGES
 
-STUDY = "mnist_baselines"
+STUDY = "mnist_baselines"  # with --train-subset N: mnist_baselines_trainN
 MNIST_TEST = 10_000
 # The MNIST settings the papers' authors used (MACER's lambda by sigma; SmoothMix's attack
 # steps T by sigma, step alpha = 1.0, m = 4; Consistency's lambda 5 at sigma 0.5 and 1.0).
@@ -53,6 +53,7 @@ SAME_CERTIFICATION = ("n0", "n", "alpha", "seed", "amp", "grid", "split", "datas
 def runs(args: argparse.Namespace) -> list[Run]:
     common = dict(preset="mnist-lenet", lr=args.lr, epochs=args.epochs, lr_step=args.lr_step)
     found = []
+    defer = args.lr_step if args.macer_defer is None else args.macer_defer
     for sigma in args.sigmas:
         lam = args.adre_lam
         consistency = dict(common, method="consistency", k=2, sigma=sigma,
@@ -64,10 +65,11 @@ def runs(args: argparse.Namespace) -> list[Run]:
             Run(f"adre_s{sigma}_l{lam}", dict(common, method="adre", k=8, single_draw=True,
                                                 lam=lam, sigma=sigma),
                 label=f"ADREREG σ={sigma} λ={lam}"),
-            Run(f"macer_s{sigma}", dict(common, method="macer", k=16, sigma=sigma,
-                                        macer_lam=MACER_LAM[sigma], macer_beta=16.0,
-                                        macer_gamma=8.0),
-                label=f"MACER σ={sigma}"),
+            Run(macer_name(args, sigma), dict(common, method="macer", k=16, sigma=sigma,
+                                              macer_lam=MACER_LAM[sigma], macer_beta=16.0,
+                                              macer_gamma=8.0, macer_defer=defer),
+                label=f"MACER σ={sigma}" + ("" if defer == args.lr_step else
+                                            f", robustness term from epoch {defer + 1}")),
             Run(f"consistency_s{sigma}", consistency, label=f"Consistency σ={sigma}"),
             Run(f"consistency_adre_s{sigma}_l{lam}", dict(consistency, lam=lam),
                 label=f"Consistency + ADRE σ={sigma} λ={lam}"),
@@ -80,13 +82,23 @@ def runs(args: argparse.Namespace) -> list[Run]:
     return found
 
 
+def study_name(args: argparse.Namespace) -> str:
+    """The results folder: a run on part of the training set is another study."""
+    return f"{STUDY}_train{args.train_subset}" if args.train_subset else STUDY
+
+
+def macer_name(args: argparse.Namespace, sigma: float) -> str:
+    """macer_s<sigma> with the robustness term deferred to the lr decay, else macer_d<D>_s..."""
+    if args.macer_defer is None or args.macer_defer == args.lr_step:
+        return f"macer_s{sigma}"
+    return f"macer_d{args.macer_defer}_s{sigma}"
+
+
 def reuse(run_: Run, args: argparse.Namespace) -> str | None:
     """Copy `run_`'s rows at this study's test points from --reuse-from if it was trained and
-    certified there with the same settings; return why not otherwise (None: copied or present)."""
+    certified there with the same settings; return why not otherwise (None: copied)."""
     source = args.reuse_from / f"{run_.name}.tsv"
-    target = result_dir(STUDY, args.root) / source.name
-    if target.exists():
-        return None
+    target = result_dir(study_name(args), args.root) / source.name
     meta_path, train_path = Path(f"{source}.json"), source.with_name(f"{run_.name}.train.json")
     if not (source.exists() and meta_path.exists() and train_path.exists()):
         return f"{source} not found"
@@ -126,6 +138,10 @@ def main() -> None:
                         choices=sorted(MACER_LAM))
     parser.add_argument("--adre-lam", type=float, default=0.2,
                         help="ADREREG's lambda, also ADRE's lambda on top of Consistency")
+    parser.add_argument("--macer-defer", type=int, default=None,
+                        help="epochs before MACER's robustness term is switched on (default: "
+                             "--lr-step, i.e. from the lr decay on, as the MNIST recipe of "
+                             "later papers; 0 made LeNet collapse here)")
     parser.add_argument("--consistency-eta", type=float, default=0.5)
     parser.add_argument("--smoothmix-eta", type=float, default=5.0)
     parser.add_argument("--smoothmix-warmup", type=int, default=1,
@@ -139,13 +155,15 @@ def main() -> None:
     parser.add_argument("--lr-step", type=int, default=3, help="lr / 10 after this many epochs")
     args = parser.parse_args()
     all_runs = runs(args)
-    if not args.only:  # (with --only, the copies are made by the run that asks for them)
-        for run_ in all_runs:
-            if run_.name.startswith(("basic_", "adre_")):
-                why = reuse(run_, args)
-                print(f"[{STUDY}] {run_.name}: " + (f"trained here ({why})" if why else
-                                                     f"rows from {args.reuse_from}"))
-    files = execute(STUDY, all_runs, args)
+    study = study_name(args)
+    for run_ in all_runs:
+        done = (result_dir(study, args.root) / f"{run_.name}.tsv").exists()
+        wanted = not args.only or run_.name in args.only
+        if run_.name.startswith(("basic_", "adre_")) and wanted and not done:
+            why = reuse(run_, args)
+            print(f"[{study}] {run_.name}: " + (f"trained here ({why})" if why else
+                                                 f"rows from {args.reuse_from}"))
+    files = execute(study, all_runs, args)
     sections, comparisons = [], []
     for sigma in args.sigmas:
         mine = [f for f, r in zip(files, all_runs, strict=True) if r.train["sigma"] == sigma]
@@ -158,11 +176,13 @@ def main() -> None:
               and "copied_from" in json.loads(Path(f"{f}.json").read_text())]
     data = (f"the first {args.train_subset} MNIST training images" if args.train_subset
             else "the full MNIST training set")
+    defer = args.lr_step if args.macer_defer is None else args.macer_defer
     notes = (
         f"LeNet on {data}, {args.epochs} epochs (SGD momentum 0.9, lr {args.lr} / 10 after "
         f"{args.lr_step} epochs, batch 128), seed {args.seed}, autocast {args.amp}. Basic: "
         f"Gaussian augmentation, one draw. ADREREG: lambda {args.adre_lam}, k = 8, l_per from "
-        f"one draw. MACER: k = 16, beta 16, gamma 8, lambda {MACER_LAM} by sigma. Consistency: "
+        f"one draw. MACER: k = 16, beta 16, gamma 8, lambda {MACER_LAM} by sigma, the "
+        f"robustness term from epoch {defer + 1} on. Consistency: "
         f"m = 2, eta {args.consistency_eta}, lambda {CONSISTENCY_LAM} by sigma; + ADRE: "
         f"ADRE's regulariser with lambda {args.adre_lam} added. SmoothMix: m = 4, alpha 1.0, "
         f"T {SMOOTHMIX_STEPS} by sigma, eta {args.smoothmix_eta} (warm-up over "
@@ -171,8 +191,8 @@ def main() -> None:
         f"image from index 0, {args.max} images. Rows copied from earlier runs with the same "
         f"settings at the same test points: {', '.join(reused) or 'none'}."
     )
-    write_summary(STUDY, "MNIST: MACER, Consistency and SmoothMix beside Basic and ADREREG",
-                  sections, notes, files, comparisons)
+    write_summary(study, "MNIST: MACER, Consistency and SmoothMix beside Basic and ADREREG",
+                  sections, notes, files, comparisons, gain_radii=(0.0, 0.5, 1.0, 1.5, 2.0, 2.5))
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ def test_mnist_baselines_trains_each_baseline_and_reuses_matching_runs(tmp_path:
     first = tmp_path / "first"
     out = run_baselines("--root", str(first))
     assert "basic_s0.5: trained here" in out and "differs in" in out  # not the committed runs
-    results = first / "results" / "mnist_baselines"
+    results = first / "results" / "mnist_baselines_train128"  # part of the training set
     names = ["basic_s0.5", "adre_s0.5_l0.2", "macer_s0.5", "consistency_s0.5",
              "consistency_adre_s0.5_l0.2", "smoothmix_s0.5"]
     for name in names:
@@ -86,7 +86,7 @@ def test_mnist_baselines_trains_each_baseline_and_reuses_matching_runs(tmp_path:
 
     # Same settings, other root: Basic's and ADREREG's rows are copied, not trained again.
     second = tmp_path / "second"
-    copied = second / "results" / "mnist_baselines"
+    copied = second / "results" / "mnist_baselines_train128"
     out = run_baselines("--root", str(second), "--reuse-from", str(results))
     for name in ("basic_s0.5", "adre_s0.5_l0.2"):
         assert f"{name}: rows from" in out

@@ -720,6 +720,14 @@ def test_method_config_of_an_epoch_warms_smoothmix_up():
     assert (whole.smoothmix_eta, whole.sigma, whole.macer_gamma) == (3.0, 0.5, 6.0)
 
 
+def test_macer_robustness_term_can_be_deferred():
+    cfg = resolve_config("mnist-lenet", method="macer", macer_lam=16.0, macer_defer=3)
+    assert [cfg.method_config(e).macer_lam for e in range(5)] == [0.0, 0.0, 0.0, 16.0, 16.0]
+    assert cfg.method_config().macer_lam == 16.0
+    with pytest.raises(ValueError, match="macer_defer must be an integer >= 0"):
+        resolve_config("mnist-lenet", method="macer", macer_defer=-1)
+
+
 SMALL = ["--epochs", "1", "--train-subset", "64", "--batch", "32", "--eval-subset", "0",
          "--device", "cpu", "--sigma", "0.5"]
 

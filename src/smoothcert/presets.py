@@ -38,6 +38,9 @@ class TrainConfig:
     smoothmix_eta: float = MethodConfig.smoothmix_eta
     smoothmix_step: float = MethodConfig.smoothmix_step
     smoothmix_mix_step: int = MethodConfig.smoothmix_mix_step
+    # Epochs trained without MACER's robustness term (lambda 0) before it is switched on: the
+    # MNIST recipe later papers used for MACER defers it to the first lr decay.
+    macer_defer: int = 0
     epochs: int = 10
     batch: int = 256
     lr: float = 0.01
@@ -65,8 +68,10 @@ class TrainConfig:
         shared = {f.name: getattr(self, f.name) for f in fields(MethodConfig) if f.name != "warmup"}
         if epoch is None:
             return MethodConfig(**shared)
-        return MethodConfig(**shared | {"eps": eps_at(self, epoch),
-                                        "warmup": warmup_factor(self, epoch)})
+        shared |= {"eps": eps_at(self, epoch), "warmup": warmup_factor(self, epoch)}
+        if epoch < self.macer_defer:
+            shared["macer_lam"] = 0.0
+        return MethodConfig(**shared)
 
     def validate(self) -> TrainConfig:
         """Raise ValueError naming the first bad field and its accepted range."""
@@ -83,6 +88,7 @@ class TrainConfig:
         for name in ("k", "steps", "epochs", "batch", "lr_step"):
             _at_least(name, getattr(self, name), 1)
         _at_least("smoothmix_mix_step", self.smoothmix_mix_step, 0)
+        _at_least("macer_defer", self.macer_defer, 0)
         for name in ("eps_warmup", "warmup_epochs", "train_subset", "eval_subset", "workers"):
             _at_least(name, getattr(self, name), 0)
         for name in ("lr", "lr_gamma"):
