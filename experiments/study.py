@@ -26,7 +26,8 @@ from smoothcert.data import get_dataset
 from smoothcert.io import atomic_write_json, atomic_write_text
 from smoothcert.perf import set_threads, tune_allocator
 from smoothcert.presets import resolve_config
-from smoothcert.runner import RunConfig, read_rows, run, selected_indices
+from smoothcert.results import read_results
+from smoothcert.runner import RunConfig, run, selected_indices
 from smoothcert.train import CHECKPOINT, LOG, train
 
 ROOT = Path(__file__).resolve().parent
@@ -89,9 +90,7 @@ def is_complete(tsv: Path, dataset: str, args: argparse.Namespace, data_dir: str
     if not tsv.exists():
         return False
     expected = selected_indices(len(get_dataset(dataset, "test", data_dir)), args.skip, args.max)
-    with open(tsv) as f:
-        columns = f.readline().rstrip("\n").split("\t")
-    return set(read_rows(tsv, columns)) >= set(expected)
+    return set(read_results(tsv, allow_cut=True).values["idx"]) >= set(expected)
 
 
 def execute(study: str, runs: list[Run], args: argparse.Namespace) -> list[Path]:
@@ -139,11 +138,7 @@ def summarise_training(run_path: Path, target: Path) -> None:
 
 def certification_seconds(tsv: Path) -> float:
     """Total certification time recorded in a result file's time column."""
-    total = 0.0
-    for line in tsv.read_text().splitlines()[1:]:
-        h, m, s = line.split("\t")[5].split(":")
-        total += 3600 * int(h) + 60 * int(m) + float(s)
-    return total
+    return float(read_results(tsv).column("time").sum())
 
 
 def timing_table(files: list[Path]) -> str:
@@ -169,7 +164,7 @@ def curves_of(files: list[Path], methods: tuple[str, ...] = ("certify",)) -> lis
     curves = []
     for tsv in files:
         if tsv.exists():
-            curves += [c for c in load_results(tsv) if c.name.split(": ")[-1] in methods]
+            curves += [c for c in load_results(tsv) if c.method in methods]
     return curves
 
 
@@ -192,8 +187,7 @@ def tcertify_gain_table(files: list[Path]) -> str:
 def certified_indicators(tsv: Path, radii: tuple[float, ...]) -> np.ndarray:
     """[examples, radii] booleans: CERTIFY correct with radius >= r, rows sorted by index."""
     curve = next(c for c in load_results(tsv) if c.method == "certify")
-    order = np.argsort([int(line.split("\t", 1)[0]) for line in tsv.read_text().splitlines()[1:]
-                        if line.strip()])
+    order = np.argsort(curve.idx)
     return (curve.correct[:, None] & (curve.radius[:, None] >= np.array(radii)))[order]
 
 

@@ -11,37 +11,26 @@ import numpy as np
 import pytest
 
 from smoothcert import analyze as an
+from smoothcert import results
 
 RADII = np.array([0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5])
+INTEROP = Path(__file__).resolve().parents[2] / "shared" / "interop"
 
-GROUP_COLUMNS = [
-    f"{m}_{c}"
-    for m in ("tcertify", "strict")
-    for c in ("predict", "radius", "correct", "alpha", "pa_lower", "pb_upper")
-]
-RUNNER_HEADER = [
-    "idx",
-    "label",
-    "predict",
-    "radius",
-    "correct",
-    "time",
-    *GROUP_COLUMNS,
-    "pa_lower",
-    "n0",
-    "n",
-    "count_a",
-    "count_b",
-    "counts",
-]
-# idx label predict radius correct time | tcertify p r c alpha pa pb | strict p r c alpha pa pb
-# | pa_lower n0 n count_a count_b counts
+RUNNER_HEADER = results.columns("certify", "both")  # the runner's own header, never a copy
+RUN = "0123456789ab"
+# idx label predict radius correct time method run alpha' pA pB
+# | tcertify p r c alpha' pA pB | strict p r c alpha' pA pB | n0 n count_a count_b sel est
 RUNNER_ROWS = [
-    "0 3 3 0.25 1 1.5 3 0.6 1 0.0004 0.6 0.3 3 0.5 1 0.0005 0.6 0.3 0.6 100 1000 600 300 -",
-    "20 1 1 0.2499 1 1.4 1 0.3 1 0.0003 0.5 0.4 1 0.2499 1 0.001 0.5 0.5 0.5 100 1000 550 400 -",
-    "40 2 -1 0.0 0 1.6 -1 0.0 0 0.001 0.4 0.6 -1 0.0 0 0.001 0.4 0.6 0.4 100 1000 450 420 -",
-    "60 0 5 1.1 0 1.2 5 1.4 0 0.0002 0.9 0.1 5 1.2 0 0.0002 0.9 0.1 0.9 100 1000 950 20 -",
-    "80 7 7 0.8 1 1.3 7 1.25 1 0.0001 0.8 0.1 7 1.0 1 0.0002 0.8 0.1 0.8 100 1000 900 50 -",
+    "0 3 3 0.25 1 0:00:01.500000 certify R 0.001 0.6 0.4 3 0.6 1 0.0004 0.6 0.3 "
+    "3 0.5 1 0.0005 0.6 0.3 100 1000 600 300 3:100 1:100,3:600,5:300",
+    "20 1 1 0.2499 1 0:00:01.400000 certify R 0.001 0.5 0.5 1 0.3 1 0.0003 0.5 0.4 "
+    "1 0.2499 1 0.001 0.5 0.5 100 1000 550 400 1:100 1:550,2:400,3:50",
+    "40 2 -1 0.0 0 0:00:01.600000 certify R 0.001 0.4 0.6 -1 0.0 0 0.001 0.4 0.6 "
+    "-1 0.0 0 0.001 0.4 0.6 100 1000 450 420 2:100 2:450,4:420,6:130",
+    "60 0 5 1.1 0 0:00:01.200000 certify R 0.001 0.9 0.1 5 1.4 0 0.0002 0.9 0.1 "
+    "5 1.2 0 0.0002 0.9 0.1 100 1000 950 20 5:100 5:950,0:20,1:20,2:10",
+    "80 7 7 0.8 1 0:00:01.300000 certify R 0.001 0.8 0.2 7 1.25 1 0.0001 0.8 0.1 "
+    "7 1.0 1 0.0002 0.8 0.1 100 1000 900 50 7:100 7:900,1:50,2:50",
 ]
 SIDECAR = {
     "method": "certify",
@@ -63,7 +52,8 @@ COHEN_TEXT = (
 
 def write_runner(folder: Path, name: str = "run1.tsv", sidecar: dict | None = SIDECAR) -> Path:
     path = folder / name
-    lines = ["\t".join(RUNNER_HEADER)] + ["\t".join(row.split()) for row in RUNNER_ROWS]
+    lines = ["\t".join(RUNNER_HEADER)] + ["\t".join(row.replace(" R ", f" {RUN} ").split())
+                                          for row in RUNNER_ROWS]
     path.write_text("\n".join(lines) + "\n")
     if sidecar is not None:
         Path(f"{path}.json").write_text(json.dumps(sidecar))
@@ -86,32 +76,69 @@ def by_name(curves: list[an.ResultCurve]) -> dict[str, an.ResultCurve]:
 def test_runner_file_gives_one_curve_per_method(tmp_path):
     curves = by_name(an.load_results(write_runner(tmp_path)))
     assert list(curves) == [
-        "adre_s0.5: certify",
-        "adre_s0.5: tcertify",
-        "adre_s0.5: tcertify-strict",
+        "adre_s0.5: CERTIFY",
+        "adre_s0.5: T-CERTIFY (paper mode)",
+        "adre_s0.5: T-CERTIFY (strict)",
     ]
-    main = curves["adre_s0.5: certify"]
+    main = curves["adre_s0.5: CERTIFY"]
     np.testing.assert_array_equal(main.radius, [0.25, 0.2499, 0.0, 1.1, 0.8])
     np.testing.assert_array_equal(main.correct, [True, True, False, False, True])
-    np.testing.assert_array_equal(curves["adre_s0.5: tcertify"].radius, [0.6, 0.3, 0, 1.4, 1.25])
+    paper = curves["adre_s0.5: T-CERTIFY (paper mode)"]
+    np.testing.assert_array_equal(paper.radius, [0.6, 0.3, 0, 1.4, 1.25])
+    np.testing.assert_array_equal(paper.idx, [0, 20, 40, 60, 80])
 
 
-def test_label_defaults_to_file_stem_and_method_comes_from_sidecar(tmp_path):
+def tcertify_layout(folder: Path, name: str, legacy: bool = False) -> Path:
+    """The fixture as `--method tcertify` writes it: T-CERTIFY in the main columns, then strict
+    (legacy: as smoothcert wrote it before the method/run columns)."""
+    source = write_runner(folder, "source.tsv", sidecar=None)
+    header, *rows = (line.split("\t") for line in source.read_text().splitlines())
+    pick = {"method": None, **{c: f"tcertify_{c}" for c in ("predict", "radius", "correct",
+                                                           "alpha_prime", "pa_lower", "pb_upper")}}
+    columns = results.columns("certify", "tcertify")
+    if legacy:
+        columns = [c.replace("alpha_prime", "alpha") for c in columns
+                   if c not in ("method", "run", "alpha_prime", "pa_lower", "pb_upper")]
+        columns[-2:] = ["counts"]
+        pick.update(strict_alpha="strict_alpha_prime", counts="estimation_counts")
+    lines = ["\t".join(columns)]
+    for row in rows:
+        value = dict(zip(header, row, strict=True))
+        lines.append("\t".join("tcertify" if pick.get(c, c) is None else value[pick.get(c, c)]
+                               for c in columns))
+    path = folder / name
+    path.write_text("\n".join(lines) + "\n")
+    source.unlink()
+    return path
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_a_lone_file_says_which_method_its_main_columns_hold(tmp_path, legacy):
+    path = tcertify_layout(tmp_path, "tc.tsv", legacy)  # no sidecar
+    curves = an.load_results(path)
+    assert [c.name for c in curves] == ["tc: T-CERTIFY (paper mode)", "tc: T-CERTIFY (strict)"]
+    np.testing.assert_array_equal(curves[0].radius, [0.6, 0.3, 0, 1.4, 1.25])
+    # A sidecar cannot relabel the columns; it names the file.
+    Path(f"{path}.json").write_text(json.dumps({"method": "certify", "label": "mine"}))
+    assert an.load_results(path)[0].name == "mine: T-CERTIFY (paper mode)"
+
+
+def test_label_defaults_to_the_file_stem(tmp_path):
     names = [c.name for c in an.load_results(write_runner(tmp_path, "basic.tsv", sidecar=None))]
-    assert names[0] == "basic: certify"
-    path = write_runner(tmp_path, "tc.tsv", sidecar={"method": "tcertify"})
-    assert an.load_results(path)[0].name == "tc: tcertify"
+    assert names[0] == "basic: CERTIFY"
 
 
 def test_cohen_file_with_timedelta_times(tmp_path):
     (curve,) = an.load_results(write_cohen(tmp_path))
-    assert curve.name == "sigma_0.25: certify"
+    assert curve.name == "sigma_0.25: CERTIFY"
     np.testing.assert_array_equal(curve.correct, [True, True, False, True, False])
     # correct: 0.512, 0.25, 1.03 out of 5 rows
     np.testing.assert_allclose(
         an.certified_accuracy(curve, RADII), [0.6, 0.6, 0.4, 0.2, 0.2, 0.0, 0.0]
     )
     assert an.average_certified_radius(curve) == pytest.approx((0.512 + 0.25 + 1.03) / 5)
+    text = an.analyze([write_cohen(tmp_path)])
+    assert text.startswith("sigma_0.25: radii rounded to 3 significant digits")
 
 
 def test_header_only_file_gives_empty_curves(tmp_path):
@@ -122,7 +149,7 @@ def test_header_only_file_gives_empty_curves(tmp_path):
     assert np.all(np.isnan(an.certified_accuracy(curves[0], RADII)))
     assert np.isnan(an.average_certified_radius(curves[0]))
     row = an.format_table(curves[:1], RADII).splitlines()[2]
-    assert row == "| empty: certify | " + " | ".join(["-"] * len(RADII)) + " | - | 0 |"
+    assert row == "| empty: CERTIFY | " + " | ".join(["-"] * len(RADII)) + " | - | 0 |"
 
 
 # ---------------------------------------------------------------- statistics
@@ -132,22 +159,23 @@ def test_certified_accuracy_and_acr_by_hand(tmp_path):
     curves = by_name(an.load_results(write_runner(tmp_path)))
     # certify: correct radii 0.25, 0.2499, 0.8 (0.2499 < 0.25; abstention and wrong 1.1 never)
     np.testing.assert_allclose(
-        an.certified_accuracy(curves["adre_s0.5: certify"], RADII),
+        an.certified_accuracy(curves["adre_s0.5: CERTIFY"], RADII),
         [0.6, 0.4, 0.2, 0.2, 0.0, 0.0, 0.0],
     )
     # tcertify: correct radii 0.6, 0.3, 1.25 (1.25 counts at r = 1.25 exactly)
     np.testing.assert_allclose(
-        an.certified_accuracy(curves["adre_s0.5: tcertify"], RADII),
+        an.certified_accuracy(curves["adre_s0.5: T-CERTIFY (paper mode)"], RADII),
         [0.6, 0.6, 0.4, 0.2, 0.2, 0.2, 0.0],
     )
     # strict: correct radii 0.5, 0.2499, 1.0
     np.testing.assert_allclose(
-        an.certified_accuracy(curves["adre_s0.5: tcertify-strict"], RADII),
+        an.certified_accuracy(curves["adre_s0.5: T-CERTIFY (strict)"], RADII),
         [0.6, 0.4, 0.4, 0.2, 0.2, 0.0, 0.0],
     )
-    assert an.average_certified_radius(curves["adre_s0.5: certify"]) == pytest.approx(0.25998)
-    assert an.average_certified_radius(curves["adre_s0.5: tcertify"]) == pytest.approx(0.43)
-    assert an.average_certified_radius(curves["adre_s0.5: tcertify-strict"]) == pytest.approx(
+    assert an.average_certified_radius(curves["adre_s0.5: CERTIFY"]) == pytest.approx(0.25998)
+    paper = curves["adre_s0.5: T-CERTIFY (paper mode)"]
+    assert an.average_certified_radius(paper) == pytest.approx(0.43)
+    assert an.average_certified_radius(curves["adre_s0.5: T-CERTIFY (strict)"]) == pytest.approx(
         0.34998
     )
 
@@ -177,13 +205,14 @@ def test_markdown_table(tmp_path):
     assert "| 0.00 | 0.25 | 0.50 |" in lines[0]
     assert lines[1].startswith("|---|---:|") and lines[1].count("|") == lines[0].count("|")
     assert lines[2] == (
-        "| adre_s0.5: certify | 0.60 | 0.40 | 0.20 | 0.20 | "
+        "| adre_s0.5: CERTIFY | 0.60 | 0.40 | 0.20 | 0.20 | "
         + " | ".join(["0.00"] * 9)
         + " | 0.260 | 5 |"
     )
-    assert lines[3].startswith("| adre_s0.5: tcertify | 0.60 | 0.60 | 0.40 | 0.20 | 0.20 | 0.20 |")
+    assert lines[3].startswith(
+        "| adre_s0.5: T-CERTIFY (paper mode) | 0.60 | 0.60 | 0.40 | 0.20 | 0.20 | 0.20 |")
     assert lines[3].endswith("| 0.430 | 5 |")
-    assert lines[5].startswith("| sigma_0.25: certify | 0.60 | 0.60 | 0.40 | 0.20 | 0.20 | 0.00")
+    assert lines[5].startswith("| sigma_0.25: CERTIFY | 0.60 | 0.60 | 0.40 | 0.20 | 0.20 | 0.00")
     assert len(lines) == 6
 
 
@@ -192,7 +221,7 @@ def test_latex_table_escapes_names(tmp_path):
     text = an.format_table(curves[:1], RADII, fmt="latex")
     for rule in (r"\toprule", r"\midrule", r"\bottomrule", r"\begin{tabular}", r"\end{tabular}"):
         assert rule in text
-    assert r"adre\_λ0.1 100\%: certify & 0.60 & 0.40 & 0.20 & 0.20 & 0.00" in text
+    assert r"adre\_λ0.1 100\%: CERTIFY & 0.60 & 0.40 & 0.20 & 0.20 & 0.00" in text
     assert r"& 0.260 & 5 \\" in text
 
 
@@ -200,7 +229,7 @@ def test_csv_table_full_precision(tmp_path):
     curves = an.load_results(write_runner(tmp_path))
     rows = list(csv.reader(io.StringIO(an.format_table(curves, RADII, fmt="csv"))))
     assert rows[0] == ["method", "0.0", "0.25", "0.5", "0.75", "1.0", "1.25", "1.5", "ACR", "n"]
-    assert rows[1][0] == "adre_s0.5: certify"
+    assert rows[1][0] == "adre_s0.5: CERTIFY"
     np.testing.assert_allclose([float(v) for v in rows[1][1:8]], [0.6, 0.4, 0.2, 0.2, 0, 0, 0])
     assert float(rows[1][8]) == pytest.approx(0.25998, abs=1e-15)
     assert rows[1][9] == "5" and len(rows) == 4
@@ -223,12 +252,17 @@ def test_plot_writes_png(tmp_path):
     assert [p.name for p in out.parent.iterdir()] == ["curves.png"]  # no temporary left over
 
 
-def test_analyze_notes_protocol_and_plots(tmp_path):
+def test_analyze_notes_protocol_rounding_and_modes_and_plots(tmp_path):
     out = tmp_path / "fig.png"
-    text = an.analyze([write_runner(tmp_path), write_cohen(tmp_path)], plot=str(out))
+    text = an.analyze([write_runner(tmp_path, sidecar={**SIDECAR, "alpha": 0.001, "grid": 10}),
+                       write_cohen(tmp_path)], plot=str(out))
     lines = text.splitlines()
     assert lines[0] == "adre_s0.5: every 20th test image (500 points)"
-    assert lines[1] == "" and lines[2].startswith("| Method")
+    assert lines[1].startswith("sigma_0.25: radii rounded to 3 significant digits")
+    assert lines[2].startswith("T-CERTIFY (paper mode) picks α' after seeing the estimation")
+    assert "2α − α/grid = 0.0019 (α = 0.001, grid 10)" in lines[2]
+    assert "T-CERTIFY (strict) and CERTIFY hold at α exactly" in lines[2]
+    assert lines[3] == "" and lines[4].startswith("| Method")
     assert out.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     bare = an.analyze([write_cohen(tmp_path)], fmt="latex", protocol_note=False)
     assert bare.startswith(r"\begin{tabular}")
@@ -239,21 +273,56 @@ def test_analyze_warns_when_protocols_differ(tmp_path):
     b = write_runner(tmp_path, "b.tsv", sidecar={"protocol": "all 10,000 test images"})
     text = an.analyze([a, b], fmt="csv")
     assert text.startswith("# a: every 20th test image\n# b: all 10,000 test images\n# warning")
+    assert "# T-CERTIFY (paper mode) picks α'" in text and "2α − α/grid;" in text  # α unknown
 
 
 def test_analyze_is_torch_free_and_imports_matplotlib_lazily(tmp_path):
-    module = Path(an.__file__)
     code = (
-        "import importlib.util, sys\n"
-        f"spec = importlib.util.spec_from_file_location('analyze_alone', {str(module)!r})\n"
-        "m = sys.modules['analyze_alone'] = importlib.util.module_from_spec(spec)\n"
-        "spec.loader.exec_module(m)\n"
+        "import sys\n"
+        "from smoothcert import analyze as m\n"
         "assert 'matplotlib' not in sys.modules\n"
         "c = m.ResultCurve('x', [0.5, 1.0], [True, False])\n"
         f"m.plot_curves([c], {str(tmp_path / 'x.png')!r})\n"
         "assert 'torch' not in sys.modules\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    source = str(Path(an.__file__).resolve().parents[1])
+    subprocess.run([sys.executable, "-c", code], check=True, env={"PYTHONPATH": source})
+
+
+def test_plot_replaces_only_a_plot_smoothcert_wrote(tmp_path):
+    result = write_runner(tmp_path)
+    foreign_png = tmp_path / "photo.png"
+    foreign_png.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)
+    for target in (result, foreign_png, tmp_path):  # analyze r.tsv --plot r.tsv, a PNG, a folder
+        before = target.read_bytes() if target.is_file() else None
+        with pytest.raises(ValueError, match="not a plot smoothcert wrote") as err:
+            an.analyze([result], plot=target)
+        assert str(target) in str(err.value) and "--plot" in str(err.value)
+        assert (target.read_bytes() if target.is_file() else None) == before
+    plot = tmp_path / "fig.png"
+    an.analyze([result], plot=plot)
+    first = plot.read_bytes()
+    an.analyze([result, write_cohen(tmp_path)], plot=plot)  # its own plot: replaced
+    assert plot.read_bytes() != first
+
+
+@pytest.mark.skipif(not INTEROP.is_dir(), reason="needs ../shared/interop")
+def test_cohens_result_file_beside_ours_in_one_table_and_plot(tmp_path):
+    cohen = INTEROP / "cohen_certify_resnet20_sigma0.25.tsv"
+    plot = tmp_path / "both.png"
+    text = an.analyze([write_runner(tmp_path), cohen], plot=plot)
+    rows = {line.split(" | ")[0][2:]: line for line in text.splitlines() if line.startswith("| ")}
+    assert "cohen_certify_resnet20_sigma0.25: CERTIFY" in rows
+    assert "adre_s0.5: CERTIFY" in rows and "adre_s0.5: T-CERTIFY (strict)" in rows
+    assert "cohen_certify_resnet20_sigma0.25: radii rounded to 3 significant digits" in text
+    assert "adre_s0.5: radii rounded" not in text
+    (curve,) = an.load_results(cohen)
+    lines = cohen.read_text().splitlines()[1:]
+    radius = [float(line.split("\t")[3]) for line in lines]
+    correct = [line.split("\t")[4] == "1" and line.split("\t")[2] != "-1" for line in lines]
+    np.testing.assert_array_equal(curve.radius, radius)
+    np.testing.assert_array_equal(curve.correct, correct)
+    assert plot.read_bytes().startswith(an.PNG_SIGNATURE)
 
 
 # ---------------------------------------------------------------- errors
@@ -279,8 +348,12 @@ def test_malformed_row_names_file_and_line(tmp_path):
 def test_predict_file_gives_clear_error(tmp_path):
     path = tmp_path / "predict.tsv"
     path.write_text("idx\tlabel\tpredict\tcorrect\ttime\n0\t3\t3\t1\t0:00:01.2\n")
-    with pytest.raises(ValueError, match=r"predict\.tsv.*PREDICT output"):
+    with pytest.raises(ValueError, match=r"predict\.tsv: this is a PREDICT result"):
         an.load_results(path)
+    path.write_text("idx\tlabel\tpredict\tRadius\tcorrect\ttime\n0\t3\t3\t0.5\t1\t0:00:01\n")
+    with pytest.raises(ValueError, match=r"column 'Radius' should be 'radius'") as err:
+        an.load_results(path)
+    assert "PREDICT" not in str(err.value)
 
 
 def test_empty_file_and_incomplete_group_rejected(tmp_path):
@@ -291,3 +364,37 @@ def test_empty_file_and_incomplete_group_rejected(tmp_path):
     path.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\ttcertify_radius\n")
     with pytest.raises(ValueError, match="tcertify_predict, tcertify_correct"):
         an.load_results(path)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [(("0.25\t1", "inf\t1"), r"line 3: column 'radius' must be a finite number >= 0: 'inf'"),
+     (("0.25\t1", "nan\t1"), r"line 3: column 'radius' must be a finite number >= 0: 'nan'"),
+     (("40\t1\t-1", "0\t1\t-1"), r"line 4: duplicate idx 0 \(first on line 2\)")],
+)
+def test_rows_that_would_distort_the_table_are_refused(tmp_path, edit, message):
+    path = tmp_path / "bad.tsv"
+    path.write_text(COHEN_TEXT.replace(*edit))
+    with pytest.raises(ValueError, match=rf"bad\.tsv, {message}"):
+        an.analyze([path])
+
+
+def test_sidecar_and_encoding_errors_name_the_file(tmp_path):
+    path = write_runner(tmp_path, sidecar=None)
+    sidecar = Path(f"{path}.json")
+    for data, message in [(b"{not json", "not valid JSON"), (b"\xff\xfe{}", "not UTF-8"),
+                          (b"[1, 2]", "expected a JSON object")]:
+        sidecar.write_bytes(data)
+        with pytest.raises(ValueError, match=message) as err:
+            an.analyze([path])
+        assert str(sidecar) in str(err.value)
+    sidecar.unlink()
+    path.write_bytes(path.read_bytes().replace(b"0:00:01.5", b"0:00:01.\xe9"))
+    with pytest.raises(ValueError, match=r"run1\.tsv: not UTF-8 text"):
+        an.analyze([path])
+
+
+def test_a_sidecar_of_another_run_is_refused(tmp_path):
+    path = write_runner(tmp_path, sidecar={**SIDECAR, "run": "ba9876543210"})
+    with pytest.raises(ValueError, match=r"run1\.tsv\.json describes run ba9876543210"):
+        an.analyze([path])

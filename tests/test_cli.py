@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import gzip
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from smoothcert import train as train_module
 from smoothcert.cli import main
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -101,6 +105,9 @@ def test_train_with_a_preset_and_overrides(capsys, tmp_path):
         (["--steps", "0"], "error: steps must be"),
         (["--model", "vgg"], "error: model must be one of"),
         (["--preset", "nope"], "argument --preset: invalid choice"),
+        (["--lam", "0.2"], "error: lam is read by method adre, adreadv and consistency only"),
+        (["--device", "meta"], "error: device must be 'auto', 'cpu', 'cuda'"),
+        (["--device", "tpu"], "error: device must be 'auto', 'cpu', 'cuda'"),
     ],
 )
 def test_bad_train_options_exit_2_naming_the_argument(capsys, tmp_path, args, name):
@@ -123,29 +130,108 @@ def test_missing_cifar10_exits_2_with_a_clear_message(capsys, tmp_path):
     assert not (out / "config.json").exists()  # nothing half-made left behind
 
 
+@pytest.mark.parametrize(
+    "available, count, device, message",
+    [(False, 0, "cuda", "no CUDA device is available"),
+     (True, 1, "cuda:3", "this machine has 1 CUDA device(s), cuda:0 to cuda:0")],
+)
+def test_a_missing_gpu_exits_2(capsys, monkeypatch, tmp_path, available, count, device,
+                               message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    out = tmp_path / "run"
+    code, _, stderr = cli(capsys, "train", "--out", str(out), "--device", device)
+    assert code == 2 and message in stderr and "Traceback" not in stderr
+    assert not out.exists()
+
+
+def test_a_batch_too_large_for_memory_exits_2_naming_a_smaller_one(capsys, tmp_path):
+    # 2**30 noisy copies of each of 64 images need 215 PB: the allocation fails at once.
+    code, _, stderr = cli(capsys, "train", "--out", str(tmp_path / "run"), "--epochs", "1",
+                          "--train-subset", "64", "--batch", "64", "--k", str(2**30),
+                          "--eval-subset", "0", "--device", "cpu")
+    assert code == 2
+    assert "error: batch: a batch of 64 does not fit in memory" in stderr
+    assert "try --batch 32 or smaller" in stderr and "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("command", ["train", "certify"])
+def test_a_truncated_dataset_file_exits_2_naming_it(capsys, tmp_path, trained_checkpoint,
+                                                    command):
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    shipped = Path(train_module.__file__).parent / "_data" / "MNIST" / "raw"
+    for name in ("train-labels-idx1-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        (raw / name).write_bytes((shipped / name).read_bytes())
+    for name in ("train-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz"):
+        (raw / name).write_bytes(gzip.compress(b"\x00\x00\x08\x03")[:-4])  # cut short
+    args = (["train", "--out", str(tmp_path / "run"), *SMALL_TRAIN] if command == "train"
+            else ["certify", str(trained_checkpoint), "--out", str(tmp_path / "r.tsv"),
+                  *SMALL_CERTIFY])
+    code, _, stderr = cli(capsys, *args, "--data-dir", str(tmp_path / "data"))
+    assert code == 2 and "Traceback" not in stderr
+    assert "truncated or not a gzip file" in stderr and str(raw) in stderr
+
+
+# ---------------------------------------------------------------- errors, --debug and logging
+
+
+def _torch_value_error(*args, **kwargs):
+    """A bug as torch reports it: a ValueError raised inside torch, not by smoothcert's checks."""
+    F.cross_entropy(torch.zeros(2, 3), torch.zeros(3, dtype=torch.long))
+
+
+def test_a_bug_shows_its_traceback_instead_of_a_usage_error(capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(train_module.Trainer, "fit", _torch_value_error)
+    with pytest.raises(ValueError, match="batch_size"):
+        main(["--no-progress", "train", "--out", str(tmp_path / "run"), *SMALL_TRAIN])
+    monkeypatch.setattr(train_module.Trainer, "fit", lambda self: {}["no such key"])
+    with pytest.raises(KeyError):
+        main(["--no-progress", "train", "--out", str(tmp_path / "run2"), *SMALL_TRAIN])
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_shows_the_traceback_of_a_usage_error(tmp_path, where):
+    args = ["train", "--sigma", "0", "--out", str(tmp_path / "r")]
+    argv = ["--debug", *args] if where == "before" else [*args, "--debug"]
+    with pytest.raises(ValueError, match="sigma must be"):
+        main(argv)
+
+
+def test_library_messages_are_logged_to_stderr(capsys, tmp_path):
+    out = tmp_path / "run"
+    code, _, _ = cli(capsys, "train", "--out", str(out), *SMALL_TRAIN)
+    assert code == 0
+    code, stdout, stderr = cli(capsys, "train", "--out", str(out), *SMALL_TRAIN, "--resume",
+                               "--epochs", "2")
+    assert code == 0
+    assert f"resuming '{out}' after epoch 1 of 2" in stderr and "resuming" not in stdout
+
+
 # ---------------------------------------------------------------- certify, predict, analyze
 
 
-def test_certify_writes_results_and_resumes(capsys, trained_checkpoint, result_file):
+def test_certify_writes_results_and_resumes(capsys, trained_checkpoint, result_file, tmp_path):
     lines = result_file.read_text().splitlines()
-    assert lines[0].startswith("idx\tlabel\tpredict\tradius\tcorrect\ttime\ttcertify_predict")
+    assert lines[0].startswith("idx\tlabel\tpredict\tradius\tcorrect\ttime\tmethod\trun\t")
     assert [line.split("\t")[0] for line in lines[1:]] == ["0", "1", "2", "3"]
     before = result_file.read_text()
     code, stdout, _ = cli(capsys, "certify", str(trained_checkpoint), "--out", str(result_file),
                           "--max", "4", *SMALL_CERTIFY)
     assert code == 0 and str(result_file) in stdout
     assert result_file.read_text() == before  # finished: nothing recomputed
-    code, _, stderr = cli(capsys, "certify", str(trained_checkpoint), "--out", str(result_file),
-                          "--max", "4", "--n0", "10", "--n", "50", "--device", "cpu")
-    assert code == 2 and "--out" in stderr
-
-
-def test_certify_max_is_a_count(capsys, trained_checkpoint, tmp_path):
-    out = tmp_path / "sel.tsv"
-    code, _, _ = cli(capsys, "certify", str(trained_checkpoint), "--out", str(out), "--max", "3",
-                     "--skip", "2", "--method", "certify", *SMALL_CERTIFY)
-    assert code == 0
-    assert [line.split("\t")[0] for line in out.read_text().splitlines()[1:]] == ["0", "2", "4"]
+    copy = tmp_path / result_file.name  # other settings on a copy of the shared file
+    for suffix in ("", ".json"):
+        shutil.copy(f"{result_file}{suffix}", f"{copy}{suffix}")
+    other = ["certify", str(trained_checkpoint), "--out", str(copy), "--max", "4", "--n0", "10",
+             "--n", "50", "--batch", "50", "--device", "cpu"]
+    code, _, stderr = cli(capsys, *other)
+    assert code == 2 and "different n" in stderr and "--restart-stale" in stderr
+    assert copy.read_text() == before
+    code, _, _ = cli(capsys, *other, "--restart-stale")
+    assert code == 0 and copy.read_text() != before
+    code, _, stderr = cli(capsys, "verify", str(copy))
+    assert code == 0 and "every certificate matches" in stderr
 
 
 def test_predict_prints_the_abstention_rate(capsys, trained_checkpoint, tmp_path):
@@ -154,14 +240,18 @@ def test_predict_prints_the_abstention_rate(capsys, trained_checkpoint, tmp_path
                           "--max", "3", "--n", "5", "--batch", "5", "--device", "cpu")
     assert code == 0
     assert "abstention rate: 1.0000" in stdout  # 5 votes can never reject at alpha 0.001
-    assert out.read_text().splitlines()[0] == "idx\tlabel\tpredict\tcorrect\ttime"
+    header, *rows = (line.split("\t") for line in out.read_text().splitlines())
+    assert header == ["idx", "label", "predict", "correct", "time", "method", "run"]
+    assert len(rows) == 3 and all(row[2:4] == ["-1", "0"] for row in rows)
 
 
 @pytest.mark.parametrize(
     "args, message",
     [(["--n", "0"], "error: n must be"), (["--alpha", "2"], "error: alpha must be"),
      (["--method", "foo"], "argument --method: invalid choice"),
-     (["--sigma", "-1"], "error: sigma must be")],
+     (["--sigma", "-1"], "error: sigma must be"),
+     (["--max-examples", "-5"], "argument --max-examples/--max: must be a count >= 0"),
+     (["--max", "two"], "argument --max-examples/--max: expected a count of examples")],
 )
 def test_bad_certify_options_exit_2(capsys, trained_checkpoint, tmp_path, args, message):
     out = tmp_path / "x.tsv"
@@ -185,8 +275,8 @@ def test_analyze_prints_a_markdown_table_with_acr(capsys, result_file):
     code, stdout, _ = cli(capsys, "analyze", str(result_file))
     assert code == 0
     assert "ACR" in stdout
-    assert "| res: certify |" in stdout and "| res: tcertify |" in stdout
-    assert "| res: tcertify-strict |" in stdout
+    assert "| res: CERTIFY |" in stdout and "| res: T-CERTIFY (paper mode) |" in stdout
+    assert "| res: T-CERTIFY (strict) |" in stdout
     assert "4 examples" in stdout  # the protocol note from the sidecar
 
 
@@ -198,7 +288,7 @@ def test_analyze_latex_and_csv(capsys, result_file):
     assert code == 0
     rows = stdout.rstrip("\n").splitlines()
     assert rows[0].startswith("method,0.0,0.25,") and rows[0].endswith(",ACR,n")
-    assert rows[1].startswith("res: certify,") and len(rows) == 4
+    assert rows[1].startswith("res: CERTIFY,") and len(rows) == 4
     code, _, stderr = cli(capsys, "analyze", "--csv", "--latex", str(result_file))
     assert code == 2 and "not allowed" in stderr
 
@@ -214,32 +304,3 @@ def test_analyze_of_a_missing_file_exits_2(capsys, tmp_path):
     code, _, stderr = cli(capsys, "analyze", str(tmp_path / "none.tsv"))
     assert code == 2
     assert "none.tsv" in stderr and "Traceback" not in stderr
-
-
-# ---------------------------------------------------------------- demo
-
-
-def test_demo_runs_end_to_end_and_resumes(capsys, tmp_path):
-    out = tmp_path / "demo"
-    args = ["demo", "--out", str(out), "--epochs", "1", "--train-subset", "256", "--certify",
-            "5", "--n", "100", "--k", "2"]
-    code, stdout, _ = cli(capsys, *args)
-    assert code == 0
-    report = (out / "report.md").read_text()
-    assert "ACR" in report
-    for name in ("basic", "adre"):
-        for method in ("certify", "tcertify", "tcertify-strict"):
-            assert f"| {name}: {method} |" in report
-        assert (out / name / "checkpoint.pt").is_file()
-        assert len((out / f"{name}.tsv").read_text().splitlines()) == 1 + 5
-    assert "![certified accuracy](certified_accuracy.png)" in report
-    assert (out / "certified_accuracy.png").read_bytes().startswith(PNG)
-    assert "ACR" in stdout
-
-    # Re-running the same command resumes every stage: nothing is trained or certified again.
-    results = {name: (out / f"{name}.tsv").read_text() for name in ("basic", "adre")}
-    checkpoint = (out / "basic" / "checkpoint.pt").read_bytes()
-    code, _, stderr = cli(capsys, *args)
-    assert code == 0, stderr
-    assert {name: (out / f"{name}.tsv").read_text() for name in results} == results
-    assert (out / "basic" / "checkpoint.pt").read_bytes() == checkpoint

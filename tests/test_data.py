@@ -11,7 +11,13 @@ from torchvision import datasets
 from torchvision.datasets import cifar
 
 from smoothcert import data
-from smoothcert.data import DATASETS, MissingDatasetError, dataset_info, get_dataset
+from smoothcert.data import (
+    DATASETS,
+    DatasetFileError,
+    MissingDatasetError,
+    dataset_info,
+    get_dataset,
+)
 
 # CI always has ../shared beside the repository: a missing subset is an error, not a skip.
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -109,14 +115,22 @@ def test_cifar_train_augments_by_default(cifar_npz):
     plain = get_dataset("cifar10", "train", data_dir=cifar_npz, augment=False)
     augmented = get_dataset("cifar10", "train", data_dir=cifar_npz)
     test = get_dataset("cifar10", "test", data_dir=cifar_npz)
+    with np.load(cifar_npz) as f:
+        pixels = {"train": f["x_train"][:16], "test": f["x_test"][:16]}
+
+    def as_tensor(image: np.ndarray) -> torch.Tensor:  # HWC uint8 -> CHW in [0, 1]
+        return torch.from_numpy(image).permute(2, 0, 1).float() / 255
+
     changed = 0
     for i in range(16):
         x = augmented[i][0]
         assert x.shape == (3, 32, 32)
         assert 0.0 <= x.min() and x.max() <= 1.0
-        changed += not torch.equal(x, plain[i][0])
-        assert torch.equal(plain[i][0], plain[i][0])
-        assert torch.equal(test[i][0], test[i][0])
+        changed += not torch.equal(x, as_tensor(pixels["train"][i]))
+        # Without augmentation the stored pixels come back, whatever the RNG's state.
+        torch.manual_seed(i + 1)
+        torch.testing.assert_close(plain[i][0], as_tensor(pixels["train"][i]), rtol=0, atol=1e-7)
+        torch.testing.assert_close(test[i][0], as_tensor(pixels["test"][i]), rtol=0, atol=1e-7)
     assert changed > 8
 
 
@@ -203,7 +217,16 @@ def test_imagenet_folder_eval_transform(fake_imagenet, split):
     x, y = ds[3]
     assert x.shape == (3, 224, 224) and 0.0 <= x.min() and x.max() <= 1.0
     assert isinstance(y, int) and y == 1
-    assert torch.equal(ds[0][0], ds[0][0])
+    # The eval transform by hand: shorter side to 256 (bilinear), then the central 224x224.
+    path, _ = ds.samples[3]
+    with Image.open(path) as image:
+        w, h = image.size  # 300 x 280
+        resized = image.convert("RGB").resize((int(256 * w / h), 256), Image.BILINEAR)
+    left, top = (resized.width - 224) // 2, (resized.height - 224) // 2
+    expected = np.asarray(resized.crop((left, top, left + 224, top + 224)), dtype=np.float32)
+    torch.manual_seed(1)  # no randomness in the eval transform
+    torch.testing.assert_close(x, torch.from_numpy(expected / 255).permute(2, 0, 1), rtol=0,
+                               atol=1e-6)
 
 
 def test_imagenet_train_transform(fake_imagenet):
@@ -222,3 +245,132 @@ def test_imagenet_missing(tmp_path):
         get_dataset("imagenet", "train", data_dir=tmp_path)
     assert str(tmp_path / "train") in str(excinfo.value)
     assert "--download" not in str(excinfo.value)
+
+
+# ---------------------------------------------------------------- corrupted files
+
+
+def write_idx(path: Path, array: np.ndarray) -> Path:
+    """`array` (uint8) as an IDX file, gzipped when the name ends in .gz."""
+    header = b"\x00\x00\x08" + bytes([array.ndim]) + np.array(array.shape, ">u4").tobytes()
+    raw = header + array.astype(np.uint8).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(raw) if path.suffix == ".gz" else raw)
+    return path
+
+
+def small_mnist(root: Path, images: np.ndarray | None = None, labels: np.ndarray | None = None,
+                suffix: str = ".gz") -> tuple[Path, Path]:
+    """A 20-example MNIST test split in root/MNIST/raw (or the given images and labels)."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (20, 28, 28)) if images is None else images
+    labels = rng.integers(0, 10, 20) if labels is None else labels
+    raw = root / "MNIST" / "raw"
+    return (write_idx(raw / f"t10k-images-idx3-ubyte{suffix}", images),
+            write_idx(raw / f"t10k-labels-idx1-ubyte{suffix}", labels))
+
+
+def test_a_small_valid_mnist_loads(tmp_path):
+    small_mnist(tmp_path)
+    assert len(get_dataset("mnist", "test", data_dir=tmp_path)) == 20
+
+
+@pytest.mark.parametrize("suffix", [".gz", ""])
+def test_mnist_label_outside_the_classes_names_the_file(tmp_path, suffix):
+    labels = np.full(20, 3)
+    labels[7] = 200
+    _, label_file = small_mnist(tmp_path, labels=labels, suffix=suffix)
+    with pytest.raises(DatasetFileError, match=r"label 200 of example 7 is outside .* 0-9") as e:
+        get_dataset("mnist", "test", data_dir=tmp_path)
+    assert str(label_file) in str(e.value)
+
+
+def test_mnist_images_of_another_size_are_refused(tmp_path):
+    images, _ = small_mnist(tmp_path, images=np.zeros((20, 14, 14)))
+    with pytest.raises(DatasetFileError, match=r"28x28.*\[20, 14, 14\]") as e:
+        get_dataset("mnist", "test", data_dir=tmp_path)
+    assert str(images) in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda raw: raw[: len(raw) // 2], "truncated or not a gzip file"),  # a cut download
+        (lambda raw: b"<html>404 not found</html>", "truncated or not a gzip file"),
+        (lambda raw: gzip.compress(gzip.decompress(raw)[:-100]), "holds 15580"),
+        (lambda raw: gzip.compress(b"\x00\x00\x0d\x03" + gzip.decompress(raw)[4:]),
+         "not an unsigned-byte IDX file"),
+        (lambda raw: gzip.compress(b"\x00\x00"), "not an unsigned-byte IDX file"),
+    ],
+)
+def test_a_damaged_mnist_file_names_itself(tmp_path, damage, message):
+    images, _ = small_mnist(tmp_path)
+    images.write_bytes(damage(images.read_bytes()))
+    with pytest.raises(DatasetFileError, match=message) as e:
+        get_dataset("mnist", "test", data_dir=tmp_path)
+    assert str(images) in str(e.value)
+
+
+def test_mnist_files_of_different_lengths_are_refused(tmp_path):
+    small_mnist(tmp_path, labels=np.zeros(19))
+    with pytest.raises(DatasetFileError, match="20 images, 19 labels"):
+        get_dataset("mnist", "test", data_dir=tmp_path)
+
+
+def save_cifar(path: Path, **changes) -> Path:
+    rng = np.random.default_rng(0)
+    arrays = dict(x_train=rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8),
+                  y_train=np.arange(6), x_test=rng.integers(0, 256, (4, 32, 32, 3),
+                  dtype=np.uint8), y_test=np.arange(4))
+    arrays.update(changes)
+    np.savez(path, **{k: v for k, v in arrays.items() if v is not None})
+    return path
+
+
+def test_a_small_valid_cifar_npz_loads_with_column_labels(tmp_path):
+    path = save_cifar(tmp_path / "c.npz", y_train=np.arange(6)[:, None])  # Keras's layout
+    ds = get_dataset("cifar10", "train", data_dir=path)
+    assert [ds[i][1] for i in range(6)] == list(range(6))
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(y_train=np.array([0, 1, 2, 10, 4, 5])), "label 10 of example 3 is outside"),
+        (dict(y_train=np.array([0, 1, -1, 3, 4, 5])), "label -1 of example 2 is outside"),
+        (dict(y_train=np.linspace(0, 5, 6)), "labels must be integers"),
+        (dict(y_train=np.arange(5)), "differ in length"),
+        (dict(x_train=np.zeros((6, 3, 32, 32), np.uint8)), r"\[N,32,32,3\]"),
+        (dict(y_train=None), "lacks the array"),
+    ],
+)
+def test_a_bad_cifar_npz_names_the_file(tmp_path, changes, message):
+    path = save_cifar(tmp_path / "c.npz", **changes)
+    with pytest.raises(DatasetFileError, match=message) as e:
+        get_dataset("cifar10", "train", data_dir=path)
+    assert str(path) in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda raw: raw[: len(raw) // 2], "truncated or not an .npz archive"),
+        (lambda raw: raw[:200] + bytes([raw[200] ^ 0xFF]) + raw[201:], "Bad CRC-32"),  # x_train
+        (lambda raw: b"not a zip file at all", "not a valid .npz archive"),
+    ],
+)
+def test_a_damaged_cifar_npz_names_the_file(tmp_path, damage, message):
+    path = save_cifar(tmp_path / "c.npz")
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(DatasetFileError, match=message) as e:
+        get_dataset("cifar10", "train", data_dir=path)
+    assert str(path) in str(e.value)
+
+
+def test_a_single_array_named_npz_is_refused(tmp_path):
+    path = tmp_path / "c.npz"
+    with open(path, "wb") as f:
+        np.save(f, np.zeros((2, 32, 32, 3), np.uint8))
+    with pytest.raises(DatasetFileError, match="single array") as e:
+        get_dataset("cifar10", "test", data_dir=path)
+    assert str(path) in str(e.value)

@@ -11,6 +11,7 @@ from smoothcert.models.cifar_resnet import CifarResNet
 # Each registered model on the dataset it is meant for, with a batch small enough to stay fast.
 CASES = [
     ("lenet", "mnist", 4),
+    ("lenet_20_50", "mnist", 4),
     ("cifar_resnet20", "cifar10", 4),
     ("cifar_resnet56", "cifar10", 2),
     ("cifar_resnet110", "cifar10", 2),
@@ -37,7 +38,10 @@ def test_logits_shape(name, dataset, batch):
     assert torch.isfinite(logits).all()
 
 
-@pytest.mark.parametrize(("name", "dataset"), [("lenet", "cifar10"), ("cifar_resnet20", "mnist")])
+@pytest.mark.parametrize(
+    ("name", "dataset"),
+    [("lenet", "cifar10"), ("lenet_20_50", "cifar10"), ("cifar_resnet20", "mnist")],
+)
 def test_models_fit_other_datasets(name, dataset):
     torch.manual_seed(0)
     model = build_model(name, dataset).eval()
@@ -144,3 +148,37 @@ def test_resnet50_accepts_other_channel_counts():
     model = MODELS["resnet50"](num_classes=7, in_channels=1).eval()
     with torch.no_grad():
         assert model(torch.rand(1, 1, 64, 64)).shape == (1, 7)
+
+
+def test_lenet_20_50_is_the_published_mnist_lenet():
+    # conv 1->20 and 20->50 (5x5), fc 800->500->10, under the published parameter names.
+    model = MODELS["lenet_20_50"](num_classes=10, in_channels=1)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert shapes == {
+        "conv1.weight": (20, 1, 5, 5), "conv1.bias": (20,),
+        "conv2.weight": (50, 20, 5, 5), "conv2.bias": (50,),
+        "fc1.weight": (500, 800), "fc1.bias": (500,),
+        "fc2.weight": (10, 500), "fc2.bias": (10,),
+    }
+    # Its forward pass, written out from the published structure.
+    x = torch.rand(3, 1, 28, 28)
+    f = nn.functional
+    h = f.max_pool2d(f.relu(f.conv2d(x, model.conv1.weight, model.conv1.bias)), 2, 2)
+    h = f.max_pool2d(f.relu(f.conv2d(h, model.conv2.weight, model.conv2.bias)), 2, 2)
+    h = f.relu(f.linear(h.view(-1, 4 * 4 * 50), model.fc1.weight, model.fc1.bias))
+    expected = f.linear(h, model.fc2.weight, model.fc2.bias)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+
+
+def test_cifar_resnet_pools_like_the_published_avgpool8():
+    # Cohen et al.'s CIFAR ResNet ends in AvgPool2d(8) on the 8x8 maps: the same bits.
+    torch.manual_seed(0)
+    model = MODELS["cifar_resnet20"](num_classes=10, in_channels=3).eval()
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        h = model.relu(model.bn1(model.conv1(x)))
+        h = model.layer3(model.layer2(model.layer1(h)))
+        expected = model.fc(nn.AvgPool2d(8)(h).view(len(x), -1))
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+

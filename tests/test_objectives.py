@@ -708,16 +708,26 @@ def test_baseline_presets_are_the_papers_recipes(preset, expected):
     assert (cfg.dataset, cfg.model, cfg.schedule, cfg.lr_gamma) == (
         "cifar10", "cifar_resnet110", "step", 0.1)
     assert {key: getattr(cfg, key) for key in expected} == expected
-    assert resolve_config(preset, macer_lam=4.0, consistency_lam=20.0).macer_lam == 4.0
+    key = {"macer": "macer_lam", "consistency": "consistency_lam",
+           "smoothmix": "smoothmix_step"}[expected["method"]]
+    assert getattr(resolve_config(preset, **{key: 3.0}), key) == 3.0  # per-sigma values
 
 
 def test_method_config_of_an_epoch_warms_smoothmix_up():
     cfg = resolve_config("mnist-lenet", method="smoothmix", eps_warmup=4, smoothmix_eta=3.0,
-                         sigma=0.5, macer_gamma=6.0)
+                         sigma=0.5, smoothmix_step=0.7)
     assert [cfg.method_config(e).warmup for e in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
     assert cfg.method_config().warmup == 1.0
     whole = cfg.method_config(0)
-    assert (whole.smoothmix_eta, whole.sigma, whole.macer_gamma) == (3.0, 0.5, 6.0)
+    assert (whole.smoothmix_eta, whole.sigma, whole.smoothmix_step) == (3.0, 0.5, 0.7)
+
+
+def test_baseline_options_are_refused_for_a_method_that_ignores_them():
+    with pytest.raises(ValueError, match="macer_gamma is read by method macer only"):
+        resolve_config("mnist-lenet", method="smoothmix", macer_gamma=6.0)
+    with pytest.raises(ValueError, match="steps is read by method smoothadv, adreadv and smoothm"):
+        resolve_config("mnist-lenet", method="consistency", steps=2)
+    assert resolve_config("mnist-lenet", method="consistency", lam=0.2).lam == 0.2
 
 
 def test_macer_robustness_term_can_be_deferred():

@@ -4,16 +4,31 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
+import subprocess
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+import smoothcert
 from smoothcert import io as sc_io
+from smoothcert.distributed import BatchTooLargeError
 from smoothcert.models import build_model
 from smoothcert.presets import TrainConfig, eps_at, lr_factor, resolve_config
-from smoothcert.train import CHECKPOINT, LOG, Trainer, train
+from smoothcert.train import (
+    CHECKPOINT,
+    LOG,
+    Trainer,
+    draw_noise,
+    epoch_seed,
+    train,
+    train_loader,
+)
 
 LOG_KEYS = {"epoch", "loss", "l_per", "l_adre", "train_acc", "lr", "time", "test_clean_acc",
             "test_noisy_acc"}
@@ -49,6 +64,38 @@ def assert_same_state(a, b, where: str = "state") -> None:
 
 def tmp_files(run: Path) -> list[str]:
     return [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.fixture
+def tiny_cifar(tmp_path) -> Path:
+    """64 random 32x32 training images (and 8 test images) as a CIFAR-10 .npz subset."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "tiny_cifar.npz"
+    np.savez(path, x_train=rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8),
+             y_train=rng.integers(0, 10, 64), x_test=rng.integers(0, 256, (8, 32, 32, 3),
+             dtype=np.uint8), y_test=rng.integers(0, 10, 8))
+    return path
+
+
+def tiny_cifar_run(out: Path, data: Path, **overrides) -> TrainConfig:
+    """ResNet-20 on the tiny CIFAR subset (augmented), two steps of 32 per epoch, CPU."""
+    values = dict(dataset="cifar10", model="cifar_resnet20", data_dir=str(data), sigma=0.25,
+                  k=1, epochs=1, batch=32, lr=0.05, eval_subset=0, device="cpu", out=str(out))
+    values.update(overrides)
+    return resolve_config(**values)
+
+
+def assert_same_runs(a: Path, b: Path) -> None:
+    """Two run folders hold bit-identical checkpoints and log lines (wall times aside)."""
+    state_a = torch.load(a / CHECKPOINT, weights_only=True)
+    state_b = torch.load(b / CHECKPOINT, weights_only=True)
+    assert state_a["epoch"] == state_b["epoch"]
+    for part in ("model", "optimizer", "scheduler", "scaler"):
+        assert_same_state(state_a[part], state_b[part], part)
+    log_a, log_b = read_log(a), read_log(b)
+    for record in (*log_a, *log_b):
+        record.pop("time")
+    assert log_a == log_b
 
 
 # ---------------------------------------------------------------- training works
@@ -127,6 +174,36 @@ def test_a_kill_right_after_the_checkpoint_loses_no_log_line(tmp_path, monkeypat
     assert [r["epoch"] for r in read_log(run)] == [0, 1]
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_with_cifar_augmentation_equals_the_uninterrupted_run(tmp_path, tiny_cifar,
+                                                                       workers):
+    # Random crops and flips draw from torch's RNG in the main process or in the loader's
+    # workers; both must be a function of (seed, epoch) for a resumed run to match.
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    train(tiny_cifar_run(straight, tiny_cifar, epochs=3, workers=workers), progress=False)
+    train(tiny_cifar_run(interrupted, tiny_cifar, epochs=1, workers=workers), progress=False)
+    train(tiny_cifar_run(interrupted, tiny_cifar, epochs=3, workers=workers), resume=True,
+          progress=False)
+    assert_same_runs(straight, interrupted)
+
+
+def test_loader_workers_do_not_change_the_run(tmp_path):
+    train(tiny(tmp_path / "main", epochs=2, train_subset=128), progress=False)
+    train(tiny(tmp_path / "workers", epochs=2, train_subset=128, workers=2), progress=False)
+    assert_same_runs(tmp_path / "main", tmp_path / "workers")
+
+
+def test_resume_with_fewer_epochs_than_done_is_refused(tmp_path):
+    run = tmp_path / "run"
+    train(tiny(run, epochs=2), progress=False)
+    before = {name: (run / name).read_bytes() for name in (CHECKPOINT, "config.json", LOG)}
+    with pytest.raises(ValueError, match=r"epochs: .* already trained 2 epochs; .*--epochs 2"):
+        train(tiny(run, epochs=1), resume=True, progress=False)
+    assert {name: (run / name).read_bytes() for name in before} == before
+    train(tiny(run, epochs=2), resume=True, progress=False)  # as many as done: nothing to do
+    assert (run / CHECKPOINT).read_bytes() == before[CHECKPOINT]
+
+
 def test_resume_without_a_checkpoint_starts_fresh(tmp_path):
     train(tiny(tmp_path / "run"), resume=True, progress=False)
     assert [r["epoch"] for r in read_log(tmp_path / "run")] == [0]
@@ -169,6 +246,36 @@ def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monke
         train(tiny(run, epochs=2), resume=True, progress=False)
     assert (run / CHECKPOINT).read_bytes() == before
     assert tmp_files(run) == []
+
+
+def test_stale_temporaries_of_a_killed_save_are_removed_on_the_next_start(tmp_path):
+    run = tmp_path / "run"
+    train(tiny(run), progress=False)
+    # What a kill -9 during atomic_write_bytes leaves: its temporary, under its own naming (and
+    # one named as tempfile.mkstemp named them before); files of other names are the user's.
+    fd, left = sc_io._create_temporary(run / CHECKPOINT)
+    os.close(fd)
+    older = run / ".config.json.k_9xq2ab.tmp"
+    kept = [run / ".checkpoint.pt.notes.tmp", run / "checkpoint.pt.abcdefgh.tmp",
+            run / ".checkpoint.pt.abcdefgh.tmp.bak"]
+    for path in (older, *kept):
+        path.write_text("x")
+    train(tiny(run, epochs=2), resume=True, progress=False)
+    assert not left.exists() and not older.exists()
+    assert all(path.exists() for path in kept)
+
+
+def test_outputs_respect_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        train(tiny(tmp_path / "run"), progress=False)
+        os.umask(0o027)
+        sc_io.atomic_write_text(tmp_path / "private.txt", "x")
+    finally:
+        os.umask(old)
+    for name in (CHECKPOINT, "config.json", LOG):
+        assert stat.S_IMODE((tmp_path / "run" / name).stat().st_mode) == 0o644, name
+    assert stat.S_IMODE((tmp_path / "private.txt").stat().st_mode) == 0o640
 
 
 def test_log_lines_hold_the_training_and_evaluation_metrics(tmp_path):
@@ -216,6 +323,89 @@ def test_resuming_with_a_different_setting_names_it(tmp_path, change, field):
     assert [r["epoch"] for r in read_log(run)] == [0]
 
 
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("config.json", b'{"lr": 0.1, "layers": [64, 64]}\n'),  # another tool's config
+        ("config.json", b"\x89PNG\r\n\x1a\n binary"),
+        (LOG, b"my own notes\n"),
+        (LOG, b'{"step": 1, "loss": 0.5}\n'),  # another tool's JSON lines
+        (LOG, b"no newline at the end"),
+        (LOG, b"\xff\xfe not text"),
+    ],
+)
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_users_own_config_or_log_is_never_replaced(tmp_path, name, content, resume):
+    run = tmp_path / "run"
+    if resume:
+        train(tiny(run), progress=False)
+    run.mkdir(exist_ok=True)
+    (run / name).write_bytes(content)
+    before = sorted(p.name for p in run.iterdir())
+    with pytest.raises(ValueError, match=rf"out: '{run / name}' is not .* smoothcert wrote"):
+        train(tiny(run, epochs=2), resume=resume, progress=False)
+    assert (run / name).read_bytes() == content
+    assert sorted(p.name for p in run.iterdir()) == before
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_again(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+
+    def die(self, epoch):
+        raise KeyboardInterrupt  # killed after the log line, before the checkpoint
+
+    monkeypatch.setattr(Trainer, "_save", die)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(run), progress=False)
+    monkeypatch.undo()
+    assert [r["epoch"] for r in read_log(run)] == [0] and not (run / CHECKPOINT).exists()
+    train(tiny(run), progress=False)  # its own config.json and log.jsonl are replaced
+    assert [r["epoch"] for r in read_log(run)] == [0]
+
+
+# A train process that takes the lock of its --out, says so, and waits for a line on stdin.
+HOLD_THE_LOCK = """
+import sys
+from smoothcert import train
+from smoothcert.cli import main
+
+fit = train.Trainer.fit
+
+def fit_when_told(self):
+    print("locked", flush=True)
+    sys.stdin.readline()
+    return fit(self)
+
+train.Trainer.fit = fit_when_told
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow  # two processes that each import torch: 10 to 25 s on 2 shared cores
+def test_a_second_train_on_the_same_out_is_refused_naming_the_first(tmp_path):
+    run = tmp_path / "run"
+    argv = ["--no-progress", "train", "--out", str(run), "--epochs", "1", "--train-subset",
+            "64", "--batch", "64", "--eval-subset", "0", "--device", "cpu"]
+    env = {**os.environ, "PYTHONPATH": str(Path(smoothcert.__file__).parents[1]),
+           "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen([sys.executable, "-c", HOLD_THE_LOCK, *argv], env=env, text=True,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert first.stdout.readline() == "locked\n"
+        second = subprocess.run([sys.executable, "-m", "smoothcert", *argv], env=env, text=True,
+                                capture_output=True, timeout=300)
+        assert second.returncode == 2
+        assert f"PID {first.pid}" in second.stderr and "Traceback" not in second.stderr
+        first.stdin.write("\n")
+        first.stdin.flush()
+        assert first.wait(timeout=300) == 0
+    finally:
+        first.kill()
+        first.wait()
+    assert [r["epoch"] for r in read_log(run)] == [0]  # one run's line, not two
+    assert json.loads((run / "config.json").read_text())["out"] == str(run)
+
+
 # ---------------------------------------------------------------- bad input
 
 
@@ -240,6 +430,12 @@ def test_resuming_with_a_different_setting_names_it(tmp_path, change, field):
         (dict(label_smoothing=1.0), "label_smoothing"),
         (dict(momentum=1.0), "momentum"),
         (dict(no_such_option=1), "no_such_option"),
+        # Options the method would ignore (gaussian is the default method).
+        (dict(lam=0.2), "lam"),
+        (dict(method="smoothadv", eps=0.5, lam=0.2), "lam"),
+        (dict(eps=0.5), "eps"),
+        (dict(method="adre", lam=0.1, steps=3), "steps"),
+        (dict(single_draw=True), "single_draw"),
     ],
 )
 def test_bad_options_are_rejected_by_name_before_any_work(tmp_path, options, name):
@@ -307,15 +503,89 @@ def test_imagenet_learning_rate_schedule():
             else 0.05 * (1 + math.cos(math.pi * (epoch - 8) / 42))
         )
         assert cfg.lr * lr_factor(cfg, epoch) == pytest.approx(expected, abs=1e-12), epoch
-    # The trainer's scheduler (LambdaLR over lr_factor, stepped once per epoch) gives the same.
-    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(cfg, e))
-    seen = []
-    for _ in range(50):
-        seen.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
-    assert seen == pytest.approx([cfg.lr * lr_factor(cfg, e) for e in range(50)])
+
+
+def test_the_trainer_warms_up_then_follows_the_cosine(tmp_path):
+    run = tmp_path / "run"
+    train(tiny(run, epochs=6, warmup_epochs=3, schedule="cosine"), progress=False)
+    # lr 0.05: 1/3, 2/3, 3/3 of it, then 0.05 * (1 + cos(pi * t / 3)) / 2 for t = 0, 1, 2.
+    assert [r["lr"] for r in read_log(run)] == pytest.approx(
+        [0.05 / 3, 0.1 / 3, 0.05, 0.05, 0.0375, 0.0125], abs=1e-12
+    )
+    resumed = torch.load(run / CHECKPOINT, weights_only=True)["optimizer"]["param_groups"][0]
+    assert resumed["lr"] == pytest.approx(0.0, abs=1e-12)  # what a 7th epoch would use: cos(pi)
+
+
+# ---------------------------------------------------------------- options inside the trainer
+
+
+def test_label_smoothing_reaches_the_trained_loss(tmp_path):
+    cfg = tiny(tmp_path / "run", label_smoothing=0.2)
+    with Trainer(cfg, progress=False) as trainer:
+        # The first step's batch and noise, drawn as train_epoch draws them, on the initial model.
+        x, y = next(iter(train_loader(trainer.train_set, cfg, trainer.ctx, 0)))
+        noise = draw_noise(cfg, trainer.ctx, x, torch.Generator().manual_seed(epoch_seed(cfg, 0)))
+        with torch.no_grad():
+            log_p = trainer.model((x[:, None] + noise).flatten(0, 1)).log_softmax(-1)
+        nll = -log_p.gather(1, y.repeat_interleave(cfg.k)[:, None]).mean()
+        uniform = -log_p.mean()  # cross-entropy against the uniform distribution over classes
+        trainer.fit()
+    (record,) = read_log(tmp_path / "run")
+    assert record["l_per"] == pytest.approx(float(0.8 * nll + 0.2 * uniform), rel=1e-5)
+    assert abs(record["l_per"] - float(nll)) > 1e-3
+
+
+def test_fp16_training_scales_the_loss(tmp_path, monkeypatch):
+    scaled = []
+    original = torch.amp.GradScaler.scale
+    monkeypatch.setattr(torch.amp.GradScaler, "scale",
+                        lambda self, loss: scaled.append(self.get_scale()) or original(self, loss))
+    half, full = tmp_path / "fp16", tmp_path / "fp32"
+    train(tiny(half, amp="fp16"), progress=False)
+    train(tiny(full), progress=False)
+    state = torch.load(half / CHECKPOINT, weights_only=True)
+    assert scaled[0] == 65536.0  # the fp16 run scaled its loss before backward
+    assert state["scaler"]["_growth_tracker"] == 1  # one step taken with finite gradients
+    # The step used the unscaled gradients: its update matches the fp32 run's.
+    torch.manual_seed(0)  # the trainer's initial weights: build_model after seeding with cfg.seed
+    start = build_model("lenet", "mnist").state_dict()
+    update = {k: state["model"][k] - start[k] for k in start}
+    reference = torch.load(full / CHECKPOINT, weights_only=True)["model"]
+    for key, delta in update.items():
+        expected = reference[key] - start[key]
+        assert torch.linalg.norm(delta - expected) <= 0.05 * torch.linalg.norm(expected), key
+
+
+def test_channels_last_reaches_the_model_and_trains_alike(tmp_path, tiny_cifar):
+    runs = {}
+    for channels_last in (True, False):
+        cfg = tiny_cifar_run(tmp_path / str(channels_last), tiny_cifar, batch=64,
+                             channels_last=channels_last)
+        with Trainer(cfg, progress=False) as trainer:
+            seen = []
+            trainer.model.register_forward_pre_hook(lambda module, args, seen=seen: seen.append(
+                args[0].is_contiguous(memory_format=torch.channels_last)))
+            trainer.fit()
+            first_conv = next(m for m in trainer.model.modules() if isinstance(m, torch.nn.Conv2d))
+            assert first_conv.weight.is_contiguous(memory_format=torch.channels_last) is \
+                channels_last
+        assert seen == [channels_last]  # the one step's input
+        runs[channels_last] = torch.load(Path(cfg.out) / CHECKPOINT, weights_only=True)["model"]
+    # Other conv kernels round differently (1.3% of the step at most, measured): the same step.
+    torch.manual_seed(0)
+    start = build_model("cifar_resnet20", "cifar10").state_dict()
+    for key, value in runs[True].items():
+        step = runs[False][key] - start[key]
+        if value.is_floating_point() and step.any():
+            assert torch.linalg.norm(value - runs[False][key]) <= 0.1 * torch.linalg.norm(step)
+
+
+def test_a_batch_that_does_not_fit_in_memory_names_a_smaller_batch(tmp_path):
+    # 64 examples x 2**30 noisy copies of 28x28 floats: 215 PB, more than any address space.
+    run = tmp_path / "run"
+    with pytest.raises(BatchTooLargeError, match=r"batch: a batch of 64 .* try --batch 32 or"):
+        train(tiny(run, k=2**30), progress=False)
+    assert not (run / CHECKPOINT).exists()
 
 
 def test_eps_warms_up_linearly():

@@ -20,6 +20,7 @@ __all__ = [
     "certify_from_counts",
     "clopper_pearson_lower",
     "clopper_pearson_upper",
+    "load_checkpoint",
     "pb_upper_bound",
     "predict_from_counts",
 ]
@@ -31,4 +32,8 @@ def __getattr__(name: str):
         from . import smooth
 
         return getattr(smooth, name)
+    if name == "load_checkpoint":
+        from .checkpoints import load_checkpoint
+
+        return load_checkpoint
     raise AttributeError(f"module 'smoothcert' has no attribute {name!r}")

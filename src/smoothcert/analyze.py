@@ -1,28 +1,29 @@
 """Certification result files -> the paper's Table 1, average certified radius, plots.
 
-Reads the tab-separated files of the certify runner (and Cohen et al.'s original six-column
-files). numpy and matplotlib only: analysing results must not need torch.
+Reads every result file `smoothcert.results` reads: smoothcert's own and those of Cohen et al.'s
+certify.py and its forks (radii rounded to 3 significant digits, which the output notes).
+numpy and matplotlib only: analysing results must not need torch.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import json
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-DEFAULT_RADII = np.arange(0, 3.0 + 1e-9, 0.25)
+from .io import atomic_write_bytes
+from .results import METHOD_LABELS, ResultFile, paper_mode_level, read_results
 
-_REQUIRED = ("idx", "label", "predict", "radius", "correct")
-# Extra certification methods computed from the same samples: column prefix -> method name.
-_GROUPS = {"tcertify": "tcertify", "strict": "tcertify-strict"}
+DEFAULT_RADII = np.arange(0, 3.0 + 1e-9, 0.25)
 _FORMATS = ("markdown", "latex", "csv")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# A tEXt chunk every plot carries, so that --plot replaces only plots smoothcert wrote.
+PLOT_MARK = ("smoothcert", "analyze plot")
 
 
 @dataclass
@@ -34,6 +35,7 @@ class ResultCurve:
     correct: np.ndarray
     method: str = ""  # "certify", "tcertify", ...: picks the line style in plots
     source: str = ""  # the file it came from: curves of one file share a colour
+    idx: np.ndarray | None = None  # the example index of each entry, when known
 
     def __post_init__(self) -> None:
         self.radius = np.asarray(self.radius, dtype=float)
@@ -48,110 +50,39 @@ class ResultCurve:
 # ---------------------------------------------------------------- reading
 
 
-def _read_sidecar(path: Path) -> dict:
-    sidecar = Path(f"{path}.json")
-    if not sidecar.is_file():
-        return {}
-    try:
-        meta = json.loads(sidecar.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{sidecar}: not valid JSON ({err})") from None
-    if not isinstance(meta, dict):
-        raise ValueError(f"{sidecar}: expected a JSON object, got {type(meta).__name__}")
-    for key in ("method", "label", "protocol"):
-        if key in meta and not isinstance(meta[key], str):
-            raise ValueError(f"{sidecar}: '{key}' must be a string, got {meta[key]!r}")
-    return meta
+def curves_of(table: ResultFile) -> list[ResultCurve]:
+    """A curve for the main columns of a parsed result file and one per further method."""
+    curves = []
+    for method in table.methods:
+        predict, radius, correct = table.method_columns(method)
+        curves.append(ResultCurve(
+            name=f"{table.label}: {METHOD_LABELS[method]}",
+            radius=radius,
+            correct=(correct == 1) & (predict != -1),
+            method=method,
+            source=str(table.path),
+            idx=table.column("idx"),
+        ))
+    return curves
 
 
-def _label(path: Path, meta: dict) -> str:
-    if meta.get("label"):
-        return meta["label"]
-    # Cohen's files are named like "sigma_0.25": only a word-like suffix (.tsv) is an extension.
-    return path.stem if path.suffix[1:].isalpha() else path.name
-
-
-def _check_header(path: Path, header: list[str]) -> None:
-    if len(set(header)) != len(header):
-        raise ValueError(f"{path}: duplicate column names in header {header}")
-    missing = [c for c in _REQUIRED if c not in header]
-    if missing == ["radius"]:
-        raise ValueError(
-            f"{path}: this looks like a PREDICT output (no 'radius' column); analyze needs "
-            "CERTIFY/T-CERTIFY results (columns idx label predict radius correct time)"
-        )
-    if missing:
-        raise ValueError(
-            f"{path}: not a certification result file: header lacks {', '.join(missing)} "
-            f"(expected at least {' '.join(_REQUIRED)}; got {' '.join(header)})"
-        )
-    for prefix in _GROUPS:
-        cols = [f"{prefix}_{c}" for c in ("predict", "radius", "correct")]
-        present = [c for c in cols if c in header]
-        if present and len(present) < len(cols):
-            lacking = ", ".join(c for c in cols if c not in header)
-            raise ValueError(f"{path}: column group '{prefix}_' is incomplete: lacks {lacking}")
-
-
-def _parse_row(path: Path, lineno: int, fields: list[str], columns: dict[str, int]) -> list:
-    """Return [predict, radius, correct] for each group of `columns` (name -> field index)."""
-    values = []
-    for name, i in columns.items():
-        text = fields[i].strip()
-        try:
-            value = float(text) if name.endswith("radius") else int(text)
-        except ValueError:
-            raise ValueError(
-                f"{path}, line {lineno}: column '{name}' is not a number: {text!r}"
-            ) from None
-        if name.endswith("radius") and not value >= 0:  # also rejects nan
-            raise ValueError(f"{path}, line {lineno}: column '{name}' must be >= 0, got {text}")
-        if name.endswith("correct") and value not in (0, 1):
-            raise ValueError(f"{path}, line {lineno}: column '{name}' must be 0 or 1, got {text}")
-        values.append(value)
-    return values
+def read_certified(path: str | os.PathLike) -> ResultFile:
+    """Read a certify result file whose rows are of one run, as its sidecar says."""
+    table = read_results(path, kind="certify")
+    runs = sorted({run for run in table.runs() if run is not None})
+    if len(runs) > 1:
+        raise ValueError(f"{table.path}: holds rows of {len(runs)} runs ({', '.join(runs)}): "
+                         "results of different settings or checkpoints are mixed")
+    recorded = (table.meta or {}).get("run")
+    if runs and recorded is not None and recorded not in runs:
+        raise ValueError(f"{table.path}.json describes run {recorded}, but the rows of "
+                         f"{table.path} are run {runs[0]}: the sidecar belongs to another file")
+    return table
 
 
 def load_results(path: str | os.PathLike) -> list[ResultCurve]:
     """Parse one result file into a curve for its main columns and one per extra group."""
-    path = Path(path)
-    lines = path.read_text(encoding="utf-8").splitlines()
-    if not lines or not lines[0].strip():
-        raise ValueError(f"{path}: empty file, expected a header line ({' '.join(_REQUIRED)} ...)")
-    header = [c.strip() for c in lines[0].split("\t")]
-    _check_header(path, header)
-
-    prefixes = [""] + [f"{p}_" for p in _GROUPS if f"{p}_radius" in header]
-    names = [f"{p}{c}" for p in prefixes for c in ("predict", "radius", "correct")]
-    columns = {name: header.index(name) for name in names}
-    rows = []
-    for lineno, line in enumerate(lines[1:], start=2):
-        if not line.strip():
-            continue
-        fields = line.split("\t")
-        if len(fields) != len(header):
-            raise ValueError(
-                f"{path}, line {lineno}: {len(fields)} fields, but the header has {len(header)}"
-            )
-        rows.append(_parse_row(path, lineno, fields, columns))
-    table = np.array(rows, dtype=float).reshape(len(rows), len(names))
-
-    meta = _read_sidecar(path)
-    label = _label(path, meta)
-    methods = [meta.get("method", "certify")] + [_GROUPS[p[:-1]] for p in prefixes[1:]]
-    curves = []
-    for k, method in enumerate(methods):
-        predict, radius, correct = table[:, 3 * k], table[:, 3 * k + 1], table[:, 3 * k + 2]
-        curves.append(
-            ResultCurve(
-                name=f"{label}: {method}",
-                radius=radius,
-                correct=(correct == 1) & (predict != -1),
-                method=method,
-                source=str(path),
-            )
-        )
-    return curves
+    return curves_of(read_certified(path))
 
 
 # ---------------------------------------------------------------- statistics
@@ -189,6 +120,39 @@ def average_certified_radius(curve: ResultCurve) -> float:
     if curve.radius.size == 0:
         return float("nan")
     return float(np.mean(np.where(curve.correct, curve.radius, 0.0)))
+
+
+def _paired(a: ResultCurve, b: ResultCurve) -> None:
+    if a.radius.shape != b.radius.shape or (
+        a.idx is not None and b.idx is not None and not np.array_equal(a.idx, b.idx)
+    ):
+        raise ValueError(f"'{a.name}' and '{b.name}' do not hold the same examples: a paired "
+                         "comparison needs the same test points in the same order")
+
+
+def _mean_and_se(diff: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    se = diff.std(axis=0, ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else np.full(
+        diff.shape[1:], np.nan)
+    return diff.mean(axis=0), se
+
+
+def paired_difference(
+    a: ResultCurve, b: ResultCurve, radii: np.ndarray = DEFAULT_RADII
+) -> tuple[np.ndarray, np.ndarray]:
+    """Certified accuracy of `a` minus that of `b` at each radius, on the same examples, and
+    the standard error of that mean of per-example differences."""
+    _paired(a, b)
+    radii = _check_radii(radii)
+    certified = [(c.correct[:, None] & (c.radius[:, None] >= radii[None, :])) for c in (a, b)]
+    return _mean_and_se(certified[0].astype(float) - certified[1])
+
+
+def paired_radius_difference(a: ResultCurve, b: ResultCurve) -> tuple[float, float]:
+    """ACR of `a` minus ACR of `b` on the same examples, and its standard error."""
+    _paired(a, b)
+    mean, se = _mean_and_se(
+        (np.where(a.correct, a.radius, 0.0) - np.where(b.correct, b.radius, 0.0))[:, None])
+    return float(mean[0]), float(se[0])
 
 
 # ---------------------------------------------------------------- tables
@@ -262,17 +226,31 @@ def format_table(
 # ---------------------------------------------------------------- plots
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    # smoothcert.io has the same helper but imports torch; analyze stays torch-free.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _check_plot_target(path: Path) -> None:
+    """Refuse to replace anything but a plot smoothcert wrote."""
+    if not path.exists():
+        return
+    data = path.read_bytes() if path.is_file() else b""
+    if not (data.startswith(PNG_SIGNATURE) and PLOT_MARK in _png_text(data)):
+        raise ValueError(
+            f"plot: '{path}' exists and is not a plot smoothcert wrote; smoothcert does not "
+            "overwrite it: choose another --plot"
+        )
+
+
+def _png_text(data: bytes) -> set[tuple[str, str]]:
+    """The (keyword, text) pairs of a PNG's tEXt chunks."""
+    found, pos = set(), len(PNG_SIGNATURE)
+    while pos + 8 <= len(data):
+        length = int.from_bytes(data[pos : pos + 4], "big")
+        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
+        if kind == b"tEXt" and b"\0" in body:
+            key, _, text = body.partition(b"\0")
+            found.add((key.decode("latin-1"), text.decode("latin-1")))
+        if kind == b"IEND":
+            break
+        pos += 12 + length  # length, type, data, crc
+    return found
 
 
 def _line_style(method: str) -> str:
@@ -318,18 +296,41 @@ def plot_curves(
         ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: str | os.PathLike) -> None:
+    """Write a matplotlib figure as a PNG marked as smoothcert's, atomically; like every plot,
+    it replaces only a plot smoothcert wrote."""
+    _check_plot_target(Path(path))
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
-    _atomic_write(Path(path), buffer.getvalue())
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight",
+                metadata={PLOT_MARK[0]: PLOT_MARK[1]})
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 # ---------------------------------------------------------------- entry point
 
 
-def _notes(files: list[tuple[Path, dict]], fmt: str) -> list[str]:
-    notes = [f"{_label(p, meta)}: {meta['protocol']}" for p, meta in files if meta.get("protocol")]
-    if len({meta["protocol"] for _, meta in files if meta.get("protocol")}) > 1:
+def _notes(tables: list[ResultFile], fmt: str) -> list[str]:
+    """What a reader of the table must know: each file's protocol, rounded radii, and the
+    guarantee of each T-CERTIFY mode."""
+    metas = [(t, t.meta or {}) for t in tables]
+    notes = [f"{t.label}: {meta['protocol']}" for t, meta in metas if meta.get("protocol")]
+    if len({meta["protocol"] for _, meta in metas if meta.get("protocol")}) > 1:
         notes.append("warning: the files follow different test protocols; compare with care")
+    notes += [
+        f"{t.label}: radii rounded to 3 significant digits (Cohen's certify.py prints "
+        "{:.3}, which rounds up: certified accuracy at the table's radii may be overstated)"
+        for t in tables if t.rounded
+    ]
+    levels = {(meta.get("alpha"), meta.get("grid")) for t, meta in metas if "tcertify" in t.methods}
+    for alpha, grid in sorted(levels, key=str):
+        level = ("2α − α/grid" if alpha is None or grid is None else
+                 f"2α − α/grid = {paper_mode_level(alpha, grid):g} (α = {alpha:g}, grid {grid})")
+        notes.append(f"{METHOD_LABELS['tcertify']} picks α' after seeing the estimation counts: "
+                     f"its provable failure probability is {level}; "
+                     f"{METHOD_LABELS['tcertify-strict']} and CERTIFY hold at α exactly")
     prefix = {"markdown": "", "latex": "% ", "csv": "# "}[fmt]
     return [prefix + note for note in notes]
 
@@ -341,16 +342,19 @@ def analyze(
     plot: str | os.PathLike | None = None,
     protocol_note: bool = True,
 ) -> str:
-    """Load result files; return their table (after one protocol note per file); plot if asked."""
+    """Load result files; return their table (after the notes on each file); plot if asked."""
     if not paths:
         raise ValueError("analyze: paths must name at least one result file")
     if fmt not in _FORMATS:
         raise ValueError(f"fmt must be one of {', '.join(_FORMATS)}, got {fmt!r}")
-    curves = [curve for p in paths for curve in load_results(p)]
+    if plot is not None:
+        _check_plot_target(Path(plot))  # before any work
+    tables = [read_certified(p) for p in paths]
+    curves = [curve for table in tables for curve in curves_of(table)]
     table = format_table(curves, radii, fmt)
     if plot is not None:
         plot_curves(curves, plot)
-    notes = _notes([(Path(p), _read_sidecar(Path(p))) for p in paths], fmt) if protocol_note else []
+    notes = _notes(tables, fmt) if protocol_note else []
     if not notes:
         return table
     return "\n".join(notes) + ("\n\n" if fmt == "markdown" else "\n") + table

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import os
+import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +43,22 @@ DATASETS: dict[str, DatasetInfo] = {
 
 class MissingDatasetError(FileNotFoundError):
     """The dataset is not where smoothcert looked; the message says where and how to provide it."""
+
+
+class DatasetFileError(ValueError):
+    """A dataset file that is truncated, corrupted or not what its dataset holds; names the file."""
+
+
+def _check_labels(labels: np.ndarray, num_classes: int, where: Path) -> None:
+    """Refuse labels that are not integers in 0..num_classes-1."""
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise DatasetFileError(f"{where}: labels must be integers, got {labels.dtype}")
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if bad.size:
+        raise DatasetFileError(
+            f"{where}: label {labels[bad[0]]} of example {bad[0]} is outside the classes "
+            f"0-{num_classes - 1} ({bad.size} such label(s)); the file is corrupted"
+        )
 
 
 def dataset_info(name: str) -> DatasetInfo:
@@ -107,10 +125,26 @@ class IdxMnist(Dataset):
     """MNIST read from its IDX files, gzipped or not (torchvision's reader needs them unzipped)."""
 
     def __init__(self, images: Path, labels: Path) -> None:
-        self.data = torch.from_numpy(_read_idx(images))
-        self.targets = torch.from_numpy(_read_idx(labels)).long()
-        if self.data.ndim != 3 or self.targets.ndim != 1 or len(self.data) != len(self.targets):
-            raise ValueError(f"{images} and {labels} are not matching MNIST image/label files")
+        info = DATASETS["mnist"]
+        data, targets = _read_idx(images), _read_idx(labels)
+        if data.shape[1:] != (info.image_size, info.image_size):
+            raise DatasetFileError(
+                f"{images}: MNIST images are {info.image_size}x{info.image_size}, but its IDX "
+                f"header describes an array of shape {list(data.shape)}"
+            )
+        if targets.ndim != 1:
+            raise DatasetFileError(
+                f"{labels}: an MNIST label file holds one number per image, but its IDX header "
+                f"describes an array of shape {list(targets.shape)}"
+            )
+        if len(data) != len(targets):
+            raise DatasetFileError(
+                f"{images} and {labels} are not matching MNIST image/label files "
+                f"({len(data)} images, {len(targets)} labels)"
+            )
+        _check_labels(targets, info.num_classes, labels)
+        self.data = torch.from_numpy(data)
+        self.targets = torch.from_numpy(targets).long()
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -122,14 +156,25 @@ class IdxMnist(Dataset):
 
 def _read_idx(path: Path) -> np.ndarray:
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
-    # IDX header: two zero bytes, a type code (0x08 = unsigned byte), the number of dimensions.
-    if raw[:3] != b"\x00\x00\x08":
-        raise ValueError(f"{path} is not an unsigned-byte IDX file")
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as err:
+        raise DatasetFileError(f"{path} is truncated or not a gzip file ({err})") from None
+    # IDX header: two zero bytes, a type code (0x08 = unsigned byte), the number of dimensions,
+    # then each dimension as a big-endian uint32.
+    if len(raw) < 4 or raw[:3] != b"\x00\x00\x08" or len(raw) < 4 + 4 * raw[3]:
+        raise DatasetFileError(f"{path} is not an unsigned-byte IDX file")
     ndim = raw[3]
     shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", ndim, offset=4))
-    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape).copy()
+    data = raw[4 + 4 * ndim :]
+    expected = int(np.prod(shape, dtype=np.int64))
+    if len(data) != expected:
+        raise DatasetFileError(
+            f"{path}: its IDX header describes {expected} bytes of data ({list(shape)}), but the "
+            f"file holds {len(data)}; it is truncated or corrupted"
+        )
+    return np.frombuffer(data, np.uint8).reshape(shape).copy()
 
 
 def _find_mnist(raw: Path, train: bool) -> tuple[Path, Path] | None:
@@ -164,18 +209,19 @@ class NpzCifar(Dataset):
 
     def __init__(self, path: Path, train: bool, transform: Callable | None = None) -> None:
         part = "train" if train else "test"
-        with np.load(path) as f:
-            if f"x_{part}" not in f or f"y_{part}" not in f:
-                raise ValueError(f"{path} lacks the arrays x_{part} and y_{part}")
-            self.data = f[f"x_{part}"]
-            self.targets = [int(y) for y in f[f"y_{part}"]]
-        if self.data.dtype != np.uint8 or self.data.shape[1:] != (32, 32, 3):
-            raise ValueError(
-                f"x_{part} in {path} must be uint8 of shape [N,32,32,3], "
-                f"got {self.data.dtype} {self.data.shape}"
+        x, y = _read_npz(path, f"x_{part}", f"y_{part}")
+        if y.ndim == 2 and y.shape[1] == 1:  # labels as a column, as Keras stores them
+            y = y[:, 0]
+        if x.dtype != np.uint8 or x.shape[1:] != (32, 32, 3) or y.ndim != 1:
+            raise DatasetFileError(
+                f"{path}: x_{part} must be uint8 of shape [N,32,32,3] and y_{part} of shape [N], "
+                f"got {x.dtype} {list(x.shape)} and {list(y.shape)}"
             )
-        if len(self.data) != len(self.targets):
-            raise ValueError(f"x_{part} and y_{part} in {path} differ in length")
+        if len(x) != len(y):
+            raise DatasetFileError(f"{path}: x_{part} and y_{part} differ in length")
+        _check_labels(y, DATASETS["cifar10"].num_classes, path)
+        self.data = x
+        self.targets = [int(label) for label in y]
         self.transform = transform
 
     def __len__(self) -> int:
@@ -187,6 +233,25 @@ class NpzCifar(Dataset):
         if self.transform is not None:
             img = self.transform(img)
         return img, self.targets[index]
+
+
+def _read_npz(path: Path, *names: str) -> list[np.ndarray]:
+    """The arrays `names` of the .npz archive `path`, with errors that name the file."""
+    try:
+        archive = np.load(path)
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise DatasetFileError(f"{path} holds a single array, not an .npz archive of arrays")
+        with archive:
+            missing = [name for name in names if name not in archive.files]
+            if missing:
+                raise DatasetFileError(f"{path} lacks the array(s) {', '.join(missing)}")
+            return [archive[name] for name in names]
+    except (zipfile.BadZipFile, EOFError, zlib.error) as err:
+        raise DatasetFileError(f"{path} is truncated or not an .npz archive ({err})") from None
+    except DatasetFileError:
+        raise
+    except ValueError as err:  # numpy's own "cannot load" and format errors
+        raise DatasetFileError(f"{path} is not a valid .npz archive of arrays ({err})") from None
 
 
 def _cifar_transform(augment: bool) -> Callable:

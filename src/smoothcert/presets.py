@@ -99,7 +99,34 @@ class TrainConfig:
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         self.method_config()  # the objective's ranges: lam, k, eps, steps, macer_*, ...
+        _check_objective_options(self)
         return self
+
+
+# Options only some methods read, with the value that leaves them unused: a value set for a
+# method that ignores it would be recorded in config.json without any effect, so it is refused.
+OBJECTIVE_OPTIONS = {
+    "lam": (0.0, ("adre", "adreadv", "consistency")),
+    "single_draw": (False, ("adre", "adreadv")),
+    "eps": (0.0, ("smoothadv", "adreadv")),
+    "steps": (1, ("smoothadv", "adreadv", "smoothmix")),
+    **{name: (getattr(MethodConfig, name), (name.split("_")[0],)) for name in (
+        "macer_lam", "macer_beta", "macer_gamma", "consistency_lam", "consistency_eta",
+        "smoothmix_eta", "smoothmix_step", "smoothmix_mix_step")},
+    "macer_defer": (0, ("macer",)),
+}
+
+
+def _check_objective_options(cfg: TrainConfig) -> None:
+    for name, (unused, methods) in OBJECTIVE_OPTIONS.items():
+        value = getattr(cfg, name)
+        if cfg.method not in methods and value != unused:
+            readers = f"{', '.join(methods[:-1])} and {methods[-1]}" if methods[1:] else methods[0]
+            raise ValueError(
+                f"{name} is read by method {readers} only, and method "
+                f"{cfg.method} would ignore {name}={value}; leave {name} out or choose one of "
+                "those methods"
+            )
 
 
 def _one_of(name: str, value, accepted) -> None:

@@ -1,19 +1,20 @@
-"""Certify or predict over a dataset: one TSV row per example, flushed as produced, resumable.
+"""Certify or predict over a dataset: one result row per example, flushed as produced, resumable.
 
-Rows start with the columns of Cohen et al.'s certify.py (`idx label predict radius correct
-time`, the radius at full precision), so their analysis scripts read our files; the T-CERTIFY
-groups and the raw counts follow. Under torchrun each rank certifies every world_size-th
+The row format belongs to `results`. A run first *plans* from the files alone (what is
+finished, whether those rows belong to this run: settings and checkpoint content, by the rows'
+`run` fingerprint), then *executes*. Under torchrun each rank certifies every world_size-th
 example into its own part file and rank 0 merges the parts in index order. Each example's
 noise comes from a generator seeded by (seed, idx), so results do not depend on the sharding.
+Rank 0 holds the output's lock for the whole run: a second process on the same --out is
+refused.
 """
 
 from __future__ import annotations
 
-import datetime
-import json
+import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,23 +22,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import results
+from .checkpoints import load_for_run
 from .data import dataset_info, get_dataset
 from .distributed import DistContext, init_distributed
-from .io import atomic_write_json, atomic_write_text
+from .io import output_lock
 from .smooth import Smooth, derived_seed
-from .stats import ABSTAIN, Certificate, check_alpha, check_positive_int
-from .train import load_model
+from .stats import ABSTAIN, check_alpha, check_positive_int
 
-COHEN_COLUMNS = ["idx", "label", "predict", "radius", "correct", "time"]
-GROUP_FIELDS = ["predict", "radius", "correct", "alpha", "pa_lower", "pb_upper"]
-COUNT_COLUMNS = ["n0", "n", "count_a", "count_b", "counts"]
-PREDICT_COLUMNS = ["idx", "label", "predict", "correct", "time"]
-# What the six main columns hold and which extra groups follow, for each --method.
-CERTIFY_LAYOUTS = {
-    "certify": ("certify", []),
-    "tcertify": ("tcertify", ["strict"]),
-    "both": ("certify", ["tcertify", "strict"]),
-}
+log = logging.getLogger(__name__)
+_FIX = ("remove it, choose another --out, or pass --restart-stale (restart_if_stale=True) to "
+        "discard those rows and recompute")
 
 
 @dataclass
@@ -59,18 +54,21 @@ class RunConfig:
     seed: int = 0
     sigma: float | None = None
     dataset: str | None = None
+    format: str = "auto"  # of the checkpoint: auto, smoothcert, cohen or macer
+    arch: str | None = None  # a MACER checkpoint's architecture
     data_dir: str | None = None
     device: str = "auto"
     amp: str | None = None
     channels_last: bool = True
+    restart_if_stale: bool = False  # discard rows of another run (settings or checkpoint)
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> RunConfig:
         if self.mode not in ("certify", "predict"):
             raise ValueError(f"mode must be certify or predict, got {self.mode!r}")
-        if self.method not in CERTIFY_LAYOUTS:
+        if self.method not in results.LAYOUTS:
             raise ValueError(
-                f"method must be one of {', '.join(CERTIFY_LAYOUTS)}, got {self.method!r}"
+                f"method must be one of {', '.join(results.LAYOUTS)}, got {self.method!r}"
             )
         check_alpha(self.alpha)
         for name in ("n0", "n", "batch", "grid", "skip"):
@@ -81,18 +79,6 @@ class RunConfig:
             raise ValueError(f"sigma must be > 0, got {self.sigma}")
         return self
 
-    def columns(self) -> list[str]:
-        if self.mode == "predict":
-            return PREDICT_COLUMNS
-        _, groups = CERTIFY_LAYOUTS[self.method]
-        return COHEN_COLUMNS + [f"{g}_{f}" for g in groups for f in GROUP_FIELDS] + COUNT_COLUMNS
-
-    def identity(self) -> dict:
-        """The settings a resumed run must share with the run that wrote the file."""
-        keys = ("checkpoint", "mode", "method", "split", "n0", "n", "alpha", "grid", "skip",
-                "seed", "sigma", "dataset", "amp")
-        return {key: getattr(self, key) for key in keys}
-
 
 def selected_indices(length: int, skip: int, limit: int | None) -> list[int]:
     """Every `skip`-th index from 0; `limit` is a count of examples (not Cohen's index)."""
@@ -100,44 +86,14 @@ def selected_indices(length: int, skip: int, limit: int | None) -> list[int]:
     return indices if limit is None else indices[:limit]
 
 
-def read_rows(path: Path, columns: list[str]) -> dict[int, str]:
-    """The complete rows of a (possibly cut-off) result file, by example index."""
-    if not path.exists():
-        return {}
-    text = path.read_text()
-    lines = text.split("\n")
-    if not lines or lines[0] != "\t".join(columns):
-        raise ValueError(
-            f"out: '{path}' exists with other columns than this run writes; remove it or choose "
-            "another --out"
-        )
-    rows = {}
-    for line in lines[1:-1]:  # the last piece has no newline yet: an unfinished row, or empty
-        fields = line.split("\t")
-        if len(fields) == len(columns):
-            rows[int(fields[0])] = line
-    return rows
+@dataclass(frozen=True)
+class Plan:
+    """What a run will do, decided from the files alone (planning writes nothing)."""
 
-
-def write_rows(path: Path, columns: list[str], rows: dict[int, str]) -> None:
-    body = "".join(rows[i] + "\n" for i in sorted(rows))
-    atomic_write_text(path, "\t".join(columns) + "\n" + body)
-
-
-def format_group(cert: Certificate, label: int) -> list[str]:
-    return [str(cert.label), repr(cert.radius), str(int(cert.label == label)),
-            repr(cert.alpha_prime), repr(cert.pa_lower), repr(cert.pb_upper)]
-
-
-def format_counts(selection: np.ndarray, estimation: np.ndarray, top: int) -> list[str]:
-    others = np.delete(estimation, top)
-    sparse = ",".join(f"{c}:{int(estimation[c])}" for c in np.flatnonzero(estimation))
-    return [str(int(selection.sum())), str(int(estimation.sum())), str(int(estimation[top])),
-            str(int(others.max())), sparse]
-
-
-def elapsed(seconds: float) -> str:
-    return str(datetime.timedelta(seconds=seconds))
+    keep: dict[int, str]  # finished rows of this run, by example index (their text as written)
+    todo: list[int]  # the indices still to do, in order
+    rewrite: bool  # out must be rewritten: parts to fold in, a cut-off row or stale rows to drop
+    discarded: int = 0  # stale rows dropped (restart_if_stale)
 
 
 class Runner:
@@ -147,16 +103,37 @@ class Runner:
         self.cfg = cfg.validate()
         self.progress = progress
         self.ctx: DistContext = init_distributed(cfg.device)
-        model, train_config = load_model(cfg.checkpoint, self.ctx.device)
+        # Hashed before loading: a checkpoint replaced meanwhile makes the next run recompute.
+        digest = results.file_sha256(cfg.checkpoint) if os.path.isfile(cfg.checkpoint) else ""
+        model, self.dataset_name, self.sigma = load_for_run(
+            cfg.checkpoint, cfg.format, cfg.arch, cfg.dataset, cfg.sigma, self.ctx.device)
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        self.dataset_name = cfg.dataset or train_config["dataset"]
-        self.sigma = cfg.sigma if cfg.sigma is not None else float(train_config["sigma"])
-        self.smooth = Smooth(model, dataset_info(self.dataset_name).num_classes, self.sigma,
-                             amp=cfg.amp)
+        num_classes = dataset_info(self.dataset_name).num_classes
+        self.smooth = Smooth(model, num_classes, self.sigma, amp=cfg.amp)
         self.dataset = get_dataset(self.dataset_name, cfg.split, cfg.data_dir, augment=False)
         self.out = Path(cfg.out)
-        self.columns = cfg.columns()
+        self.columns = results.columns(cfg.mode, cfg.method)
+        self.indices = selected_indices(len(self.dataset), cfg.skip, cfg.max)
+        self.meta = self._sidecar(digest, num_classes)
+        self.run_id = self.meta["run"]
+
+    def _sidecar(self, digest: str, num_classes: int) -> dict:
+        """The sidecar this run writes: its settings, the checkpoint's sha256, the fingerprint."""
+        cfg = self.cfg
+        main = results.LAYOUTS[cfg.method][0] if cfg.mode == "certify" else "predict"
+        protocol = (f"{cfg.split} split, every {cfg.skip}th example from index 0, "
+                    f"{len(self.indices)} examples")
+        meta = {
+            **cfg.extra, "format": results.FORMAT, "mode": cfg.mode, "method": main,
+            "layout": cfg.method, "split": cfg.split, "n0": cfg.n0, "n": cfg.n,
+            "alpha": cfg.alpha, "grid": cfg.grid, "skip": cfg.skip, "max": cfg.max,
+            "seed": cfg.seed, "sigma": self.sigma, "dataset": self.dataset_name, "amp": cfg.amp,
+            "num_classes": num_classes, "checkpoint": str(cfg.checkpoint),
+            "checkpoint_sha256": digest, "checkpoint_format": cfg.format, "arch": cfg.arch,
+            "protocol": protocol,
+        }
+        return {**meta, "run": results.fingerprint(meta)}
 
     def part_path(self, rank: int) -> Path:
         return self.out if self.ctx.world_size == 1 else self.out.with_name(
@@ -171,71 +148,154 @@ class Runner:
         return sorted(p for p in folder.iterdir()
                       if p.name.startswith(prefix) and p.name[len(prefix):].isdigit())
 
-    def finished_rows(self) -> dict[int, str]:
-        """The complete rows in out and in every part file, by example index."""
-        rows = read_rows(self.out, self.columns)
-        for part in self.part_files():
-            rows.update(read_rows(part, self.columns))
-        return rows
-
-    def run(self) -> Path:
-        cfg, ctx = self.cfg, self.ctx
-        # Every rank reads out and the parts an interrupted run left (whatever its world size),
-        # so a foreign file fails every rank alike, before the sidecar is touched.
-        done = self.finished_rows()
-        self._check_sidecar()
-        ctx.barrier()  # all have read the parts before rank 0 folds them into out
-        if ctx.is_main:
-            self._merge(done)  # also drops a row cut off mid-write
-        ctx.barrier()
-        todo = [i for i in selected_indices(len(self.dataset), cfg.skip, cfg.max) if i not in done]
-        mine = todo[ctx.rank :: ctx.world_size]
-        part = self.part_path(ctx.rank)
-        if ctx.distributed:
-            write_rows(part, self.columns, {})
-        self._process(mine, part)
-        ctx.barrier()
-        if ctx.is_main and ctx.distributed:
-            self._merge()
-        ctx.barrier()
+    def run(self, on_row: Callable[[], None] | None = None) -> Path:
+        """Certify (or predict) what is left; `on_row()` is called after each row written."""
+        with output_lock(self.out, holder=self.ctx.is_main):
+            self.ctx.barrier()  # rank 0 holds the lock before any rank reads the files
+            self.execute(self.plan(), on_row)
         return self.out
 
-    def _check_sidecar(self) -> None:
-        sidecar = self.out.with_name(self.out.name + ".json")
-        cfg = self.cfg
-        main = CERTIFY_LAYOUTS[cfg.method][0] if cfg.mode == "certify" else "predict"
-        n_examples = len(selected_indices(len(self.dataset), cfg.skip, cfg.max))
-        protocol = (f"{cfg.split} split, every {cfg.skip}th example from index 0, "
-                    f"{n_examples} examples")
-        # "method" names the main columns' method (analyze labels curves with it); sigma and
-        # dataset are the values in force (the checkpoint's unless overridden).
-        meta = {**cfg.identity(), **cfg.extra, "method": main,
-                "sigma": self.sigma, "dataset": self.dataset_name, "protocol": protocol}
-        if sidecar.exists() and (self.out.exists() or self.part_files()):
-            # Compare with what this run would write, not with cfg.identity(): the method option
-            # ("both") and an inherited sigma/dataset (None) are resolved in meta.
-            saved = json.loads(sidecar.read_text())
-            differ = [k for k in cfg.identity() if saved.get(k) != meta[k]]
-            if differ:
-                raise ValueError(
-                    f"out: '{self.out}' was written with different {', '.join(differ)}; remove it "
-                    "or choose another --out"
-                )
-        if self.ctx.is_main:
-            atomic_write_json(sidecar, meta)
+    # ------------------------------------------------------------ plan: read and decide
 
-    def _process(self, indices: Iterable[int], part: Path) -> None:
+    def plan(self) -> Plan:
+        """Read out and the part files an interrupted run left (any world size), check that
+        every row belongs to this run, and decide what is left. Writes nothing."""
+        self._check_sidecar_is_ours()
+        keep: dict[int, str] = {}
+        stale: list[tuple[Path, results.ResultFile]] = []
+        rewrite, discarded = False, 0
+        for path in [self.out, *self.part_files()]:
+            if not path.exists():
+                continue
+            try:
+                table = results.read_results(path, allow_cut=True)
+            except ValueError as err:
+                raise ValueError(f"out: {err}; smoothcert leaves it as it is: repair or remove "
+                                 "it, or choose another --out") from None
+            self._check_kind(table)
+            mine = table.header == self.columns
+            runs = table.runs() if mine else [None] * len(table.lines)
+            for idx, line, run in zip(table.values["idx"], table.lines, runs, strict=True):
+                if run == self.run_id:
+                    keep.setdefault(idx, line)
+                else:
+                    discarded += 1
+            if not mine or any(run != self.run_id for run in runs):
+                stale.append((path, table))
+            rewrite |= table.cut or path != self.out
+        if stale and not self.cfg.restart_if_stale:
+            raise self._stale_error(*stale[0])
+        todo = [i for i in self.indices if i not in keep]
+        return Plan(keep, todo, rewrite or bool(stale), discarded)
+
+    def _check_sidecar_is_ours(self) -> None:
+        sidecar = results.sidecar_path(self.out)
+        try:
+            meta = results.read_sidecar(self.out)
+        except ValueError as err:
+            raise ValueError(f"out: {err}; smoothcert does not overwrite a file it did not "
+                             "write: choose another --out") from None
+        if meta is not None and not results.is_own_sidecar(meta):
+            raise ValueError(f"out: '{sidecar}' exists and is not a smoothcert sidecar; "
+                             "smoothcert does not overwrite it: choose another --out")
+
+    def _check_kind(self, table: results.ResultFile) -> None:
+        """Refuse a file smoothcert did not write, or one of the other mode."""
+        if not table.own:
+            raise ValueError(
+                f"out: '{table.path}' exists and is not a smoothcert result file (its columns "
+                f"are {' '.join(table.header)}); smoothcert does not overwrite it: choose "
+                "another --out"
+            )
+        if table.kind != self.cfg.mode:
+            raise ValueError(f"out: '{table.path}' holds {table.kind} results, this is a "
+                             f"{self.cfg.mode} run; choose another --out")
+
+    def _stale_error(self, path: Path, table: results.ResultFile) -> ValueError:
+        """Explain why the rows of `table` are not this run's, as precisely as the files allow."""
+        if table.header != self.columns:
+            what = ("smoothcert's earlier format (no method/run columns), so whether they "
+                    "match cannot be checked" if not table.native else
+                    f"other columns than --method {self.cfg.method} writes")
+            return ValueError(f"out: '{path}' holds rows in {what}; {_FIX}")
+        other = sorted({run for run in table.runs() if run != self.run_id})
+        saved = results.read_sidecar(self.out)  # part files have none: out's describes them
+        if saved is None or saved.get("run") not in other:
+            return ValueError(
+                f"out: '{path}' holds rows of another run (fingerprint {other[0]}, this run's "
+                f"is {self.run_id}) and no sidecar says which settings or checkpoint differ; "
+                f"{_FIX}"
+            )
+        if saved.get("checkpoint_sha256") != self.meta["checkpoint_sha256"]:
+            return ValueError(
+                f"out: '{path}' holds results of another checkpoint: sha256 "
+                f"{str(saved.get('checkpoint_sha256'))[:12]}… (from '{saved.get('checkpoint')}'),"
+                f" but '{self.cfg.checkpoint}' is {self.meta['checkpoint_sha256'][:12]}…; {_FIX}"
+            )
+        differ = [k for k in results.IDENTITY_KEYS if saved.get(k) != self.meta[k]]
+        return ValueError(f"out: '{path}' was written with different {', '.join(differ)}; {_FIX}")
+
+    # ------------------------------------------------------------ execute: write
+
+    def execute(self, plan: Plan, on_row: Callable[[], None] | None = None) -> None:
+        ctx = self.ctx
+        ctx.barrier()  # every rank has planned before rank 0 folds the parts into out
+        if ctx.is_main and plan.discarded:
+            log.warning("%s: discarding %d rows of another run (--restart-stale)", self.out,
+                        plan.discarded)
+        if ctx.is_main and plan.rewrite:
+            self._fold(plan.keep)
+        ctx.barrier()
+        self._process(plan.todo[ctx.rank :: ctx.world_size], self.part_path(ctx.rank), on_row)
+        ctx.barrier()
+        if ctx.is_main:
+            self._finish()
+        ctx.barrier()
+
+    def _fold(self, rows: dict[int, str]) -> None:
+        """Write `rows` (this run's finished rows) as out, then remove the part files."""
+        parts = self.part_files()
+        if rows:
+            self._write_sidecar()
+            results.write_table(self.out, self.columns, [rows[i] for i in sorted(rows)])
+        else:
+            self.out.unlink(missing_ok=True)  # with its sidecar: both are smoothcert's
+            results.sidecar_path(self.out).unlink(missing_ok=True)
+        for part in parts:
+            part.unlink(missing_ok=True)
+
+    def _finish(self) -> None:
+        """Merge the ranks' parts; a run without a single row still leaves its (empty) file."""
+        if self.ctx.distributed:
+            rows: dict[int, str] = {}
+            for path in [self.out, *self.part_files()]:
+                if path.exists():
+                    rows.update(results.read_results(path).rows_by_index())
+            self._fold(rows)
+        if not self.out.exists():
+            self._write_sidecar()
+            results.write_table(self.out, self.columns, [])
+        elif results.read_sidecar(self.out) != self.meta:
+            self._write_sidecar()  # e.g. a lone result file whose rows proved to be this run's
+
+    def _write_sidecar(self) -> None:
+        results.write_sidecar(self.out, self.meta)
+
+    def _process(self, indices: Iterable[int], part: Path,
+                 on_row: Callable[[], None] | None = None) -> None:
         indices = list(indices)
         certified = 0
         bar = tqdm(indices, desc=f"{self.cfg.mode} {self.out.name}",
                    disable=not (self.progress and self.ctx.is_main))
-        with open(part, "a") as handle:
+        first = self._write_sidecar if self.ctx.is_main else None
+        with results.RowWriter(part, self.columns, before_create=first) as writer:
             for count, idx in enumerate(bar, start=1):
                 row, ok = self._row(idx)
-                handle.write("\t".join(row) + "\n")
-                handle.flush()
+                writer.write(row)
                 certified += ok
                 bar.set_postfix(correct=f"{certified}/{count}")
+                if on_row is not None:
+                    on_row()
 
     def _row(self, idx: int) -> tuple[list[str], bool]:
         cfg = self.cfg
@@ -245,36 +305,24 @@ class Runner:
         started = time.time()
         if cfg.mode == "predict":
             prediction = self.smooth.predict(x, cfg.n, cfg.alpha, cfg.batch, generator=generator)
-            ok = prediction == label
-            return [str(idx), str(label), str(prediction), str(int(ok)),
-                    elapsed(time.time() - started)], ok
+            return results.predict_row(idx, label, prediction, time.time() - started,
+                                       self.run_id), prediction == label
         result = self.smooth.certify_all(x, cfg.n0, cfg.n, cfg.alpha, cfg.batch, cfg.grid,
                                          generator=generator)
-        main_name, groups = CERTIFY_LAYOUTS[cfg.method]
-        main = getattr(result, main_name)
-        ok = main.label == label
-        row = [str(idx), str(label), str(main.label), repr(main.radius), str(int(ok)),
-               elapsed(time.time() - started)]
-        for group in groups:
-            row += format_group(getattr(result, group), label)
-        top = int(np.argmax(result.selection_counts))
-        row += format_counts(result.selection_counts, result.estimation_counts, top)
-        return row, ok
-
-    def _merge(self, rows: dict[int, str] | None = None) -> None:
-        """Write the finished rows (or `rows`, which hold them) into out, then remove the parts."""
-        parts = self.part_files()
-        write_rows(self.out, self.columns, self.finished_rows() if rows is None else rows)
-        for part in parts:
-            part.unlink(missing_ok=True)
+        certificates = {"certify": result.certify, "tcertify": result.tcertify,
+                        "tcertify-strict": result.strict}
+        row = results.certify_row(idx, label, time.time() - started, certificates,
+                                  result.selection_counts, result.estimation_counts, cfg.method,
+                                  self.run_id)
+        return row, certificates[results.LAYOUTS[cfg.method][0]].label == label
 
 
-def run(cfg: RunConfig, progress: bool = True) -> Path:
-    return Runner(cfg, progress=progress).run()
+def run(cfg: RunConfig, progress: bool = True,
+        on_row: Callable[[], None] | None = None) -> Path:
+    return Runner(cfg, progress=progress).run(on_row)
 
 
 def abstention_rate(path: str | os.PathLike) -> float:
-    """Fraction of rows of a result file whose prediction is ABSTAIN."""
-    lines = Path(path).read_text().splitlines()[1:]
-    predictions = [int(line.split("\t")[2]) for line in lines]
-    return sum(p == ABSTAIN for p in predictions) / max(len(predictions), 1)
+    """Fraction of rows of a PREDICT result file whose prediction is ABSTAIN."""
+    predictions = results.read_results(path, kind="predict").column("predict")
+    return float(np.mean(predictions == ABSTAIN)) if predictions.size else 0.0

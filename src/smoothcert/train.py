@@ -8,8 +8,11 @@ and each rank takes its own examples' rows, so 1 process and N processes see the
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -22,14 +25,19 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
 from . import __version__
+from .checkpoints import load_native
 from .data import get_dataset
-from .distributed import DistContext, init_distributed
+from .distributed import DistContext, batch_memory_guard, init_distributed
 from .io import (
+    WEIGHTS_DIGEST,
     CheckpointError,
     atomic_write_json,
     atomic_write_text,
     load_checkpoint,
+    output_lock,
+    remove_stale_temporaries,
     save_checkpoint,
+    weights_digest,
 )
 from .models import build_model
 from .objectives import get_method
@@ -37,9 +45,56 @@ from .presets import TrainConfig, lr_factor
 from .smooth import autocast, derived_seed
 
 CHECKPOINT = "checkpoint.pt"
+CONFIG = "config.json"
 LOG = "log.jsonl"
 # Options that may differ between a run and its resumption without changing what it computes.
 RESUMABLE_CHANGES = {"epochs", "out", "workers", "device", "data_dir", "download", "eval_subset"}
+# Keys every config.json smoothcert has written holds: how its own file is told from a user's.
+CONFIG_SIGNATURE = {"dataset", "model", "sigma", "epochs", "seed", "out"}
+# How each log line starts (json.dumps of a record whose first key is "epoch").
+LOG_RECORD_START = '{"epoch": '
+
+logger = logging.getLogger(__name__)
+
+
+def read_log(path: Path) -> list[dict]:
+    """The records of the training log `path` (none if missing), less a line a kill cut off.
+
+    Raises ValueError if the file is not smoothcert's log, so that it is never overwritten.
+    """
+    if not path.exists():
+        return []
+    foreign = ValueError(
+        f"out: '{path}' is not a training log smoothcert wrote; move it away or choose another "
+        "--out"
+    )
+    try:
+        *lines, last = path.read_bytes().decode("utf-8").split("\n")
+    except UnicodeDecodeError:
+        raise foreign from None
+    records = [_log_record(line) for line in lines]
+    cut_off = last.startswith(LOG_RECORD_START) or LOG_RECORD_START.startswith(last)
+    if None in records or not cut_off:
+        raise foreign
+    return records
+
+
+def _log_record(line: str) -> dict | None:
+    """The record of one complete log line, or None if the line is not one."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("epoch"), int) else None
+
+
+def is_own_config(path: Path) -> bool:
+    """Whether `path` is a config.json smoothcert wrote (a JSON object with its keys)."""
+    try:
+        config = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(config, dict) and CONFIG_SIGNATURE <= config.keys()
 
 
 def epoch_seed(cfg: TrainConfig, epoch: int) -> int:
@@ -109,7 +164,11 @@ def evaluate(
 
 
 class Trainer:
-    """One training run in `cfg.out`: config.json, checkpoint.pt (every epoch) and log.jsonl."""
+    """One training run in `cfg.out`: config.json, checkpoint.pt (every epoch) and log.jsonl.
+
+    From its start until close() the run holds the output lock of `cfg.out`; use it as a
+    context manager (`with Trainer(cfg) as trainer: trainer.fit()`).
+    """
 
     def __init__(self, cfg: TrainConfig, resume: bool = False, progress: bool = True):
         self.cfg = cfg.validate()
@@ -146,10 +205,40 @@ class Trainer:
         )
         if download_first and self.ctx.is_main:
             self.ctx.barrier()
-        self.start_epoch = self._restore() if resume else self._fresh()
-        ddp_ids = [device.index] if device.type == "cuda" else None
-        self.trained = DistributedDataParallel(model, device_ids=ddp_ids) if self.ctx.distributed \
-            else model
+        self._lock = contextlib.ExitStack()
+        try:
+            self._lock.enter_context(output_lock(self.out, holder=self.ctx.is_main))
+            if self.ctx.is_main:
+                for name in (CHECKPOINT, CONFIG, LOG):
+                    for path in remove_stale_temporaries(self.out / name):
+                        logger.info("removed '%s', left by a run killed while writing", path)
+            self.start_epoch = self._restore() if resume else self._fresh()
+            ddp_ids = [device.index] if device.type == "cuda" else None
+            self.trained = DistributedDataParallel(model, device_ids=ddp_ids) \
+                if self.ctx.distributed else model
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the output lock."""
+        self._lock.close()
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _check_own_files(self) -> None:
+        """Refuse an --out whose config.json or log.jsonl smoothcert did not write."""
+        config = self.out / CONFIG
+        if config.exists() and not is_own_config(config):
+            raise ValueError(
+                f"out: '{config}' is not a config.json smoothcert wrote; move it away or choose "
+                "another --out"
+            )
+        read_log(self.out / LOG)
 
     def _fresh(self) -> int:
         if (self.out / CHECKPOINT).exists():
@@ -157,8 +246,9 @@ class Trainer:
                 f"out: '{self.out}' already holds a checkpoint; pass --resume to continue it or "
                 "choose another --out"
             )
+        self._check_own_files()
         if self.ctx.is_main:
-            atomic_write_json(self.out / "config.json", asdict(self.cfg))
+            atomic_write_json(self.out / CONFIG, asdict(self.cfg))
             atomic_write_text(self.out / LOG, "")
         return 0
 
@@ -167,6 +257,12 @@ class Trainer:
         if not path.exists():
             return self._fresh()
         state = load_checkpoint(path, map_location=self.ctx.device)
+        missing = [key for key in ("optimizer", "scheduler", "scaler", "epoch") if key not in state]
+        if missing:
+            raise CheckpointError(
+                f"resume: '{path}' holds the model but not the training state "
+                f"({', '.join(missing)}); it can be certified, not resumed: train into a new --out"
+            )
         saved = state["config"]
         # An option the saved config lacks is newer than the run, which did not depend on it.
         changed = {k for k, v in asdict(self.cfg).items() if saved.get(k, v) != v}
@@ -176,35 +272,39 @@ class Trainer:
                 f"resume: '{path}' was trained with different {', '.join(sorted(changed))}; "
                 "start a new --out instead"
             )
+        if int(state["epoch"]) > self.cfg.epochs:
+            raise ValueError(
+                f"epochs: '{path}' has already trained {int(state['epoch'])} epochs; resume it "
+                f"with --epochs {int(state['epoch'])} or more, got {self.cfg.epochs}"
+            )
+        self._check_own_files()
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         epoch = int(state["epoch"])
         if self.ctx.is_main:
-            atomic_write_json(self.out / "config.json", asdict(self.cfg))
+            atomic_write_json(self.out / CONFIG, asdict(self.cfg))
             self._truncate_log(epoch)
+        logger.info("resuming '%s' after epoch %d of %d", self.out, epoch, self.cfg.epochs)
         return epoch
 
     def _truncate_log(self, epoch: int) -> None:
         """Keep the complete log lines of the epochs the checkpoint holds, drop the rest."""
-        kept = []
-        log = self.out / LOG
-        for line in (log.read_text().splitlines() if log.exists() else []):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if record.get("epoch", epoch) < epoch:
-                kept.append(line + "\n")
-        atomic_write_text(log, "".join(kept))
+        path = self.out / LOG
+        kept = [json.dumps(r) + "\n" for r in read_log(path) if r["epoch"] < epoch]
+        atomic_write_text(path, "".join(kept))
 
-    def fit(self) -> Path:
-        """Train the remaining epochs; return the checkpoint path."""
+    def fit(self, on_epoch: Callable[[int], None] | None = None) -> Path:
+        """Train the remaining epochs; return the checkpoint path.
+
+        `on_epoch(epoch)` is called on the main process after each epoch's checkpoint is saved.
+        """
         for epoch in range(self.start_epoch, self.cfg.epochs):
             started = time.time()
             record = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"]}
-            record.update(self.train_epoch(epoch))
+            with batch_memory_guard(self.cfg.batch, multiple_of=self.ctx.world_size):
+                record.update(self.train_epoch(epoch))
             self.scheduler.step()
             if self.ctx.is_main:
                 if self.cfg.eval_subset:
@@ -212,9 +312,11 @@ class Trainer:
                 record["time"] = time.time() - started
                 # Log line first, checkpoint second: a kill between the two leaves a line for an
                 # epoch the checkpoint lacks, which resume drops; the other order lost the line.
-                with open(self.out / LOG, "a") as log:
-                    log.write(json.dumps(record) + "\n")
+                with open(self.out / LOG, "a") as log_file:
+                    log_file.write(json.dumps(record) + "\n")
                 self._save(epoch + 1)
+                if on_epoch is not None:
+                    on_epoch(epoch)
             self.ctx.barrier()
         return self.out / CHECKPOINT
 
@@ -260,10 +362,12 @@ class Trainer:
         return {**means, "eps": method_cfg.eps, "steps": steps}
 
     def _save(self, epoch: int) -> None:
+        weights = self.model.state_dict()
         save_checkpoint(
             self.out / CHECKPOINT,
             {
-                "model": self.model.state_dict(),
+                "model": weights,
+                WEIGHTS_DIGEST: weights_digest(weights),  # verified by io.load_checkpoint
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(),
@@ -276,23 +380,12 @@ class Trainer:
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
     """Run (or resume) training as configured; return the checkpoint path."""
-    return Trainer(cfg, resume=resume, progress=progress).fit()
+    with Trainer(cfg, resume=resume, progress=progress) as trainer:
+        return trainer.fit()
 
 
 def load_model(
     checkpoint: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[nn.Module, dict]:
     """The trained model of a checkpoint (in eval mode) and its config."""
-    state = load_checkpoint(checkpoint, map_location=device)
-    config = state["config"]
-    try:  # {"model": ..., "config": ...} is a common layout: check that it is ours
-        model = build_model(config["model"], config["dataset"])
-        model.load_state_dict(state["model"])
-        float(config["sigma"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise CheckpointError(
-            f"checkpoint: '{checkpoint}' is not a smoothcert checkpoint: its config and weights "
-            f"do not describe a smoothcert model ({type(err).__name__}: {first_line})"
-        ) from None
-    return model.to(device).eval(), config
+    return load_native(checkpoint, device)

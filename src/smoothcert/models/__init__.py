@@ -10,12 +10,14 @@ from smoothcert.data import DATASETS
 from smoothcert.models.cifar_resnet import cifar_resnet20, cifar_resnet56, cifar_resnet110
 from smoothcert.models.imagenet import resnet50
 from smoothcert.models.lenet import lenet
+from smoothcert.models.lenet_20_50 import lenet_20_50
 from smoothcert.models.normalize import Standardize
 
 # Each factory takes (num_classes, in_channels); build_model puts the dataset's standardisation
 # in front, so the whole model reads [0,1] pixels and sigma and radii are in pixel units.
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "lenet": lenet,
+    "lenet_20_50": lenet_20_50,
     "cifar_resnet20": cifar_resnet20,
     "cifar_resnet56": cifar_resnet56,
     "cifar_resnet110": cifar_resnet110,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
@@ -45,7 +47,6 @@ class CifarResNet(nn.Module):
                 in_planes = planes
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = stages
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(64, num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -57,7 +58,10 @@ class CifarResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+        # Average over the whole map in one window: on CIFAR's 8x8 maps this is the published
+        # code's AvgPool2d(8) bit for bit (adaptive pooling sums in another order).
+        x = nn.functional.avg_pool2d(x, x.shape[-2:])
+        return self.fc(torch.flatten(x, 1))
 
 
 def cifar_resnet20(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
@@ -70,3 +74,13 @@ def cifar_resnet56(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
 
 def cifar_resnet110(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
     return CifarResNet(110, num_classes, in_channels)
+
+
+def rename_published_keys(weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict of the published CIFAR ResNet code, renamed to this module's names.
+
+    Cohen et al.'s `archs/cifar_resnet.py` (also used by SmoothAdv, Consistency, SmoothMix and
+    MACER) has the same layers in the same order; it only calls the projection shortcut
+    `downsample` (`layerI.J.downsample.0` conv, `.1` BatchNorm) where this module says `shortcut`.
+    """
+    return {key.replace(".downsample.", ".shortcut."): value for key, value in weights.items()}

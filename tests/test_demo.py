@@ -1,0 +1,83 @@
+"""The demo: a tiny run through the same code path as the full one, its report and its resume."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from test_cli import PNG, cli
+
+from smoothcert.demo import conclusions
+
+TINY = ["--epochs", "1", "--train-subset", "256", "--certify", "6", "--skip", "50", "--n0", "20",
+        "--N", "200", "--k", "2", "--amp", "none"]
+
+
+def rows_without_time(path) -> list[list[str]]:
+    """The rows without the time and the run fingerprint (which hashes the checkpoint file,
+    whose saved config holds its own folder)."""
+    lines = [line.split("\t") for line in path.read_text().splitlines()]
+    drop = {lines[0].index("time"), lines[0].index("run")}
+    return [[v for i, v in enumerate(line) if i not in drop] for line in lines]
+
+
+def test_demo_reports_both_comparisons_and_resumes_without_recomputing(capsys, tmp_path):
+    out = tmp_path / "demo"
+    code, stdout, stderr = cli(capsys, "demo", "--out", str(out), *TINY)
+    assert code == 0, stderr
+    report = (out / "report.md").read_text()
+    for heading in ("## Conclusion (computed from this run's numbers)", "## Paired differences",
+                    "| ADREREG − Basic |", "T-CERTIFY (paper mode) − CERTIFY"):
+        assert heading in report
+    for label in ("Basic", "ADREREG λ=0.2"):
+        for method in ("CERTIFY", "T-CERTIFY (paper mode)", "T-CERTIFY (strict)"):
+            assert f"| {label}: {method} |" in report
+    for picture in ("certified_accuracy.png", "examples.png"):
+        assert (out / picture).read_bytes().startswith(PNG)
+        assert f"]({picture})" in report
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["adre_minus_basic"]["mean"]) == len(summary["radii"])
+    for line in summary["conclusion"]:  # the conclusion is the report's, and it is logged
+        assert f"- {line}" in report and line in stderr
+    assert "training Basic" in stderr and stdout == ""
+    for name in ("basic", "adre"):
+        assert len((out / f"{name}.tsv").read_text().splitlines()) == 1 + 6
+
+    # The same command again: nothing is trained or certified again.
+    files = {p: p.read_bytes() for p in (out / "basic.tsv", out / "adre.tsv",
+                                         out / "basic" / "checkpoint.pt")}
+    code, _, stderr = cli(capsys, "demo", "--out", str(out), *TINY)
+    assert code == 0, stderr
+    assert {p: p.read_bytes() for p in files} == files
+
+    # More epochs into the same folder: training resumes, certification is redone, not mixed.
+    longer = [*TINY[:1], "2", *TINY[2:]]
+    code, _, stderr = cli(capsys, "demo", "--out", str(out), *longer)
+    assert code == 0, stderr
+    for name in ("basic", "adre"):
+        tsv = out / f"{name}.tsv"
+        meta = json.loads(tsv.with_name(tsv.name + ".json").read_text())
+        assert len(tsv.read_text().splitlines()) == 1 + 6
+        assert tsv.read_bytes() != files[tsv]  # recertified with the 2-epoch model
+        assert {line.split("\t")[7] for line in tsv.read_text().splitlines()[1:]} == {meta["run"]}
+
+    # Deterministic: a fresh folder, trained without a break, gives the same rows.
+    again = tmp_path / "again"
+    code, _, stderr = cli(capsys, "demo", "--out", str(again), *longer)
+    assert code == 0, stderr
+    for name in ("basic", "adre"):
+        assert rows_without_time(again / f"{name}.tsv") == rows_without_time(out / f"{name}.tsv")
+
+
+def test_conclusions_follow_the_numbers():
+    radii = np.array([0.0, 1.0, 2.0])
+    gain = (np.array([-0.05, 0.001, 0.09]), np.array([0.01, 0.01, 0.02]))
+    lines = conclusions(radii, gain, {"basic": (0.10, 0.01), "adre": (0.01, 0.02)},
+                        {"basic": (0.08, 0.01), "adre": (0.0, 0.01)},
+                        {"basic": "Basic", "adre": "ADREREG"})
+    assert "ADREREG certifies 9.0 ± 2.0 points more than Basic at r = 2.00" in lines[0]
+    assert "5.0 ± 1.0 points fewer than Basic at r = 0.00" in lines[1]
+    assert "At r = 1.00 the difference" in lines[2] and "not significant" in lines[2]
+    assert "Basic: T-CERTIFY raises the average certified radius by 0.100 ± 0.010" in lines[3]
+    assert "(beyond two standard errors)" in lines[3]
+    assert "ADREREG: T-CERTIFY" in lines[4] and "(within two standard errors)" in lines[4]

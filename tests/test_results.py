@@ -1,0 +1,254 @@
+"""The result-file format (smoothcert.results): schema, writer, reader, sidecar, verify.
+
+The files here are written by the real writer from real certificates (stats.certify_from_counts
+on sampled counts), so no torch is needed; the runner's own files are tested in test_runner.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from smoothcert import analyze as an
+from smoothcert import results
+from smoothcert.stats import METHODS, certify_from_counts
+
+SIGMA, ALPHA, GRID, N0, N = 0.5, 0.001, 10, 100, 1000
+RADII = np.arange(0, 2.01, 0.25)
+
+
+def settings(**changes) -> dict:
+    meta = {
+        "format": results.FORMAT, "mode": "certify", "method": "certify", "layout": "both",
+        "split": "test", "n0": N0, "n": N, "alpha": ALPHA, "grid": GRID, "skip": 1,
+        "max": None, "seed": 0, "sigma": SIGMA, "dataset": "mnist", "amp": None,
+        "num_classes": 10, "checkpoint": "run/checkpoint.pt", "checkpoint_sha256": "ab" * 32,
+        "protocol": "test split, every 1th example from index 0, 12 examples",
+    }
+    meta.update(changes)
+    return {**meta, "run": results.fingerprint(meta)}
+
+
+def write_file(folder: Path, layout: str = "both", rows: int = 12, seed: int = 0) -> Path:
+    """A result file as the runner writes it, from counts sampled around a peaked class."""
+    rng = np.random.default_rng(seed)
+    main = results.LAYOUTS[layout][0]
+    meta = settings(method=main, layout=layout)
+    path = folder / f"{layout}.tsv"
+    results.write_sidecar(path, meta)
+    with results.RowWriter(path, results.columns("certify", layout)) as writer:
+        for idx in range(rows):
+            top = int(rng.integers(10))
+            p = rng.dirichlet(np.full(10, 0.5))
+            p[top] += rng.uniform(0.5, 30)
+            p /= p.sum()
+            selection, estimation = rng.multinomial(N0, p), rng.multinomial(N, p)
+            certificates = {m: certify_from_counts(selection, estimation, SIGMA, ALPHA, m, GRID)
+                            for m in METHODS}
+            label = top if idx % 4 else (top + 1) % 10  # every 4th one misclassified
+            writer.write(results.certify_row(idx, label, 0.25 * idx, certificates, selection,
+                                             estimation, layout, meta["run"]))
+    return path
+
+
+def edit_field(path: Path, row: int, column: str, value: str) -> None:
+    header, *lines = path.read_text().splitlines()
+    fields = lines[row].split("\t")
+    fields[header.split("\t").index(column)] = value
+    lines[row] = "\t".join(fields)
+    path.write_text("\n".join([header, *lines]) + "\n")
+
+
+# ---------------------------------------------------------------- schema and round trip
+
+
+@pytest.mark.parametrize("layout", sorted(results.LAYOUTS))
+def test_every_layout_starts_with_cohens_columns_and_names_its_method(tmp_path, layout):
+    path = write_file(tmp_path, layout)
+    header = path.read_text().splitlines()[0].split("\t")  # the first line: no comment line
+    assert header[:8] == [*results.COHEN_COLUMNS, "method", "run"]
+    assert header == results.columns("certify", layout)
+    table = results.read_results(path)
+    assert table.native and table.own and not table.rounded
+    assert table.methods == [results.LAYOUTS[layout][0], *results.LAYOUTS[layout][1]]
+    assert set(table.values["method"]) == {table.main}
+    assert results.columns("predict") == ["idx", "label", "predict", "correct", "time",
+                                          "method", "run"]
+
+
+def test_rows_read_back_as_written(tmp_path):
+    path = write_file(tmp_path)
+    table = results.read_results(path)
+    assert table.values["idx"] == list(range(12))
+    assert table.column("time").tolist() == [0.25 * i for i in range(12)]
+    for i in range(12):
+        selection = np.zeros(10, dtype=np.int64)
+        estimation = np.zeros(10, dtype=np.int64)
+        for cls, count in table.values["selection_counts"][i].items():
+            selection[cls] = count
+        for cls, count in table.values["estimation_counts"][i].items():
+            estimation[cls] = count
+        for method in METHODS:
+            cert = certify_from_counts(selection, estimation, SIGMA, ALPHA, method, GRID)
+            prefix = "" if method == "certify" else results.PREFIXES[method] + "_"
+            assert table.values[prefix + "predict"][i] == cert.label
+            for name in ("radius", "alpha_prime", "pa_lower", "pb_upper"):
+                assert table.values[prefix + name][i] == getattr(cert, name)  # bit for bit
+    assert sum(table.column("predict") != -1) >= 6  # the file holds real certificates
+
+
+def test_the_writer_creates_the_file_only_with_its_first_row(tmp_path):
+    path, calls = tmp_path / "lazy.tsv", []
+    writer = results.RowWriter(path, ["idx", "x"], before_create=lambda: calls.append(1))
+    assert not path.exists() and calls == []
+    writer.write(["0", "a"])
+    writer.write(["1", "b"])
+    writer.close()
+    assert path.read_text() == "idx\tx\n0\ta\n1\tb\n" and calls == [1]
+    with results.RowWriter(path, ["idx", "x"], before_create=lambda: calls.append(2)) as again:
+        again.write(["2", "c"])  # an existing file is appended to, its header kept
+    assert path.read_text().endswith("1\tb\n2\tc\n") and calls == [1]
+
+
+def test_a_cut_off_last_row_is_left_out_only_when_resuming(tmp_path):
+    path = write_file(tmp_path)
+    text = path.read_text()
+    path.write_text(text[: len(text) - 20])
+    table = results.read_results(path, allow_cut=True)
+    assert table.cut and table.values["idx"] == list(range(11))
+    with pytest.raises(ValueError, match=r"both\.tsv, line 13: "):
+        results.read_results(path)
+
+
+def test_times_as_cohen_writes_them():
+    assert results.parse_time("0:00:04.524886") == pytest.approx(4.524886)
+    assert results.parse_time("1 day, 2:03:04") == 86400 + 7384
+    assert results.parse_time(results.time_text(90061.5)) == 90061.5
+
+
+def test_the_fingerprint_covers_every_identity_setting_and_not_the_path():
+    base = settings()
+    changes = {"mode": "predict", "method": "tcertify", "split": "train", "n0": 50, "n": 10,
+               "alpha": 0.01, "grid": 5, "skip": 20, "seed": 1, "sigma": 0.25,
+               "dataset": "cifar10", "amp": "bf16", "checkpoint_sha256": "cd" * 32}
+    assert set(changes) == set(results.IDENTITY_KEYS)
+    for key, value in changes.items():
+        assert settings(**{key: value})["run"] != base["run"], key
+    assert settings(checkpoint="/elsewhere/checkpoint.pt", max=3)["run"] == base["run"]
+
+
+def test_results_is_torch_free():
+    source = str(Path(results.__file__).resolve().parents[1])
+    code = "import sys, smoothcert.results, smoothcert.analyze; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, env={"PYTHONPATH": source})
+
+
+# ---------------------------------------------------------------- the peers' files
+
+
+def cohen_approximate_accuracy(path: Path, radii: np.ndarray) -> np.ndarray:
+    """Cohen et al.'s analyze.py ApproximateAccuracy without pandas: the file is read as
+    read_csv(sep="\\t") reads it (header on the first line, every row as long as the header),
+    and accuracy at r is mean(correct & (radius >= r)) over all rows."""
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f, delimiter="\t"))
+    header, body = rows[0], rows[1:]
+    assert all(len(row) == len(header) for row in body)
+    column = {name: i for i, name in enumerate(header)}
+    correct = np.array([int(row[column["correct"]]) for row in body])
+    radius = np.array([float(row[column["radius"]]) for row in body])
+    return np.array([np.mean((correct == 1) & (radius >= r)) for r in radii])
+
+
+def test_cohens_analyze_reads_our_files_as_we_do(tmp_path):
+    path = write_file(tmp_path)
+    (ours, *_) = an.load_results(path)
+    theirs = cohen_approximate_accuracy(path, RADII)
+    np.testing.assert_array_equal(an.certified_accuracy(ours, RADII), theirs)
+    assert 0 < theirs[0] < 1 and theirs[2] > 0  # a curve worth comparing
+
+
+def test_a_cohen_file_is_read_and_its_rounding_noted(tmp_path):
+    path = tmp_path / "sigma_0.25"
+    path.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n"
+                    "0\t3\t3\t0.616\t1\t0:00:04.524886\n2\t8\t-1\t0.0\t0\t0:00:03.475385\n")
+    table = results.read_results(path)
+    assert (table.kind, table.main, table.groups) == ("certify", "certify", [])
+    assert table.own is False and table.rounded
+    path.write_text(path.read_text().replace("0.616", "0.6163342811"))
+    assert not results.read_results(path).rounded
+
+
+# ---------------------------------------------------------------- verify
+
+
+def test_verify_accepts_a_file_as_written(tmp_path):
+    for layout in results.LAYOUTS:
+        checked, problems = results.verify(write_file(tmp_path, layout))
+        assert (checked, problems) == (12, [])
+
+
+def test_verify_catches_a_hand_edited_radius(tmp_path):
+    path = write_file(tmp_path)
+    radius = results.read_results(path).values["tcertify_radius"][5]
+    edit_field(path, 5, "tcertify_radius", repr(radius * 1.01))
+    checked, problems = results.verify(path)
+    assert checked == 12 and len(problems) == 1
+    assert problems[0].startswith(f"{path}, line 7 (idx 5): tcertify_radius ")
+
+
+def test_verify_catches_a_hand_edited_count(tmp_path):
+    path = write_file(tmp_path)
+    table = results.read_results(path)
+    row = next(i for i in range(12) if table.values["predict"][i] != -1)
+    counts = table.values["estimation_counts"][row]
+    top = table.values["predict"][row]
+    other = next(c for c in counts if c != top)
+    counts = {**counts, top: counts[top] + 3, other: counts[other] - 3}  # n unchanged
+    edit_field(path, row, "estimation_counts",
+               ",".join(f"{c}:{v}" for c, v in sorted(counts.items()) if v))
+    _, problems = results.verify(path)
+    assert len(problems) == 1 and f"line {row + 2} (idx {row})" in problems[0]
+    assert "count_a" in problems[0] and "pa_lower" in problems[0]
+
+
+def test_verify_catches_a_changed_alpha_in_the_sidecar(tmp_path):
+    path = write_file(tmp_path)
+    sidecar = results.sidecar_path(path)
+    meta = json.loads(sidecar.read_text())
+    sidecar.write_text(json.dumps({**meta, "alpha": 0.002}))
+    _, problems = results.verify(path)
+    assert "settings give" in problems[0]  # the recorded fingerprint no longer fits
+    rows = problems[1:]
+    assert len(rows) == 12
+    assert all("pa_lower" in p for p in rows)  # every bound recomputed at the sidecar's alpha
+
+
+def test_verify_refuses_what_it_cannot_check(tmp_path):
+    cohen = tmp_path / "cohen.tsv"
+    cohen.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t1\t1\t0.5\t1\t0:00:01\n")
+    with pytest.raises(ValueError, match="no selection counts"):
+        results.verify(cohen)
+    path = write_file(tmp_path)
+    results.sidecar_path(path).unlink()
+    with pytest.raises(ValueError, match=r"without its sidecar .*both\.tsv\.json"):
+        results.verify(path)
+
+
+def test_smoothcert_verify_exits_0_when_all_match_and_1_otherwise(tmp_path, capsys):
+    from smoothcert.cli import main
+
+    path = write_file(tmp_path)
+    assert main(["verify", str(path)]) == 0
+    assert "every certificate matches" in capsys.readouterr().err
+    edit_field(path, 2, "radius", "0.75")
+    assert main(["verify", str(path)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and out[0].startswith(f"{path}, line 4 (idx 2): radius '0.75'"[:-6])
+    assert main(["verify", str(tmp_path / "missing.tsv")]) == 2
