@@ -399,10 +399,11 @@ def mean_probs(logits_i, scale=1.0):
     return [sum(p[c] for p in probs) / k for c in range(len(probs[0]))], probs
 
 
-def draws_of(logits_i, yi):
-    """(mean softmax, per-draw softmaxes, mean CE over the draws) of one example."""
-    mean, probs = mean_probs(logits_i)
-    return mean, probs, sum(-math.log(p[yi]) for p in probs) / len(probs)
+def per_example(logits, y):
+    """(i, y_i, mean softmax, per-draw softmaxes, mean CE over the draws) of each example."""
+    for i, row in enumerate(logits):
+        mean, probs = mean_probs(row)
+        yield i, int(y[i]), mean, probs, sum(-math.log(p[int(y[i])]) for p in probs) / len(probs)
 
 
 def reference_macer(logits, y, sigma, lam, beta, gamma):
@@ -503,17 +504,14 @@ def test_macer_is_finite_on_saturated_logits():
 
 
 def reference_consistency(logits, y, lam, eta, adre_lam=0.0, floor=0.0):
-    b = len(logits)
     total = 0.0
-    for i in range(b):
-        yi = int(y[i])
-        mean, probs, ce = draws_of(logits[i], yi)
+    for _, yi, mean, probs, ce in per_example(logits, y):
         k, c = len(probs), len(mean)
         kl = sum(sum(mean[t] * math.log(mean[t] / p[t]) for t in range(c)) for p in probs) / k
         ent = -sum(m * math.log(m) for m in mean)
         runner = max(mean[t] for t in range(c) if t != yi)
         total += ce + lam * kl + eta * ent - adre_lam * -math.log(max(runner, floor))
-    return total / b
+    return total / len(logits)
 
 
 @pytest.mark.parametrize(("k", "lam", "eta", "adre_lam"),
@@ -560,11 +558,8 @@ def test_consistency_adds_adre_only_when_lam_is_positive():
 
 
 def reference_smoothmix(logits, logits_mix, y, mix, eta):
-    b = len(logits)
     total = 0.0
-    for i in range(b):
-        yi = int(y[i])
-        mean, probs, ce = draws_of(logits[i], yi)
+    for i, yi, mean, probs, ce in per_example(logits, y):
         k, c = len(probs), len(mean)
         target = [(1 - mix[i]) * mean[t] + mix[i] / c for t in range(c)]
         correct = max(range(c), key=lambda t: mean[t]) == yi
@@ -573,7 +568,7 @@ def reference_smoothmix(logits, logits_mix, y, mix, eta):
             q = softmax_list(logits_mix[i][j])
             kl += sum(target[t] * math.log(target[t] / q[t]) for t in range(c)) / k
         total += ce + eta * kl * correct
-    return total / b
+    return total / len(logits)
 
 
 @pytest.mark.parametrize(("k", "eta"), [(1, 1.0), (2, 5.0), (4, 0.5)])
