@@ -780,7 +780,7 @@ def test_bad_baseline_options_exit_2_naming_the_option(capsys, tmp_path, args, m
 
 
 TORCHRUN_TRAIN = ["--preset", "mnist-lenet", "--train-subset", "256", "--batch", "64", "--k",
-                  "2", "--epochs", "1", "--eval-subset", "0", "--device", "cpu", "--steps", "2"]
+                  "2", "--epochs", "1", "--eval-subset", "0", "--device", "cpu"]
 
 
 def torchrun_train(args: list[str], cwd: Path) -> None:
@@ -798,12 +798,14 @@ def torchrun_train(args: list[str], cwd: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["macer", "consistency", "smoothmix"])
 def test_each_baseline_trains_under_torchrun(tmp_path, method):
-    torchrun_train([*TORCHRUN_TRAIN, "--method", method, "--out", "two"], tmp_path)
+    # SmoothMix: each rank draws its own mixing weights, so only the run itself is checked.
+    extra = ["--steps", "2"] if method == "smoothmix" else []
+    torchrun_train([*TORCHRUN_TRAIN, "--method", method, *extra, "--out", "two"], tmp_path)
     (record,) = [json.loads(line) for line in (tmp_path / "two" / "log.jsonl").read_text()
                  .splitlines()]
     assert record["steps"] == 256 // 64 and math.isfinite(record["loss"])
     if method == "smoothmix":
-        return  # each rank draws its own mixing weights: not the weights of one process
+        return
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
