@@ -39,8 +39,9 @@ from _common import ROOT, Table, emit, machine_info, parse_args, setup
 from scipy.special import ndtri
 
 from smoothcert.data import get_dataset
+from smoothcert.rng import generator as stream
 from smoothcert.sequential import RadiiProcedure, choose_n
-from smoothcert.smooth import CertifyAllResult, Smooth, derived_seed
+from smoothcert.smooth import CertifyAllResult, Smooth
 from smoothcert.train import load_model
 
 MODELS = {"basic_s0.25": "Basic σ=0.25", "basic_s0.5": "Basic σ=0.5",
@@ -114,8 +115,8 @@ class Clock:
         return self.seconds[self.ends.index(n)]
 
 
-def certify_point(smooth: Smooth, x: torch.Tensor, seed: int, radii, args) -> dict:
-    generator = torch.Generator().manual_seed(seed)
+def certify_point(smooth: Smooth, x: torch.Tensor, generator: torch.Generator, radii,
+                  args) -> dict:
     started = time.perf_counter()
     selection = smooth._sample_noise(x, args.n0, args.batch, generator, name="n0")
     selection_time = time.perf_counter() - started
@@ -182,7 +183,8 @@ def run_model(name: str, args, tables: dict[str, Table]) -> None:
     rows = []
     for count, idx in enumerate(indices, 1):
         x, y = data[idx]
-        rows.append((int(y), certify_point(smooth, x, derived_seed(args.seed, idx), radii, args)))
+        generator = stream(args.seed, "estimation", idx)
+        rows.append((int(y), certify_point(smooth, x, generator, radii, args)))
         if count % 10 == 0 or count == len(indices):
             print(f"  {name}: {count}/{len(indices)}", flush=True)
     summarise(MODELS[name], radii, rows, tables)

@@ -83,8 +83,10 @@ def test_single_step_moves_eps_along_normalised_gradient():
     torch.testing.assert_close(smooth_pgd_l2(model, x, y, noise, eps, steps=1), x + eps * direction)
 
 
-def reference_pgd(model, x, y, noise, eps, steps, lam):
-    """Salman et al.'s loop, written out independently (renorm for the projection)."""
+def reference_pgd(model, x, y, noise, eps, steps, lam, step=None):
+    """Salman et al.'s loop, written out independently (renorm for the projection); steps of
+    length 2·eps/steps unless `step` is given."""
+    step = 2 * eps / steps if step is None else step
     b, k = noise.shape[:2]
     x_adv = x.clone()
     for _ in range(steps):
@@ -97,21 +99,36 @@ def reference_pgd(model, x, y, noise, eps, steps, lam):
         loss = loss + lam * torch.log(g[torch.arange(b), masked.argmax(dim=1)]).sum()
         (grad,) = torch.autograd.grad(loss, x_adv)
         grad = grad / grad.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
-        delta = (x_adv.detach() + 2 * eps / steps * grad - x).renorm(p=2, dim=0, maxnorm=eps)
+        delta = (x_adv.detach() + step * grad - x).renorm(p=2, dim=0, maxnorm=eps)
         x_adv = (x + delta).clamp(0, 1)
     return x_adv.detach()
 
 
-@pytest.mark.parametrize(("eps", "steps", "lam"), [(0.3, 1, 0.0), (0.5, 4, 0.0), (1.0, 7, 0.5)])
-def test_matches_reference_loop(eps, steps, lam):
+@pytest.mark.parametrize(("eps", "steps", "lam", "step"),
+                         [(0.3, 1, 0.0, None), (0.5, 4, 0.0, None), (1.0, 7, 0.5, None),
+                          (0.5, 3, 0.0, 0.1), (1.0, 2, 0.5, 0.5)])
+def test_matches_reference_loop(eps, steps, lam, step):
     model = linear_model(scale=3.0)
     x, y, noise = batch()
     x, noise = x.double(), noise.double()
     model.double()
     torch.testing.assert_close(
-        smooth_pgd_l2(model, x, y, noise, eps, steps, lam),
-        reference_pgd(model, x, y, noise, eps, steps, lam),
+        smooth_pgd_l2(model, x, y, noise, eps, steps, lam, step_size=step),
+        reference_pgd(model, x, y, noise, eps, steps, lam, step=step),
     )
+
+
+def test_eps_of_steps_times_step_size_is_no_bound():
+    # SmoothMix's attack: T steps of length alpha never leave the ball of radius T·alpha, so the
+    # result is the unprojected walk (only clamped to the pixel range).
+    model = linear_model(scale=3.0)
+    x, y, noise = batch()
+    x, noise = x.double(), noise.double()
+    model.double()
+    bounded = smooth_pgd_l2(model, x, y, noise, 4 * 0.3, 4, step_size=0.3)
+    unbounded = reference_pgd(model, x, y, noise, 1e9, 4, 0.0, step=0.3)
+    torch.testing.assert_close(bounded, unbounded)
+    assert ((bounded - x).flatten(1).norm(dim=1) > 2 * 0.3).any()
 
 
 def test_raises_smoothed_cross_entropy():
@@ -207,6 +224,8 @@ def test_works_under_no_grad():
         ({"steps": 0}, "steps"),
         ({"steps": -1, "eps": 0.0}, "steps"),
         ({"lam": -1.0}, "lam"),
+        ({"step_size": 0.0}, "step_size"),
+        ({"step_size": math.inf}, "step_size"),
         ({"noise": torch.zeros(8, 4, 1, 4, 5)}, "noise"),
         ({"noise": torch.zeros(8, 1, 4, 4)}, "noise"),
         ({"noise": torch.zeros(7, 4, 1, 4, 4)}, "noise"),

@@ -105,7 +105,7 @@ def test_train_with_a_preset_and_overrides(capsys, tmp_path):
         (["--steps", "0"], "error: steps must be"),
         (["--model", "vgg"], "error: model must be one of"),
         (["--preset", "nope"], "argument --preset: invalid choice"),
-        (["--lam", "0.2"], "error: lam is read by method adre and adreadv only"),  # gaussian
+        (["--lam", "0.2"], "error: lam is read by method adre, adreadv and consistency only"),
         (["--device", "meta"], "error: device must be 'auto', 'cpu', 'cuda'"),
         (["--device", "tpu"], "error: device must be 'auto', 'cpu', 'cuda'"),
     ],

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 SMOKE = ["--sigmas", "0.5", "--lams", "0.1", "--control-sigmas", "0.5", "--epochs", "1",
          "--lr-step", "1", "--train-subset", "256", "--skip", "1000", "--max", "3",
@@ -52,3 +54,41 @@ def test_bad_settings_stop_the_study_before_any_training(tmp_path: Path) -> None
         assert message in done.stderr, done.stderr[-2000:]
         assert "Traceback" not in done.stderr, done.stderr[-2000:]
     assert not any(tmp_path.iterdir())  # nothing trained, nothing written
+
+
+BASELINES_SMOKE = ["--sigmas", "0.5", "--epochs", "1", "--lr-step", "1", "--train-subset", "128",
+                   "--skip", "1000", "--max", "2", "--n0", "10", "--n", "100", "--batch", "100",
+                   "--amp", "none", "--no-progress"]
+
+
+def run_baselines(*args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, str(EXPERIMENTS / "mnist_baselines.py"), *BASELINES_SMOKE, *args],
+        capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.mark.slow
+def test_mnist_baselines_trains_each_baseline_and_reuses_matching_runs(tmp_path: Path) -> None:
+    first = tmp_path / "first"
+    out = run_baselines("--root", str(first))
+    assert "basic_s0.5: trained here" in out and "differs in" in out  # not the committed runs
+    results = first / "results" / "mnist_baselines_train128"  # part of the training set
+    names = ["basic_s0.5", "adre_s0.5_l0.2", "macer_s0.5", "consistency_s0.5",
+             "consistency_adre_s0.5_l0.2", "smoothmix_s0.5"]
+    for name in names:
+        assert len((results / f"{name}.tsv").read_text().splitlines()) == 1 + 2, name
+    summary = (results / "summary.md").read_text()
+    for baseline in ("basic_s0.5", "adre_s0.5_l0.2", "consistency_s0.5"):
+        assert f"| {baseline} → |" in summary
+
+    # Same settings, other root: Basic's and ADREREG's rows are copied, not trained again.
+    second = tmp_path / "second"
+    copied = second / "results" / "mnist_baselines_train128"
+    out = run_baselines("--root", str(second), "--reuse-from", str(results))
+    for name in ("basic_s0.5", "adre_s0.5_l0.2"):
+        assert f"{name}: rows from" in out
+        assert (copied / f"{name}.tsv").read_text() == (results / f"{name}.tsv").read_text()
+    assert "basic_s0.5: training" not in out and "smoothmix_s0.5: training" in out

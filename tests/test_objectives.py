@@ -1,14 +1,33 @@
 import itertools
+import json
 import math
+import os
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy.stats import norm
 from torch import nn
 
+import smoothcert
 from smoothcert.attacks import smooth_pgd_l2, smoothed_log_probs
-from smoothcert.objectives import METHODS, MethodConfig, adre_loss, get_method
+from smoothcert.cli import main as cli_main
+from smoothcert.io import load_checkpoint
+from smoothcert.objectives import (
+    METHODS,
+    MethodConfig,
+    adre_loss,
+    consistency_loss,
+    gaussian_ce,
+    get_method,
+    macer_loss,
+    smoothmix_loss,
+)
+from smoothcert.presets import resolve_config
 
 SHAPE = (1, 4, 4)
 D = 16
@@ -188,15 +207,27 @@ CONFIGS = {
     "adre": MethodConfig(lam=0.2, k=4),
     "smoothadv": MethodConfig(k=4, eps=0.5, steps=2),
     "adreadv": MethodConfig(lam=0.2, k=4, eps=0.5, steps=2),
+    "macer": MethodConfig(k=4, macer_lam=2.0, macer_beta=4.0),
+    "consistency": MethodConfig(k=4, consistency_lam=2.0, consistency_eta=0.5),
+    "smoothmix": MethodConfig(k=4, steps=2, smoothmix_step=0.5, smoothmix_eta=2.0),
+}
+TERMS = {  # what each method logs besides acc
+    "gaussian": {"l_per", "l_adre"},
+    "adre": {"l_per", "l_adre"},
+    "smoothadv": {"l_per", "l_adre"},
+    "adreadv": {"l_per", "l_adre"},
+    "macer": {"l_per", "l_macer"},
+    "consistency": {"l_per", "l_adre", "l_kl", "l_ent"},
+    "smoothmix": {"l_per", "l_mix"},
 }
 
 
 def test_registry_names():
-    assert set(METHODS) == set(CONFIGS)
+    assert set(METHODS) == set(CONFIGS) == set(TERMS)
     for name, fn in METHODS.items():
         assert get_method(name) is fn
     with pytest.raises(ValueError, match="gaussian"):
-        get_method("macer")
+        get_method("stability")
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -206,7 +237,7 @@ def test_method_returns_differentiable_loss_and_terms(name):
     x, y, noise = synthetic()
     loss, terms = get_method(name)(model, x, y, noise, CONFIGS[name])
     assert loss.dim() == 0 and torch.isfinite(loss) and loss.requires_grad
-    assert set(terms) == {"l_per", "l_adre", "acc"}
+    assert set(terms) == TERMS[name] | {"acc"}
     assert all(not t.requires_grad and t.dim() == 0 for t in terms.values())
     assert 0 <= terms["acc"].item() <= 1
     loss.backward()
@@ -293,16 +324,25 @@ def test_method_rejects_noise_of_the_wrong_shape():
         ({"steps": 0}, "steps"),
         ({"label_smoothing": 1.0}, "label_smoothing"),
         ({"label_smoothing": -0.1}, "label_smoothing"),
+        ({"sigma": 0.0}, "sigma"),
+        ({"macer_lam": -1.0}, "macer_lam"),
+        ({"macer_lam": math.inf}, "macer_lam"),
+        ({"macer_beta": 0.0}, "macer_beta"),
+        ({"macer_gamma": -8.0}, "macer_gamma"),
+        ({"macer_gamma": math.nan}, "macer_gamma"),
+        ({"consistency_lam": -0.5}, "consistency_lam"),
+        ({"consistency_eta": math.nan}, "consistency_eta"),
+        ({"smoothmix_eta": -5.0}, "smoothmix_eta"),
+        ({"smoothmix_step": 0.0}, "smoothmix_step"),
+        ({"smoothmix_mix_step": -1}, "smoothmix_mix_step"),
+        ({"smoothmix_mix_step": 2, "steps": 2}, r"smoothmix_mix_step must be .* \[0, 2\)"),
+        ({"warmup": 0.0}, "warmup"),
+        ({"warmup": 1.5}, "warmup"),
     ],
 )
 def test_method_config_validation(kwargs, name):
     with pytest.raises(ValueError, match=name):
         MethodConfig(**kwargs)
-
-
-def test_method_config_is_frozen():
-    with pytest.raises(AttributeError):
-        MethodConfig().lam = 1.0
 
 
 def test_adre_loss_validation():
@@ -340,3 +380,440 @@ def test_adre_floor_leaves_unsaturated_losses_unchanged_and_is_validated():
         adre_loss(logits, y, 0.3, floor=1.0)
     with pytest.raises(ValueError, match="adre_floor"):
         MethodConfig(adre_floor=-1.0)
+
+
+# --- the baselines: MACER, Consistency, SmoothMix ------------------------------------------
+# References below are loops over examples i and draws j on Python floats (math, scipy's
+# norm.ppf for Φ⁻¹), written from the papers' equations independently of objectives.py.
+
+
+def softmax_list(row, scale=1.0):
+    exps = [math.exp(scale * float(v) - max(scale * float(u) for u in row)) for v in row]
+    total = sum(exps)
+    return [e / total for e in exps]
+
+
+def mean_probs(logits_i, scale=1.0):
+    k = len(logits_i)
+    probs = [softmax_list(logits_i[j], scale) for j in range(k)]
+    return [sum(p[c] for p in probs) / k for c in range(len(probs[0]))], probs
+
+
+def per_example(logits, y):
+    """(i, y_i, mean softmax, per-draw softmaxes, mean CE over the draws) of each example."""
+    for i, row in enumerate(logits):
+        mean, probs = mean_probs(row)
+        yield i, int(y[i]), mean, probs, sum(-math.log(p[int(y[i])]) for p in probs) / len(probs)
+
+
+def reference_macer(logits, y, sigma, lam, beta, gamma):
+    """(loss, l_C, l_R, kinds): kinds[i] is 'hinge', 'beyond' (correct, ξ >= γ) or 'wrong'."""
+    b = len(logits)
+    l_c = l_r = 0.0
+    kinds = []
+    for i in range(b):
+        yi = int(y[i])
+        g, _ = mean_probs(logits[i])
+        l_c += -math.log(g[yi])
+        g_beta, _ = mean_probs(logits[i], beta)
+        if max(range(len(g_beta)), key=lambda c: g_beta[c]) != yi:
+            kinds.append("wrong")
+            continue
+        second = max((c for c in range(len(g_beta)) if c != yi), key=lambda c: g_beta[c])
+        xi = norm.ppf(g_beta[yi]) - norm.ppf(g_beta[second])
+        if xi < gamma:
+            l_r += sigma / 2 * (gamma - xi)
+            kinds.append("hinge")
+        else:
+            kinds.append("beyond")
+    return (l_c + lam * l_r) / b, l_c / b, l_r / b, kinds
+
+
+def macer_problem(b, k, c, seed, scale, boost=0.0):
+    """Random logits; for 2 examples in 3 the label is the top class of the mean logits, and
+    for 1 in 3 its logit is raised by `boost` in every draw (a confident example)."""
+    logits, y = random_problem(b, k, c, seed=seed, scale=scale)
+    rows = torch.arange(b)
+    y[rows % 3 != 0] = logits.mean(dim=1).argmax(dim=1)[rows % 3 != 0]
+    logits[rows[rows % 3 == 1], :, y[rows % 3 == 1]] += boost
+    return logits, y
+
+
+MACER_CASES = [  # (k, beta, gamma, scale): each case holds hinge, beyond and wrong examples
+    (1, 1.0, 2.0, 3.0),
+    (4, 2.0, 3.0, 2.0),
+    (8, 16.0, 8.0, 0.3),
+]
+
+
+@pytest.mark.parametrize(("k", "beta", "gamma", "scale"), MACER_CASES)
+@pytest.mark.parametrize("lam", [0.0, 12.0])
+def test_macer_loss_matches_loop(k, beta, gamma, scale, lam):
+    logits, y = macer_problem(24, k, 5, seed=3, scale=scale, boost=15 / beta)
+    loss, terms = macer_loss(logits, y, 0.5, lam, beta, gamma)
+    ref, ref_c, ref_r, kinds = reference_macer(logits.tolist(), y.tolist(), 0.5, lam, beta, gamma)
+    assert {"hinge", "beyond", "wrong"} <= set(kinds)
+    assert loss.item() == pytest.approx(ref, rel=1e-9)
+    assert terms["l_per"].item() == pytest.approx(ref_c, rel=1e-9)
+    assert terms["l_macer"].item() == pytest.approx(ref_r, rel=1e-9)
+    assert ref_r > 0
+
+
+def test_macer_with_lam_zero_and_one_draw_is_gaussian_augmentation():
+    # Zhai et al.: l_C is the CE of the soft smoothed classifier; with k = 1 that is Cohen's loss.
+    logits, y = random_problem(16, 1, 10, dtype=torch.float32)
+    logits.requires_grad_(True)
+    loss, _ = macer_loss(logits, y, 0.25, 0.0, 16.0, 8.0)
+    cohen = F.cross_entropy(logits[:, 0], y)
+    torch.testing.assert_close(loss, cohen)
+    torch.testing.assert_close(
+        torch.autograd.grad(loss, logits)[0], torch.autograd.grad(cohen, logits)[0]
+    )
+
+
+def test_macer_hinge_moves_only_the_gradient_of_its_examples():
+    logits, y = macer_problem(24, 4, 5, seed=3, scale=2.0, boost=7.5)
+    logits.requires_grad_(True)
+    _, _, _, kinds = reference_macer(logits.tolist(), y.tolist(), 0.5, 1.0, 2.0, 3.0)
+    with_hinge = torch.autograd.grad(macer_loss(logits, y, 0.5, 1.0, 2.0, 3.0)[0], logits)[0]
+    without = torch.autograd.grad(macer_loss(logits, y, 0.5, 0.0, 2.0, 3.0)[0], logits)[0]
+    for i, kind in enumerate(kinds):
+        same = torch.equal(with_hinge[i], without[i])
+        assert same == (kind != "hinge"), (i, kind)
+
+
+def test_macer_gradient_is_the_gradient_of_the_loss():
+    logits, y = macer_problem(6, 3, 4, seed=5, scale=1.0)
+    _, _, _, kinds = reference_macer(logits.tolist(), y.tolist(), 0.5, 3.0, 2.0, 3.0)
+    assert "hinge" in kinds
+    assert torch.autograd.gradcheck(
+        lambda z: macer_loss(z, y, 0.5, 3.0, 2.0, 3.0)[0], (logits.requires_grad_(True),)
+    )
+
+
+def test_macer_is_finite_on_saturated_logits():
+    # Φ⁻¹(1) = ∞: such examples are outside the hinge, and no NaN leaks into the gradient.
+    g = torch.Generator().manual_seed(0)
+    logits = (1e4 * torch.sign(torch.randn(8, 4, 10, generator=g))).requires_grad_(True)
+    y = logits.detach()[:, 0].argmax(dim=1)
+    y[::2] = torch.randint(10, (4,), generator=g)
+    loss, terms = macer_loss(logits, y, 0.25, 12.0, 16.0, 8.0)
+    (grad,) = torch.autograd.grad(loss, logits)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    assert torch.isfinite(terms["l_macer"])
+
+
+def reference_consistency(logits, y, lam, eta, adre_lam=0.0, floor=0.0):
+    total = 0.0
+    for _, yi, mean, probs, ce in per_example(logits, y):
+        k, c = len(probs), len(mean)
+        kl = sum(sum(mean[t] * math.log(mean[t] / p[t]) for t in range(c)) for p in probs) / k
+        ent = -sum(m * math.log(m) for m in mean)
+        runner = max(mean[t] for t in range(c) if t != yi)
+        total += ce + lam * kl + eta * ent - adre_lam * -math.log(max(runner, floor))
+    return total / len(logits)
+
+
+@pytest.mark.parametrize(("k", "lam", "eta", "adre_lam"),
+                         [(2, 10.0, 0.5, 0.0), (4, 1.0, 0.0, 0.0), (3, 5.0, 2.0, 0.3),
+                          (1, 10.0, 0.5, 0.0)])
+def test_consistency_loss_matches_loop(k, lam, eta, adre_lam):
+    logits, y = random_problem(7, k, 6, seed=1, scale=2.0)
+    loss, terms = consistency_loss(logits, y, lam, eta, adre_lam=adre_lam, adre_floor=1e-6)
+    ref = reference_consistency(logits.tolist(), y.tolist(), lam, eta, adre_lam, 1e-6)
+    assert loss.item() == pytest.approx(ref, rel=1e-9)
+    # The logged terms recombine into the loss.
+    recombined = terms["l_per"] + lam * terms["l_kl"] + eta * terms["l_ent"]
+    assert (recombined - adre_lam * terms["l_adre"]).item() == pytest.approx(ref, rel=1e-9)
+
+
+def test_consistency_with_zero_weights_is_gaussian_augmentation_exactly():
+    logits, y = random_problem(16, 2, 10, dtype=torch.float32)
+    logits.requires_grad_(True)
+    loss, _ = consistency_loss(logits, y, 0.0, 0.0)
+    gaussian = gaussian_ce(logits, y)
+    assert torch.equal(loss, gaussian)
+    assert torch.equal(torch.autograd.grad(loss, logits)[0],
+                       torch.autograd.grad(gaussian, logits)[0])
+
+
+def test_consistency_gradient_runs_through_the_mean_prediction():
+    # No stop-gradient on F̂: autograd must agree with finite differences of the whole loss.
+    logits, y = random_problem(4, 3, 4, seed=2, scale=1.0)
+    assert torch.autograd.gradcheck(
+        lambda z: consistency_loss(z, y, 3.0, 0.7, adre_lam=0.2)[0],
+        (logits.requires_grad_(True),),
+    )
+
+
+def test_consistency_adds_adre_only_when_lam_is_positive():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(D, 5))
+    x, y, noise = synthetic()
+    plain, terms = get_method("consistency")(model, x, y, noise, CONFIGS["consistency"])
+    with_adre, _ = get_method("consistency")(
+        model, x, y, noise, replace(CONFIGS["consistency"], lam=0.3)
+    )
+    torch.testing.assert_close(with_adre, plain - 0.3 * terms["l_adre"])
+
+
+def reference_smoothmix(logits, logits_mix, y, mix, eta):
+    total = 0.0
+    for i, yi, mean, probs, ce in per_example(logits, y):
+        k, c = len(probs), len(mean)
+        target = [(1 - mix[i]) * mean[t] + mix[i] / c for t in range(c)]
+        correct = max(range(c), key=lambda t: mean[t]) == yi
+        kl = 0.0
+        for j in range(k):
+            q = softmax_list(logits_mix[i][j])
+            kl += sum(target[t] * math.log(target[t] / q[t]) for t in range(c)) / k
+        total += ce + eta * kl * correct
+    return total / len(logits)
+
+
+@pytest.mark.parametrize(("k", "eta"), [(1, 1.0), (2, 5.0), (4, 0.5)])
+def test_smoothmix_loss_matches_loop(k, eta):
+    logits, y = random_problem(9, k, 5, seed=4, scale=2.0)
+    logits_mix, _ = random_problem(9, k, 5, seed=5, scale=2.0)
+    mix = torch.rand(9, generator=torch.Generator().manual_seed(6), dtype=torch.float64) / 2
+    loss, terms = smoothmix_loss(logits, logits_mix, y, mix, eta)
+    ref = reference_smoothmix(logits.tolist(), logits_mix.tolist(), y.tolist(), mix.tolist(), eta)
+    assert loss.item() == pytest.approx(ref, rel=1e-9)
+    assert (terms["l_per"] + eta * terms["l_mix"]).item() == pytest.approx(ref, rel=1e-9)
+
+
+def test_smoothmix_with_eta_zero_is_gaussian_augmentation():
+    logits, y = random_problem(16, 2, 10, dtype=torch.float32)
+    logits.requires_grad_(True)
+    loss, _ = smoothmix_loss(logits, torch.randn(16, 2, 10), y, torch.full((16,), 0.3), 0.0)
+    assert torch.equal(loss, gaussian_ce(logits, y))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(D, 5))
+    x, y, noise = synthetic()
+    cfg = replace(CONFIGS["smoothmix"], smoothmix_eta=0.0)
+    torch.testing.assert_close(
+        get_method("smoothmix")(model, x, y, noise, cfg)[0],
+        get_method("gaussian")(model, x, y, noise, cfg)[0],
+    )
+
+
+def test_smoothmix_mixup_gradient_only_on_correct_examples_and_through_the_target():
+    logits, y = random_problem(12, 3, 4, seed=7, scale=2.0)
+    logits_mix, _ = random_problem(12, 3, 4, seed=8, scale=2.0)
+    mix = torch.full((12,), 0.25, dtype=torch.float64)
+    correct = smoothed_log_probs(logits).argmax(dim=1) == y
+    assert correct.any() and not correct.all()
+    logits.requires_grad_(True)
+    logits_mix.requires_grad_(True)
+    _, terms = smoothmix_loss(logits, logits_mix, y, mix, 1.0)
+    l_mix = smoothmix_loss(logits, logits_mix, y, mix, 1.0)[0] - gaussian_ce(logits, y)
+    grad_clean, grad_mix = torch.autograd.grad(l_mix, (logits, logits_mix))
+    for i in range(12):
+        assert bool(grad_mix[i].abs().sum() > 0) == bool(correct[i])
+        assert bool(grad_clean[i].abs().sum() > 0) == bool(correct[i])  # the target's F̂(x)
+    assert torch.autograd.gradcheck(
+        lambda a, b: smoothmix_loss(a, b, y, mix, 2.0)[0], (logits, logits_mix)
+    )
+
+
+def test_smoothmix_trains_on_the_mixup_of_x_and_its_unbounded_adversary():
+    # The method equals smoothmix_loss at an independently built x_mix: the adversary is a
+    # constant (no gradient through the attack), T steps of length alpha, mix ~ U[0, 1/2].
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(D, 5))
+    x, y, noise = synthetic()
+    cfg = replace(CONFIGS["smoothmix"], steps=3, smoothmix_step=0.4)
+    torch.manual_seed(11)
+    loss, terms = get_method("smoothmix")(model, x, y, noise, cfg)
+    params = list(model.parameters())
+    grads = torch.autograd.grad(loss, params)
+
+    x_adv = smooth_pgd_l2(model, x, y, noise, eps=1e6, steps=3, step_size=0.4)
+    assert ((x_adv - x).flatten(1).norm(dim=1) > 0.4 * 2.5).any()  # beyond 2 steps: unbounded
+    torch.manual_seed(11)
+    mix = torch.rand(len(x)) / 2
+    assert mix.max() <= 0.5
+    x_mix = (x + mix.view(-1, 1, 1, 1) * (x_adv - x)).detach()
+    logits = model((x.unsqueeze(1) + noise).flatten(0, 1)).view(len(x), 4, -1)
+    logits_mix = model((x_mix.unsqueeze(1) + noise).flatten(0, 1)).view(len(x), 4, -1)
+    ref, ref_terms = smoothmix_loss(logits, logits_mix, y, mix, cfg.smoothmix_eta)
+    torch.testing.assert_close(loss, ref)
+    for grad, ref_grad in zip(grads, torch.autograd.grad(ref, params), strict=True):
+        torch.testing.assert_close(grad, ref_grad)
+
+
+def test_smoothmix_one_step_adversary_and_warmup():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(D, 5))
+    x, y, noise = synthetic()
+    cfg = replace(CONFIGS["smoothmix"], steps=3, smoothmix_step=0.4, smoothmix_mix_step=1,
+                  warmup=0.5)
+    torch.manual_seed(11)
+    loss, _ = get_method("smoothmix")(model, x, y, noise, cfg)
+    # The clean end: one step, kept within warmup * 1 * alpha = 0.2 of x; eta halved.
+    x_one = smooth_pgd_l2(model, x, y, noise, eps=0.2, steps=1, step_size=0.4)
+    assert (x_one - x).flatten(1).norm(dim=1).max() <= 0.2 + 1e-6
+    x_adv = smooth_pgd_l2(model, x, y, noise, eps=1e6, steps=3, step_size=0.4)
+    torch.manual_seed(11)
+    mix = torch.rand(len(x)) / 2
+    x_mix = x_one + mix.view(-1, 1, 1, 1) * (x_adv - x_one)
+    logits = model((x_one.unsqueeze(1) + noise).flatten(0, 1)).view(len(x), 4, -1)
+    logits_mix = model((x_mix.unsqueeze(1) + noise).flatten(0, 1)).view(len(x), 4, -1)
+    ref, _ = smoothmix_loss(logits, logits_mix, y, mix, 0.5 * cfg.smoothmix_eta)
+    torch.testing.assert_close(loss, ref)
+
+
+def test_baseline_losses_reject_bad_arguments():
+    logits, y = random_problem(4, 2, 3)
+    with pytest.raises(ValueError, match="macer_beta"):
+        macer_loss(logits, y, 0.25, 1.0, 0.0, 8.0)
+    with pytest.raises(ValueError, match="sigma"):
+        macer_loss(logits, y, -0.25, 1.0, 16.0, 8.0)
+    with pytest.raises(ValueError, match="consistency_eta"):
+        consistency_loss(logits, y, 1.0, -0.5)
+    with pytest.raises(ValueError, match="logits_mix"):
+        smoothmix_loss(logits, logits[:, :1], y, torch.zeros(4), 1.0)
+    with pytest.raises(ValueError, match="mix"):
+        smoothmix_loss(logits, logits, y, torch.zeros(3), 1.0)
+    with pytest.raises(ValueError, match="smoothmix_eta"):
+        smoothmix_loss(logits, logits, y, torch.zeros(4), math.inf)
+    with pytest.raises(ValueError, match="logits"):
+        macer_loss(logits[:, 0], y, 0.25, 1.0, 16.0, 8.0)
+
+
+# --- presets and the command line -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("preset", "expected"),
+    [
+        ("cifar10-resnet110-macer", dict(method="macer", epochs=440, batch=64, lr=0.01,
+                                         lr_step=200, weight_decay=5e-4, k=16, macer_lam=12.0,
+                                         macer_beta=16.0, macer_gamma=8.0)),
+        ("cifar10-resnet110-consistency", dict(method="consistency", epochs=150, batch=128,
+                                               lr=0.1, lr_step=50, k=2, consistency_lam=10.0,
+                                               consistency_eta=0.5)),
+        ("cifar10-resnet110-smoothmix", dict(method="smoothmix", epochs=150, batch=128, lr=0.1,
+                                             lr_step=50, k=2, steps=4, smoothmix_step=1.0,
+                                             smoothmix_eta=5.0, eps_warmup=10)),
+    ],
+)
+def test_baseline_presets_are_the_papers_recipes(preset, expected):
+    cfg = resolve_config(preset, sigma=0.5)
+    assert (cfg.dataset, cfg.model, cfg.schedule, cfg.lr_gamma) == (
+        "cifar10", "cifar_resnet110", "step", 0.1)
+    assert {key: getattr(cfg, key) for key in expected} == expected
+    key = {"macer": "macer_lam", "consistency": "consistency_lam",
+           "smoothmix": "smoothmix_step"}[expected["method"]]
+    assert getattr(resolve_config(preset, **{key: 3.0}), key) == 3.0  # per-sigma values
+
+
+def test_method_config_of_an_epoch_warms_smoothmix_up():
+    cfg = resolve_config("mnist-lenet", method="smoothmix", eps_warmup=4, smoothmix_eta=3.0,
+                         sigma=0.5, smoothmix_step=0.7)
+    assert [cfg.method_config(e).warmup for e in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert cfg.method_config().warmup == 1.0
+    whole = cfg.method_config(0)
+    assert (whole.smoothmix_eta, whole.sigma, whole.smoothmix_step) == (3.0, 0.5, 0.7)
+
+
+def test_baseline_options_are_refused_for_a_method_that_ignores_them():
+    with pytest.raises(ValueError, match="macer_gamma is read by method macer only"):
+        resolve_config("mnist-lenet", method="smoothmix", macer_gamma=6.0)
+    with pytest.raises(ValueError, match="steps is read by method smoothadv, adreadv and smoothm"):
+        resolve_config("mnist-lenet", method="consistency", steps=2)
+    assert resolve_config("mnist-lenet", method="consistency", lam=0.2).lam == 0.2
+
+
+def test_macer_robustness_term_can_be_deferred():
+    cfg = resolve_config("mnist-lenet", method="macer", macer_lam=16.0, macer_defer=3)
+    assert [cfg.method_config(e).macer_lam for e in range(5)] == [0.0, 0.0, 0.0, 16.0, 16.0]
+    assert cfg.method_config().macer_lam == 16.0
+    with pytest.raises(ValueError, match="macer_defer must be an integer >= 0"):
+        resolve_config("mnist-lenet", method="macer", macer_defer=-1)
+
+
+SMALL = ["--epochs", "1", "--train-subset", "64", "--batch", "32", "--eval-subset", "0",
+         "--device", "cpu", "--sigma", "0.5"]
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "term"),
+    [
+        ("macer", ["--k", "4", "--macer-lam", "16", "--macer-beta", "16", "--macer-gamma", "8"],
+         "l_macer"),
+        ("consistency", ["--k", "2", "--consistency-lam", "5", "--consistency-eta", "0.5",
+                         "--lam", "0.2"], "l_kl"),
+        ("smoothmix", ["--k", "2", "--steps", "2", "--smoothmix-step", "1.0",
+                       "--smoothmix-eta", "5", "--smoothmix-mix-step", "1"], "l_mix"),
+    ],
+)
+def test_each_baseline_trains_one_epoch_from_the_command_line(tmp_path, method, options, term):
+    out = tmp_path / method
+    assert cli_main(["--no-progress", "train", "--preset", "mnist-lenet", "--method", method,
+                     *options, *SMALL, "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["method"] == method
+    (record,) = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert record["steps"] == 2
+    for key in ("loss", "l_per", term, "train_acc"):
+        assert math.isfinite(record[key]), key
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--method", "macer", "--macer-beta", "0"], "macer_beta must be a finite number > 0"),
+        (["--method", "macer", "--macer-lam", "-12"], "macer_lam must be a finite number >= 0"),
+        (["--method", "consistency", "--consistency-eta", "-1"], "consistency_eta must be"),
+        (["--method", "smoothmix", "--smoothmix-step", "0"], "smoothmix_step must be"),
+        (["--method", "smoothmix", "--steps", "2", "--smoothmix-mix-step", "2"],
+         "smoothmix_mix_step must be an integer in [0, steps) = [0, 2)"),
+    ],
+)
+def test_bad_baseline_options_exit_2_naming_the_option(capsys, tmp_path, args, message):
+    out = tmp_path / "run"
+    assert cli_main(["--no-progress", "train", "--out", str(out), *args]) == 2
+    stderr = capsys.readouterr().err
+    assert message in stderr and "Traceback" not in stderr
+    assert not out.exists()
+
+
+TORCHRUN_TRAIN = ["--preset", "mnist-lenet", "--train-subset", "256", "--batch", "64", "--k",
+                  "2", "--epochs", "1", "--eval-subset", "0", "--device", "cpu"]
+
+
+def torchrun_train(args: list[str], cwd: Path) -> None:
+    """`smoothcert train *args` on 2 processes (gloo), importing this checkout's smoothcert."""
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(Path(smoothcert.__file__).parents[1]))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--standalone", "-m", "smoothcert", "--no-progress", "train", *args]
+    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["macer", "consistency", "smoothmix"])
+def test_each_baseline_trains_under_torchrun(tmp_path, method):
+    # SmoothMix: each rank draws its own mixing weights, so only the run itself is checked.
+    extra = ["--steps", "2"] if method == "smoothmix" else []
+    torchrun_train([*TORCHRUN_TRAIN, "--method", method, *extra, "--out", "two"], tmp_path)
+    (record,) = [json.loads(line) for line in (tmp_path / "two" / "log.jsonl").read_text()
+                 .splitlines()]
+    assert record["steps"] == 256 // 64 and math.isfinite(record["loss"])
+    if method == "smoothmix":
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert cli_main(["--no-progress", "train", *TORCHRUN_TRAIN, "--method", method,
+                         "--out", str(tmp_path / "one")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    one = load_checkpoint(tmp_path / "one" / "checkpoint.pt")["model"]
+    two = load_checkpoint(tmp_path / "two" / "checkpoint.pt")["model"]
+    for name, tensor in one.items():
+        torch.testing.assert_close(two[name], tensor, rtol=0, atol=1e-5, msg=name)

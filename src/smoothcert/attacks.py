@@ -37,10 +37,13 @@ def runner_up(log_g: Tensor, y: Tensor) -> Tensor:
 
 
 def _check_pgd_args(
-    x: Tensor, y: Tensor, noise: Tensor, eps: float, steps: int, lam: float
+    x: Tensor, y: Tensor, noise: Tensor, eps: float, steps: int, lam: float,
+    step_size: float | None,
 ) -> None:
     if not (math.isfinite(eps) and eps >= 0):
         raise ValueError(f"eps must be a finite number >= 0, got {eps}")
+    if step_size is not None and not (math.isfinite(step_size) and step_size > 0):
+        raise ValueError(f"step_size must be a finite number > 0 (or None), got {step_size}")
     if steps < 0 or (eps > 0 and steps < 1):
         raise ValueError(
             f"steps must be an integer >= 1 when eps > 0 (>= 0 otherwise), got {steps}"
@@ -77,14 +80,17 @@ def smooth_pgd_l2(
     eps: float,
     steps: int,
     lam: float = 0.0,
+    step_size: float | None = None,
 ) -> Tensor:
     """Adversarial x' with ‖x'−x‖₂ ≤ eps in [0,1], by `steps` L2 PGD steps on the soft smoothed
     classifier with the fixed `noise` [B, k, *x.shape[1:]] (already scaled by sigma).
 
     Maximises CE(Ĝ(x'), y) − lam·CE(Ĝ(x'), argmax_{c≠y} Ĝ(x')); lam = 0 is SmoothAdv.
+    Each step has length `step_size` (default 2·eps/steps, SmoothAdv's); eps = steps·step_size
+    is a ball the steps cannot leave, i.e. no norm bound (SmoothMix's attack).
     The model runs in eval mode with parameter gradients off; both are restored afterwards.
     """
-    _check_pgd_args(x, y, noise, eps, steps, lam)
+    _check_pgd_args(x, y, noise, eps, steps, lam, step_size)
     if eps == 0 or steps == 0:
         return x.detach().clone()
     if isinstance(model, DistributedDataParallel):
@@ -95,7 +101,7 @@ def smooth_pgd_l2(
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
     x = x.detach()
-    step_size = 2 * eps / steps
+    step_size = 2 * eps / steps if step_size is None else step_size
     per_example = (-1,) + (1,) * (x.dim() - 1)
     try:
         model.eval()

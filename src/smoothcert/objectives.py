@@ -1,5 +1,12 @@
-"""Training objectives on logits [B, k, C] (Gaussian augmentation, ADREREG) and the method registry
-(Gaussian, ADRE, SmoothAdv, ADREADV): one function per method, one registry line each."""
+"""Training objectives on logits [B, k, C] and the method registry: Gaussian augmentation,
+ADREREG, SmoothAdv, ADREADV, and the baselines MACER, Consistency and SmoothMix. One function
+per method, one registry line each.
+
+The baselines are written from the papers' method sections (equations and algorithm boxes):
+MACER (Zhai et al., ICLR 2020, Sec. 4 and Algorithm 1), consistency regularisation (Jeong & Shin,
+NeurIPS 2020, Sec. 3) and SmoothMix (Jeong et al., NeurIPS 2021, Sec. 3). Their hyper-parameters
+and the papers' values are documented on `MethodConfig`.
+"""
 
 from __future__ import annotations
 
@@ -14,14 +21,41 @@ from torch import Tensor, nn
 from smoothcert.attacks import noisy_logits, runner_up, smooth_pgd_l2, smoothed_log_probs
 
 
-def _check_lam(lam: float) -> None:
+def _check_lam(lam: float, name: str = "lam") -> None:
     if not (math.isfinite(lam) and lam >= 0):
-        raise ValueError(f"lam must be a finite number >= 0, got {lam}")
+        raise ValueError(f"{name} must be a finite number >= 0, got {lam}")
+
+
+def _check_positive(value: float, name: str) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
 
 
 def _check_label_smoothing(label_smoothing: float) -> None:
     if not 0 <= label_smoothing < 1:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+
+
+def _check_logits(logits: Tensor, y: Tensor) -> None:
+    if logits.dim() != 3 or logits.shape[1] < 1 or logits.shape[2] < 2:
+        raise ValueError(
+            f"logits must have shape [B, k, C] with k >= 1, C >= 2, got {tuple(logits.shape)}"
+        )
+    if y.shape != logits.shape[:1]:
+        raise ValueError(f"y must have shape [{logits.shape[0]}], got {tuple(y.shape)}")
+
+
+def _at_least_float32(logits: Tensor) -> Tensor:
+    # Under autocast the logits may be half precision; probabilities are taken in float32.
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+def gaussian_ce(logits: Tensor, y: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """Mean cross-entropy over every example and draw of logits [B, k, C] (Gaussian
+    augmentation, Cohen et al. 2019; with k > 1 the mean over the draws, Salman et al. 2019)."""
+    return F.cross_entropy(
+        logits.flatten(0, 1), y.repeat_interleave(logits.shape[1]), label_smoothing=label_smoothing
+    )
 
 
 def adre_loss(
@@ -47,12 +81,7 @@ def adre_loss(
     """
     if not (math.isfinite(floor) and 0 <= floor < 1):
         raise ValueError(f"floor must be in [0, 1), got {floor}")
-    if logits.dim() != 3 or logits.shape[1] < 1 or logits.shape[2] < 2:
-        raise ValueError(
-            f"logits must have shape [B, k, C] with k >= 1, C >= 2, got {tuple(logits.shape)}"
-        )
-    if y.shape != logits.shape[:1]:
-        raise ValueError(f"y must have shape [{logits.shape[0]}], got {tuple(y.shape)}")
+    _check_logits(logits, y)
     _check_lam(lam)
     _check_label_smoothing(label_smoothing)
     b, k, _ = logits.shape
@@ -65,9 +94,7 @@ def adre_loss(
         )
     else:
         # One CE over all B*k noisy inputs: with lam = 0 this is Gaussian augmentation exactly.
-        l_per = F.cross_entropy(
-            logits.flatten(0, 1), y.repeat_interleave(k), label_smoothing=label_smoothing
-        )
+        l_per = gaussian_ce(logits, y, label_smoothing)
     log_g = smoothed_log_probs(logits)
     log_runner_up = log_g.gather(1, runner_up(log_g, y).unsqueeze(1))
     if floor > 0:
@@ -77,9 +104,132 @@ def adre_loss(
     return loss, {"l_per": l_per.detach(), "l_adre": l_adre.detach()}
 
 
+def macer_loss(
+    logits: Tensor, y: Tensor, sigma: float, lam: float, beta: float, gamma: float
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """MACER (Zhai et al. 2020, Algorithm 1) on logits [B, k, C]: l_C + lam · l_R.
+
+    l_C = mean_i −log Ĝ_y(x_i), the cross-entropy of the soft smoothed classifier
+    Ĝ = mean_j softmax(logits_j). The robustness term uses the soft smoothed classifier with
+    inverse temperature beta, Ĝ^β = mean_j softmax(beta · logits_j) (Sec. 4.2): on the examples
+    it classifies correctly (the set G_θ), with ξ = Φ⁻¹(Ĝ^β_y) − Φ⁻¹(Ĝ^β_ŷ) and ŷ its runner-up,
+    (σ/2)·ξ is the certified radius of Cohen et al. and l_R = (1/B) Σ_{i∈G_θ} (σ/2)·max(γ − ξ_i, 0)
+    (Sec. 4.1, the hinge on the radius). G_θ and ŷ are chosen without gradient; an example
+    with a saturated Ĝ^β (ξ = ∞) is outside the hinge. Returns the loss and the detached l_C
+    (as l_per) and l_R (as l_macer).
+    """
+    _check_logits(logits, y)
+    _check_positive(sigma, "sigma")
+    _check_lam(lam, "macer_lam")
+    _check_positive(beta, "macer_beta")
+    _check_positive(gamma, "macer_gamma")
+    logits = _at_least_float32(logits)
+    l_c = F.nll_loss(smoothed_log_probs(logits), y)
+    g_beta = torch.softmax(beta * logits, dim=-1).mean(dim=1)
+    second = runner_up(g_beta, y)
+    with torch.no_grad():
+        xi = torch.special.ndtri(g_beta.gather(1, y[:, None])) - torch.special.ndtri(
+            g_beta.gather(1, second[:, None])
+        )
+        active = (g_beta.argmax(dim=1) == y) & (xi.squeeze(1) < gamma)
+    # ξ again, with gradient, on the hinge's examples only: elsewhere Φ⁻¹ may be infinite and
+    # its gradient would turn the zero of the hinge into NaN.
+    rows = active.nonzero().squeeze(1)
+    xi_active = torch.special.ndtri(g_beta[rows, y[rows]]) - torch.special.ndtri(
+        g_beta[rows, second[rows]]
+    )
+    l_r = (sigma / 2) * (gamma - xi_active).sum() / logits.shape[0]
+    loss = l_c + lam * l_r if lam > 0 else l_c
+    return loss, {"l_per": l_c.detach(), "l_macer": l_r.detach()}
+
+
+def consistency_loss(
+    logits: Tensor,
+    y: Tensor,
+    lam: float,
+    eta: float,
+    adre_lam: float = 0.0,
+    label_smoothing: float = 0.0,
+    adre_floor: float = 0.0,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Consistency regularisation (Jeong & Shin 2020, Sec. 3.2) on logits [B, m, C].
+
+    mean_j CE(F(x+δ_j), y) + lam · mean_j KL(F̂(x) ‖ F(x+δ_j)) + eta · H(F̂(x)), with F the
+    softmax, F̂ = mean_j F(x+δ_j) and H the entropy; no stop-gradient (the paper writes none).
+    With adre_lam > 0, ADRE's −adre_lam·l_adre (runner-up of F̂, floored at adre_floor) is
+    added on top. lam = eta = adre_lam = 0 is Gaussian augmentation exactly. Logs l_per,
+    l_adre, l_kl and l_ent (batch means).
+    """
+    _check_lam(lam, "consistency_lam")
+    _check_lam(eta, "consistency_eta")
+    loss, terms = adre_loss(logits, y, adre_lam, label_smoothing=label_smoothing, floor=adre_floor)
+    log_p = F.log_softmax(_at_least_float32(logits), dim=-1)
+    log_mean = smoothed_log_probs(logits)
+    mean = log_mean.exp()
+    l_kl = (mean.unsqueeze(1) * (log_mean.unsqueeze(1) - log_p)).sum(dim=-1).mean()
+    l_ent = -(mean * log_mean).sum(dim=-1).mean()
+    if lam > 0 or eta > 0:
+        loss = loss + lam * l_kl + eta * l_ent
+    return loss, {**terms, "l_kl": l_kl.detach(), "l_ent": l_ent.detach()}
+
+
+def smoothmix_loss(
+    logits: Tensor,
+    logits_mix: Tensor,
+    y: Tensor,
+    mix: Tensor,
+    eta: float,
+    label_smoothing: float = 0.0,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """SmoothMix (Jeong et al. 2021, Sec. 3) on logits [B, m, C] at x + δ_j and logits_mix
+    [B, m, C] at x_mix + δ_j, x_mix = (1 − mix)·x + mix·x_adv with mix [B] in [0, 1/2].
+
+    L_nat + eta · L_mix: L_nat = mean_j CE(F(x+δ_j), y) (Gaussian augmentation); the mixup
+    target ỹ = (1 − mix)·F̂(x) + mix·(1/C) moves the soft smoothed prediction F̂ = mean_j F(x+δ_j)
+    towards the uniform distribution along the adversarial direction, and
+    L_mix = (1/(B·m)) Σ_i 1[argmax F̂(x_i) = y_i] Σ_j KL(ỹ_i ‖ F(x_mix,i + δ_ij)), on the
+    examples F̂ classifies correctly. The indicator carries no gradient; ỹ does (the paper
+    writes no stop-gradient). eta = 0 is Gaussian augmentation exactly. Logs l_per (= L_nat)
+    and l_mix.
+    """
+    _check_logits(logits, y)
+    if logits_mix.shape != logits.shape:
+        raise ValueError(
+            f"logits_mix must have the shape of logits {tuple(logits.shape)}, "
+            f"got {tuple(logits_mix.shape)}"
+        )
+    if mix.shape != y.shape:
+        raise ValueError(f"mix must have shape [{y.shape[0]}], got {tuple(mix.shape)}")
+    _check_lam(eta, "smoothmix_eta")
+    _check_label_smoothing(label_smoothing)
+    l_nat = gaussian_ce(logits, y, label_smoothing)
+    log_mean = smoothed_log_probs(logits)
+    correct = (log_mean.detach().argmax(dim=1) == y).float()
+    mix = mix.to(log_mean.dtype).unsqueeze(1)
+    target = (1 - mix) * log_mean.exp() + mix / logits.shape[2]
+    log_q = F.log_softmax(_at_least_float32(logits_mix), dim=-1)
+    kl = (torch.special.xlogy(target, target).unsqueeze(1) - target.unsqueeze(1) * log_q).sum(-1)
+    l_mix = (correct.unsqueeze(1) * kl).mean()
+    loss = l_nat + eta * l_mix if eta > 0 else l_nat
+    return loss, {"l_per": l_nat.detach(), "l_mix": l_mix.detach()}
+
+
 @dataclass(frozen=True)
 class MethodConfig:
-    """Hyper-parameters of a training method; fields a method does not use are ignored."""
+    """Hyper-parameters of a training method; fields a method does not use are ignored.
+
+    Paper values (CIFAR-10, ResNet-110; the `cifar10-resnet110-*` presets):
+    - MACER: k = 16, macer_beta β = 16, macer_gamma γ = 8, macer_lam λ = 12 at σ = 0.25 and
+      0.5, λ = 4 at σ = 1.0. The MNIST runs of later papers use λ = 16 (σ ≤ 0.5) and 6 (σ = 1).
+    - Consistency: m = k = 2, consistency_eta η = 0.5, consistency_lam λ = 20 at σ = 0.25 and
+      λ = 10 at σ = 0.5 and 1.0 (the models behind the published ACRs 0.552 / 0.720 / 0.756).
+    - SmoothMix: m = k = 2, steps T = 4, smoothmix_step α = 0.5 / 1.0 / 2.0 at σ = 0.25 / 0.5 /
+      1.0, smoothmix_eta η = 5, smoothmix_mix_step 0 (1: the "one-step adversary" variant).
+
+    `sigma` is the training noise level (MACER's radius is σ/2 · ξ). `warmup` is the epoch's
+    warm-up factor in (0, 1] (TrainConfig.method_config sets it): it scales SmoothMix's η and
+    the radius of its one-step adversary, as the attack radius of SmoothAdv is warmed up.
+    """
 
     lam: float = 0.0
     k: int = 1
@@ -88,6 +238,16 @@ class MethodConfig:
     single_draw: bool = False
     label_smoothing: float = 0.0
     adre_floor: float = 1e-6
+    sigma: float = 0.25
+    macer_lam: float = 12.0
+    macer_beta: float = 16.0
+    macer_gamma: float = 8.0
+    consistency_lam: float = 10.0
+    consistency_eta: float = 0.5
+    smoothmix_eta: float = 5.0
+    smoothmix_step: float = 1.0
+    smoothmix_mix_step: int = 0
+    warmup: float = 1.0
 
     def __post_init__(self) -> None:
         _check_lam(self.lam)
@@ -100,11 +260,40 @@ class MethodConfig:
         _check_label_smoothing(self.label_smoothing)
         if not (math.isfinite(self.adre_floor) and 0 <= self.adre_floor < 1):
             raise ValueError(f"adre_floor must be in [0, 1), got {self.adre_floor}")
+        for name in ("sigma", "macer_beta", "macer_gamma", "smoothmix_step"):
+            _check_positive(getattr(self, name), name)
+        for name in ("macer_lam", "consistency_lam", "consistency_eta", "smoothmix_eta"):
+            _check_lam(getattr(self, name), name)
+        if not 0 <= self.smoothmix_mix_step < self.steps:
+            raise ValueError(
+                f"smoothmix_mix_step must be an integer in [0, steps) = [0, {self.steps}), "
+                f"got {self.smoothmix_mix_step}"
+            )
+        if not 0 < self.warmup <= 1:
+            raise ValueError(f"warmup must be in (0, 1], got {self.warmup}")
 
 
 Method = Callable[
     [nn.Module, Tensor, Tensor, Tensor, MethodConfig], tuple[Tensor, dict[str, Tensor]]
 ]
+
+
+def _check_noise(x: Tensor, noise: Tensor, cfg: MethodConfig) -> None:
+    if noise.shape != (x.shape[0], cfg.k, *x.shape[1:]):
+        raise ValueError(
+            f"noise must have shape [B, k, *x.shape[1:]] = "
+            f"{[x.shape[0], cfg.k, *x.shape[1:]]}, got {list(noise.shape)}"
+        )
+
+
+def _logits(model: nn.Module, x: Tensor, noise: Tensor, cfg: MethodConfig) -> Tensor:
+    """The model's logits [B, k, C] at every x_i + noise_ij, after checking the noise's shape."""
+    _check_noise(x, noise, cfg)
+    return noisy_logits(model, x, noise)
+
+
+def _noisy_accuracy(logits: Tensor, y: Tensor) -> Tensor:
+    return (logits.detach().argmax(dim=-1) == y.unsqueeze(1)).float().mean()
 
 
 def _loss_at(
@@ -117,17 +306,12 @@ def _loss_at(
     single_draw: bool,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """adre_loss on the model's logits at x + noise, plus the noisy accuracy."""
-    if noise.shape != (x.shape[0], cfg.k, *x.shape[1:]):
-        raise ValueError(
-            f"noise must have shape [B, k, *x.shape[1:]] = "
-            f"{[x.shape[0], cfg.k, *x.shape[1:]]}, got {list(noise.shape)}"
-        )
-    logits = noisy_logits(model, x, noise)
+    logits = _logits(model, x, noise, cfg)
     loss, terms = adre_loss(
         logits, y, lam, single_draw=single_draw, label_smoothing=cfg.label_smoothing,
         floor=cfg.adre_floor,
     )
-    terms["acc"] = (logits.detach().argmax(dim=-1) == y.unsqueeze(1)).float().mean()
+    terms["acc"] = _noisy_accuracy(logits, y)
     return loss, terms
 
 
@@ -161,11 +345,71 @@ def adreadv(
     return _loss_at(model, x_adv, y, noise, cfg, cfg.lam, cfg.single_draw)
 
 
+def macer(
+    model: nn.Module, x: Tensor, y: Tensor, noise: Tensor, cfg: MethodConfig
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """MACER (Zhai 2020): see macer_loss; k noisy copies per example."""
+    logits = _logits(model, x, noise, cfg)
+    loss, terms = macer_loss(
+        logits, y, cfg.sigma, cfg.macer_lam, cfg.macer_beta, cfg.macer_gamma
+    )
+    terms["acc"] = _noisy_accuracy(logits, y)
+    return loss, terms
+
+
+def consistency(
+    model: nn.Module, x: Tensor, y: Tensor, noise: Tensor, cfg: MethodConfig
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Consistency regularisation (Jeong & Shin 2020) over k = m noisy copies; with lam > 0 plus
+    ADRE's regulariser −lam·l_adre (see consistency_loss)."""
+    logits = _logits(model, x, noise, cfg)
+    loss, terms = consistency_loss(
+        logits, y, cfg.consistency_lam, cfg.consistency_eta, adre_lam=cfg.lam,
+        label_smoothing=cfg.label_smoothing, adre_floor=cfg.adre_floor,
+    )
+    terms["acc"] = _noisy_accuracy(logits, y)
+    return loss, terms
+
+
+def smoothmix(
+    model: nn.Module, x: Tensor, y: Tensor, noise: Tensor, cfg: MethodConfig
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """SmoothMix (Jeong 2021): mixup between x and its adversary on the soft smoothed classifier.
+
+    The adversary x^(T) takes T = steps L2 steps of length α = smoothmix_step along the
+    normalised gradient of CE(F̂(x'), y), with the step's k noise draws fixed and no norm
+    bound (smooth_pgd_l2 with eps = T·α, a ball the steps cannot leave). The clean end is x,
+    or with smoothmix_mix_step = s > 0 the adversary after s steps kept within warmup·s·α of x
+    (the paper's "one-step adversary" for s = 1). mix ~ U[0, 1/2] per example, from torch's
+    global generator (the Trainer seeds it every epoch); η is scaled by cfg.warmup.
+    """
+    _check_noise(x, noise, cfg)
+    alpha, steps = cfg.smoothmix_step, cfg.steps
+    x_adv = smooth_pgd_l2(model, x, y, noise, steps * alpha, steps, step_size=alpha)
+    s = cfg.smoothmix_mix_step
+    x_clean = x if s == 0 else smooth_pgd_l2(
+        model, x, y, noise, cfg.warmup * s * alpha, s, step_size=alpha
+    )
+    mix = torch.rand(x.shape[0], device=x.device) / 2
+    x_mix = x_clean + mix.view(-1, *(1,) * (x.dim() - 1)) * (x_adv - x_clean)
+    # One forward pass for both ends, so DDP sees one forward per backward.
+    both = noisy_logits(model, torch.cat([x_clean, x_mix]), torch.cat([noise, noise]))
+    logits, logits_mix = both.split(x.shape[0])
+    loss, terms = smoothmix_loss(
+        logits, logits_mix, y, mix, cfg.smoothmix_eta * cfg.warmup, cfg.label_smoothing
+    )
+    terms["acc"] = _noisy_accuracy(logits, y)
+    return loss, terms
+
+
 METHODS: dict[str, Method] = {
     "gaussian": gaussian,
     "adre": adre,
     "smoothadv": smoothadv,
     "adreadv": adreadv,
+    "macer": macer,
+    "consistency": consistency,
+    "smoothmix": smoothmix,
 }
 
 

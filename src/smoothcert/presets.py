@@ -29,6 +29,18 @@ class TrainConfig:
     eps_warmup: int = 10
     label_smoothing: float = 0.0
     adre_floor: float = 1e-6
+    # The baselines' hyper-parameters; MethodConfig holds their defaults and the papers' values.
+    macer_lam: float = MethodConfig.macer_lam
+    macer_beta: float = MethodConfig.macer_beta
+    macer_gamma: float = MethodConfig.macer_gamma
+    consistency_lam: float = MethodConfig.consistency_lam
+    consistency_eta: float = MethodConfig.consistency_eta
+    smoothmix_eta: float = MethodConfig.smoothmix_eta
+    smoothmix_step: float = MethodConfig.smoothmix_step
+    smoothmix_mix_step: int = MethodConfig.smoothmix_mix_step
+    # Epochs trained without MACER's robustness term (lambda 0) before it is switched on: the
+    # MNIST recipe later papers used for MACER defers it to the first lr decay.
+    macer_defer: int = 0
     epochs: int = 10
     batch: int = 256
     lr: float = 0.01
@@ -50,16 +62,16 @@ class TrainConfig:
     out: str = "runs/train"
     preset: str | None = None
 
-    def method_config(self, eps: float | None = None) -> MethodConfig:
-        return MethodConfig(
-            lam=self.lam,
-            k=self.k,
-            eps=self.eps if eps is None else eps,
-            steps=self.steps,
-            single_draw=self.single_draw,
-            label_smoothing=self.label_smoothing,
-            adre_floor=self.adre_floor,
-        )
+    def method_config(self, epoch: int | None = None) -> MethodConfig:
+        """The objective's settings (every MethodConfig field of the same name) in `epoch`,
+        warm-ups applied, or without warm-up."""
+        shared = {f.name: getattr(self, f.name) for f in fields(MethodConfig) if f.name != "warmup"}
+        if epoch is None:
+            return MethodConfig(**shared)
+        shared |= {"eps": eps_at(self, epoch), "warmup": warmup_factor(self, epoch)}
+        if epoch < self.macer_defer:
+            shared["macer_lam"] = 0.0
+        return MethodConfig(**shared)
 
     def validate(self) -> TrainConfig:
         """Raise ValueError naming the first bad field and its accepted range."""
@@ -79,6 +91,8 @@ class TrainConfig:
             raise ValueError(f"eps must be > 0 for method {self.method}, got {self.eps}")
         for name in ("k", "steps", "epochs", "batch", "lr_step"):
             _at_least(name, getattr(self, name), 1)
+        _at_least("smoothmix_mix_step", self.smoothmix_mix_step, 0)
+        _at_least("macer_defer", self.macer_defer, 0)
         for name in ("eps_warmup", "warmup_epochs", "train_subset", "eval_subset", "workers"):
             _at_least(name, getattr(self, name), 0)
         for name in ("lr", "lr_gamma"):
@@ -88,7 +102,7 @@ class TrainConfig:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        self.method_config()  # lam, k, eps, steps, label_smoothing ranges
+        self.method_config()  # the objective's ranges: lam, k, eps, steps, macer_*, ...
         _check_objective_options(self)
         return self
 
@@ -96,10 +110,14 @@ class TrainConfig:
 # Options only some methods read, with the value that leaves them unused: a value set for a
 # method that ignores it would be recorded in config.json without any effect, so it is refused.
 OBJECTIVE_OPTIONS = {
-    "lam": (0.0, ("adre", "adreadv")),
+    "lam": (0.0, ("adre", "adreadv", "consistency")),
     "single_draw": (False, ("adre", "adreadv")),
     "eps": (0.0, ("smoothadv", "adreadv")),
-    "steps": (1, ("smoothadv", "adreadv")),
+    "steps": (1, ("smoothadv", "adreadv", "smoothmix")),
+    **{name: (getattr(MethodConfig, name), (name.split("_")[0],)) for name in (
+        "macer_lam", "macer_beta", "macer_gamma", "consistency_lam", "consistency_eta",
+        "smoothmix_eta", "smoothmix_step", "smoothmix_mix_step")},
+    "macer_defer": (0, ("macer",)),
 }
 
 
@@ -107,8 +125,9 @@ def _check_objective_options(cfg: TrainConfig) -> None:
     for name, (unused, methods) in OBJECTIVE_OPTIONS.items():
         value = getattr(cfg, name)
         if cfg.method not in methods and value != unused:
+            readers = f"{', '.join(methods[:-1])} and {methods[-1]}" if methods[1:] else methods[0]
             raise ValueError(
-                f"{name} is read by method {' and '.join(methods)} only, and method "
+                f"{name} is read by method {readers} only, and method "
                 f"{cfg.method} would ignore {name}={value}; leave {name} out or choose one of "
                 "those methods"
             )
@@ -135,6 +154,31 @@ PRESETS: dict[str, dict] = {
         dataset="cifar10", model="cifar_resnet110", epochs=150, batch=400, lr=0.1,
         momentum=0.9, weight_decay=1e-4, schedule="step", lr_step=50, lr_gamma=0.1, k=8,
         eps_warmup=10,
+    ),
+    # The baselines on CIFAR-10 (ResNet-110), each paper's recipe; the sigma-dependent values
+    # (MACER's lambda, Consistency's lambda, SmoothMix's step) are set per run, see
+    # experiments/gpu/cifar10_baselines.sh. The code bases of Consistency and SmoothMix split
+    # every loader batch of 256 into m chunks, one update each: a step sees 256 / m examples.
+    # MACER (Zhai et al. 2020): 440 epochs, batch 64, lr 0.01 / 10 at epochs 200 and 400,
+    # weight decay 5e-4 (the authors' script), k = 16, beta 16, gamma 8, lambda 12 (4 at sigma 1).
+    "cifar10-resnet110-macer": dict(
+        dataset="cifar10", model="cifar_resnet110", method="macer", epochs=440, batch=64,
+        lr=0.01, momentum=0.9, weight_decay=5e-4, schedule="step", lr_step=200, lr_gamma=0.1,
+        k=16, macer_lam=12.0, macer_beta=16.0, macer_gamma=8.0,
+    ),
+    # Consistency (Jeong & Shin 2020): Cohen's 150 epochs, lr 0.1 / 10 every 50, weight decay
+    # 1e-4 (their SGD is Nesterov, ours plain momentum), m = 2, eta 0.5, lambda 10 (20 at 0.25).
+    "cifar10-resnet110-consistency": dict(
+        dataset="cifar10", model="cifar_resnet110", method="consistency", epochs=150,
+        batch=128, lr=0.1, momentum=0.9, weight_decay=1e-4, schedule="step", lr_step=50,
+        lr_gamma=0.1, k=2, consistency_lam=10.0, consistency_eta=0.5,
+    ),
+    # SmoothMix (Jeong et al. 2021): the same schedule, m = 2, T = 4 steps of alpha 1.0 (0.5 at
+    # sigma 0.25, 2.0 at 1.0), eta 5 warmed up over 10 epochs.
+    "cifar10-resnet110-smoothmix": dict(
+        dataset="cifar10", model="cifar_resnet110", method="smoothmix", epochs=150,
+        batch=128, lr=0.1, momentum=0.9, weight_decay=1e-4, schedule="step", lr_step=50,
+        lr_gamma=0.1, k=2, steps=4, smoothmix_step=1.0, smoothmix_eta=5.0, eps_warmup=10,
     ),
     # Feng et al. on ImageNet: ResNet-50, 8 warm-up epochs then cosine to 50, label smoothing.
     # The batch is 256 for k = 1 and 64 for k = 4 (256 // k) unless given explicitly.
@@ -175,8 +219,13 @@ def lr_factor(cfg: TrainConfig, epoch: int) -> float:
     return 1.0
 
 
+def warmup_factor(cfg: TrainConfig, epoch: int) -> float:
+    """The adversarial warm-up of `epoch` (0-based): linear over the first eps_warmup epochs."""
+    if cfg.eps_warmup <= 0:
+        return 1.0
+    return min(1.0, (epoch + 1) / cfg.eps_warmup)
+
+
 def eps_at(cfg: TrainConfig, epoch: int) -> float:
     """The attack radius of `epoch`: linear warm-up over the first eps_warmup epochs."""
-    if cfg.eps_warmup <= 0:
-        return cfg.eps
-    return cfg.eps * min(1.0, (epoch + 1) / cfg.eps_warmup)
+    return cfg.eps * warmup_factor(cfg, epoch)

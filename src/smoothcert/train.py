@@ -42,7 +42,7 @@ from .io import (
 )
 from .models import build_model
 from .objectives import get_method
-from .presets import TrainConfig, eps_at, lr_factor
+from .presets import TrainConfig, lr_factor
 from .smooth import autocast
 
 CHECKPOINT = "checkpoint.pt"
@@ -261,7 +261,9 @@ class Trainer:
                 f"({', '.join(missing)}); it can be certified, not resumed: train into a new --out"
             )
         saved = state["config"]
-        changed = {k for k, v in asdict(self.cfg).items() if saved.get(k) != v} - RESUMABLE_CHANGES
+        # An option the saved config lacks is newer than the run, which did not depend on it.
+        changed = {k for k, v in asdict(self.cfg).items() if saved.get(k, v) != v}
+        changed -= RESUMABLE_CHANGES
         if changed:
             raise ValueError(
                 f"resume: '{path}' was trained with different {', '.join(sorted(changed))}; "
@@ -326,9 +328,9 @@ class Trainer:
         cfg, ctx = self.cfg, self.ctx
         rng.seed_torch(cfg.seed, "training", epoch)
         noise_gen = rng.generator(cfg.seed, "training-noise", epoch, ctx.device)
-        method_cfg = cfg.method_config(eps=eps_at(cfg, epoch))
+        method_cfg = cfg.method_config(epoch)
         loader = train_loader(self.train_set, cfg, ctx, epoch)
-        sums = torch.zeros(4, device=ctx.device)  # loss, l_per, l_adre, acc (no per-step sync)
+        sums: dict[str, torch.Tensor] = {}  # the loss and the method's terms (no per-step sync)
         self.trained.train()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (
             self.progress and ctx.is_main), leave=False)
@@ -344,15 +346,18 @@ class Trainer:
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            sums += torch.stack([loss.detach().float(), terms["l_per"].float(),
-                                 terms["l_adre"].float(), terms["acc"].float()])
+            for key, value in {"loss": loss, **terms}.items():
+                sums[key] = sums.get(key, 0) + value.detach().float()
+        keys = sorted(sums)
+        totals = torch.stack([sums[key] for key in keys]) if keys else torch.zeros(0)
         if ctx.distributed:  # the logged means are over the global batch, as with 1 process
-            dist.all_reduce(sums)
-            sums /= ctx.world_size
+            dist.all_reduce(totals)
+            totals /= ctx.world_size
         steps = max(len(loader), 1)
-        loss, l_per, l_adre, acc = (sums / steps).tolist()
-        return {"loss": loss, "l_per": l_per, "l_adre": l_adre, "train_acc": acc,
-                "eps": method_cfg.eps, "steps": steps}
+        means = dict(zip(keys, (totals / steps).tolist(), strict=True))
+        if "acc" in means:
+            means["train_acc"] = means.pop("acc")
+        return {**means, "eps": method_cfg.eps, "steps": steps}
 
     def _save(self, epoch: int) -> None:
         weights = self.model.state_dict()
