@@ -29,7 +29,7 @@ from _common import (
 )
 from _loops import LABELS, SHAPES, make_model
 
-from smoothcert.objectives import MethodConfig, adre_loss, get_method
+from smoothcert.objectives import ObjectiveConfig, adre_loss, get_objective
 
 SIGMA, LAM, EPS = 0.25, 2.0, 0.5
 MNIST_TRAIN = 60_000
@@ -48,10 +48,10 @@ QUICK = {
 LABELS = {**LABELS, "cifar_resnet20": "ResNet-20 (CIFAR)"}
 
 
-def make_step(model, method: str, cfg: MethodConfig, batch: int, dataset: str,
+def make_step(model, method: str, cfg: ObjectiveConfig, batch: int, dataset: str,
               channels_last: bool = False, amp: str | None = None):
     """A closure running one training step of `method` (as Trainer.train_epoch does)."""
-    objective = get_method(method)
+    objective = get_objective(method)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
     generator = torch.Generator().manual_seed(0)
     x = torch.rand((batch, *SHAPES[dataset]), generator=generator)
@@ -124,7 +124,7 @@ def main(argv=None) -> list[Table]:
             table.add(LABELS[name], batch, method, k, steps, seconds, epoch, ratio)
 
         for k in plan["ks"]:
-            cfgs = {"gaussian": MethodConfig(k=k), "adre": MethodConfig(k=k, lam=LAM)}
+            cfgs = {"gaussian": ObjectiveConfig(k=k), "adre": ObjectiveConfig(k=k, lam=LAM)}
             runs = {m: timed(make_step(model, m, c, batch, dataset)) for m, c in cfgs.items()}
             for run in runs.values():
                 run()  # warm-up
@@ -138,9 +138,9 @@ def main(argv=None) -> list[Table]:
                          isolated * 1e3, f"{100 * isolated / g:+.2f} %")
         runs = {}
         for steps in (1, 2):
-            cfg = MethodConfig(k=1, lam=LAM, eps=EPS, steps=steps)
+            cfg = ObjectiveConfig(k=1, lam=LAM, eps=EPS, steps=steps)
             runs[f"adreadv-{steps}"] = timed(make_step(model, "adreadv", cfg, batch, dataset))
-        runs["gaussian"] = timed(make_step(model, "gaussian", MethodConfig(k=1), batch, dataset))
+        runs["gaussian"] = timed(make_step(model, "gaussian", ObjectiveConfig(k=1), batch, dataset))
         for run in runs.values():
             run()
         times = interleaved(runs, reps)
@@ -149,11 +149,11 @@ def main(argv=None) -> list[Table]:
             ratio = paired_ratio(times[key], times["gaussian"])
             record("adreadv", 1, steps, median(times[key]) / per_rep, f"{ratio:.2f}x")
         # The fast path for training: channels_last model and input, then bf16 autocast.
-        runs = {"fp32": timed(make_step(model, "gaussian", MethodConfig(k=1), batch, dataset))}
+        runs = {"fp32": timed(make_step(model, "gaussian", ObjectiveConfig(k=1), batch, dataset))}
         cl_model = make_model(name, dataset, channels_last=True).train()
-        runs["cl"] = timed(make_step(cl_model, "gaussian", MethodConfig(k=1), batch, dataset,
+        runs["cl"] = timed(make_step(cl_model, "gaussian", ObjectiveConfig(k=1), batch, dataset,
                                      channels_last=True))
-        runs["cl+bf16"] = timed(make_step(cl_model, "gaussian", MethodConfig(k=1), batch,
+        runs["cl+bf16"] = timed(make_step(cl_model, "gaussian", ObjectiveConfig(k=1), batch,
                                           dataset, channels_last=True, amp="bf16"))
         for run in runs.values():
             run()

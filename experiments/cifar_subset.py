@@ -30,9 +30,9 @@ def main() -> None:
                   sigma=args.sigma, epochs=args.epochs, batch=128, lr=0.1, schedule="step",
                   lr_step=max(1, args.epochs * 2 // 3), eval_subset=466)
     runs = [
-        Run("basic", dict(common, method="gaussian"), label="Basic",
+        Run("basic", dict(common, objective="gaussian"), label="Basic",
             certify={"data_dir": args.data_dir}),
-        Run(f"adre_l{args.lam}", dict(common, method="adre", lam=args.lam),
+        Run(f"adre_l{args.lam}", dict(common, objective="adre", lam=args.lam),
             label=f"ADREREG λ={args.lam}", certify={"data_dir": args.data_dir}),
     ]
     files = execute(STUDY, runs, args)

@@ -35,7 +35,7 @@ from study import (
 )
 
 from smoothcert.io import atomic_write_json, atomic_write_text
-from smoothcert.presets import resolve_config
+from smoothcert.presets import resolve_config, upgrade_config
 from smoothcert.runner import selected_indices
 from smoothcert.train import RESUMABLE_CHANGES
 
@@ -56,16 +56,16 @@ def runs(args: argparse.Namespace) -> list[Run]:
     defer = args.lr_step if args.macer_defer is None else args.macer_defer
     for sigma in args.sigmas:
         lam = args.adre_lam
-        consistency = dict(common, method="consistency", k=2, sigma=sigma,
+        consistency = dict(common, objective="consistency", k=2, sigma=sigma,
                            consistency_lam=CONSISTENCY_LAM[sigma],
                            consistency_eta=args.consistency_eta)
         found += [
-            Run(f"basic_s{sigma}", dict(common, method="gaussian", k=1, sigma=sigma),
+            Run(f"basic_s{sigma}", dict(common, objective="gaussian", k=1, sigma=sigma),
                 label=f"Basic σ={sigma}"),
-            Run(f"adre_s{sigma}_l{lam}", dict(common, method="adre", k=8, single_draw=True,
+            Run(f"adre_s{sigma}_l{lam}", dict(common, objective="adre", k=8, single_draw=True,
                                                 lam=lam, sigma=sigma),
                 label=f"ADREREG σ={sigma} λ={lam}"),
-            Run(macer_name(args, sigma), dict(common, method="macer", k=16, sigma=sigma,
+            Run(macer_name(args, sigma), dict(common, objective="macer", k=16, sigma=sigma,
                                               macer_lam=MACER_LAM[sigma], macer_beta=16.0,
                                               macer_gamma=8.0, macer_defer=defer),
                 label=f"MACER σ={sigma}" + ("" if defer == args.lr_step else
@@ -73,7 +73,7 @@ def runs(args: argparse.Namespace) -> list[Run]:
             Run(f"consistency_s{sigma}", consistency, label=f"Consistency σ={sigma}"),
             Run(f"consistency_adre_s{sigma}_l{lam}", dict(consistency, lam=lam),
                 label=f"Consistency + ADRE σ={sigma} λ={lam}"),
-            Run(f"smoothmix_s{sigma}", dict(common, method="smoothmix", k=4, sigma=sigma,
+            Run(f"smoothmix_s{sigma}", dict(common, objective="smoothmix", k=4, sigma=sigma,
                                             steps=SMOOTHMIX_STEPS[sigma], smoothmix_step=1.0,
                                             smoothmix_eta=args.smoothmix_eta,
                                             eps_warmup=args.smoothmix_warmup),
@@ -105,7 +105,7 @@ def reuse(run_: Run, args: argparse.Namespace) -> str | None:
     trained = json.loads(train_path.read_text())
     ours = asdict(resolve_config(seed=args.seed, train_subset=args.train_subset,
                                  amp=amp_of(args), channels_last=True, **run_.train))
-    differ = sorted(key for key, value in trained["config"].items()
+    differ = sorted(key for key, value in upgrade_config(trained["config"]).items()
                     if key in ours and key not in RESUMABLE_CHANGES and ours[key] != value)
     meta = json.loads(meta_path.read_text())
     certify = certify_config(run_, args, "", target)

@@ -30,8 +30,8 @@ def main() -> None:
                   lr_step=args.lr_step, sigma=args.sigma, eps=args.eps, steps=args.steps,
                   eps_warmup=args.eps_warmup)
     runs = [
-        Run("smoothadv", dict(common, method="smoothadv"), label="SmoothAdv"),
-    ] + [Run(f"adreadv_l{lam}", dict(common, method="adreadv", lam=lam),
+        Run("smoothadv", dict(common, objective="smoothadv"), label="SmoothAdv"),
+    ] + [Run(f"adreadv_l{lam}", dict(common, objective="adreadv", lam=lam),
              label=f"ADREADV λ={lam}") for lam in args.lams]
     files = execute(STUDY, runs, args)
     notes = (f"LeNet, sigma = {args.sigma}, k = {args.k}, {args.steps}-step L2 PGD on the soft "

@@ -23,14 +23,14 @@ STUDY = "mnist_table1"
 
 def runs(args: argparse.Namespace) -> list[Run]:
     common = dict(preset="mnist-lenet", lr=args.lr, epochs=args.epochs, lr_step=args.lr_step)
-    adre = dict(common, method="adre", k=args.k, single_draw=args.single_draw)
+    adre = dict(common, objective="adre", k=args.k, single_draw=args.single_draw)
     found = []
     for sigma in args.sigmas:
-        found.append(Run(f"basic_s{sigma}", dict(common, method="gaussian", k=1, sigma=sigma),
+        found.append(Run(f"basic_s{sigma}", dict(common, objective="gaussian", k=1, sigma=sigma),
                          label=f"Basic σ={sigma}"))
         if sigma in args.control_sigmas:
             found.append(Run(f"basic_k{args.k}_s{sigma}",
-                             dict(common, method="gaussian", k=args.k, sigma=sigma),
+                             dict(common, objective="gaussian", k=args.k, sigma=sigma),
                              label=f"Basic k={args.k} σ={sigma}"))
         for lam in args.lams:
             found.append(Run(f"adre_s{sigma}_l{lam}", dict(adre, sigma=sigma, lam=lam),

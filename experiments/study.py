@@ -116,7 +116,8 @@ def execute(study: str, runs: list[Run], args: argparse.Namespace) -> list[Path]
         if is_complete(tsv, cfg.dataset, args, cfg.data_dir):
             print(f"[{study}] {run_.name}: complete, skipped")
             continue
-        print(f"[{study}] {run_.name}: training ({cfg.method}, sigma={cfg.sigma}, lam={cfg.lam})")
+        print(f"[{study}] {run_.name}: training ({cfg.objective}, sigma={cfg.sigma}, "
+              f"lam={cfg.lam})")
         train(cfg, resume=True, progress=not args.no_progress)
         summarise_training(Path(cfg.out), out / f"{run_.name}.train.json")
         print(f"[{study}] {run_.name}: certifying")

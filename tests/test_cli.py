@@ -67,7 +67,7 @@ def test_a_usage_error_in_a_subprocess_exits_2_without_traceback(tmp_path):
 
 def test_train_with_a_preset_and_overrides(capsys, tmp_path):
     out = tmp_path / "run"
-    code, stdout, _ = cli(capsys, "train", "--preset", "mnist-lenet", "--method", "adre",
+    code, stdout, _ = cli(capsys, "train", "--preset", "mnist-lenet", "--objective", "adre",
                           "--lam", "0.1", "--sigma", "0.5", "--out", str(out), *SMALL_TRAIN)
     assert code == 0
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json", "log.jsonl"]
@@ -75,12 +75,13 @@ def test_train_with_a_preset_and_overrides(capsys, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["preset"] == "mnist-lenet"
     assert (config["lr"], config["lr_step"]) == (0.05, 8)  # from the preset
-    assert (config["batch"], config["k"], config["method"], config["lam"]) == (64, 2, "adre", 0.1)
+    assert (config["batch"], config["k"], config["objective"], config["lam"]) == (
+        64, 2, "adre", 0.1)
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [0] and "test_noisy_acc" in log[0]
 
     # Again without --resume: refused; with --resume and more epochs: continued.
-    again = ["train", "--preset", "mnist-lenet", "--method", "adre", "--lam", "0.1", "--sigma",
+    again = ["train", "--preset", "mnist-lenet", "--objective", "adre", "--lam", "0.1", "--sigma",
              "0.5", "--out", str(out), *SMALL_TRAIN]
     code, _, stderr = cli(capsys, *again)
     assert code == 2 and "--resume" in stderr
@@ -95,17 +96,17 @@ def test_train_with_a_preset_and_overrides(capsys, tmp_path):
     "args, name",
     [
         (["--lam", "-1"], "error: lam must be"),
-        (["--method", "foo"], "error: method must be one of"),  # checked by us, not argparse
+        (["--objective", "foo"], "argument --objective: invalid choice"),
         (["--sigma", "0"], "error: sigma must be"),
         (["--k", "0"], "error: k must be"),
         (["--k", "abc"], "argument --k: invalid int value"),  # argparse's own check
         (["--batch", "0"], "error: batch must be"),
-        (["--method", "smoothadv"], "error: eps must be > 0"),  # eps defaults to 0
+        (["--objective", "smoothadv"], "error: eps must be > 0"),  # eps defaults to 0
         (["--eps", "-0.5"], "error: eps must be"),
         (["--steps", "0"], "error: steps must be"),
-        (["--model", "vgg"], "error: model must be one of"),
+        (["--model", "vgg"], "argument --model: invalid choice"),
         (["--preset", "nope"], "argument --preset: invalid choice"),
-        (["--lam", "0.2"], "error: lam is read by method adre, adreadv and consistency only"),
+        (["--lam", "0.2"], "error: lam is read by objective adre, adreadv and consistency only"),
         (["--device", "meta"], "error: device must be 'auto', 'cpu', 'cuda'"),
         (["--device", "tpu"], "error: device must be 'auto', 'cpu', 'cuda'"),
     ],

@@ -153,7 +153,7 @@ def part_files(out: Path) -> list[Path]:
 
 # Training ------------------------------------------------------------------------------------
 
-METHODS = {"gaussian": ["--method", "gaussian"], "adre": ["--method", "adre", "--lam", "0.2"]}
+METHODS = {"gaussian": ["--objective", "gaussian"], "adre": ["--objective", "adre", "--lam", "0.2"]}
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +189,7 @@ def test_two_processes_train_the_weights_of_one(two_process_runs, tmp_path, meth
 
 def test_torchrun_resume_continues_like_an_uninterrupted_run(two_process_runs, tmp_path):
     shutil.copytree(two_process_runs("gaussian"), tmp_path / "two")
-    args = [*TRAIN, "--method", "gaussian"]
+    args = [*TRAIN, "--objective", "gaussian"]
     torchrun(["train", *args, "--resume", "--epochs", "2", "--out", "two"], tmp_path)
     in_process(["train", *args, "--epochs", "2", "--out", str(tmp_path / "one")])
     assert_same_weights(tmp_path / "one" / "checkpoint.pt", tmp_path / "two" / "checkpoint.pt")

@@ -18,12 +18,12 @@ from smoothcert.attacks import smooth_pgd_l2, smoothed_log_probs
 from smoothcert.cli import main as cli_main
 from smoothcert.io import load_checkpoint
 from smoothcert.objectives import (
-    METHODS,
-    MethodConfig,
+    OBJECTIVES,
+    ObjectiveConfig,
     adre_loss,
     consistency_loss,
     gaussian_ce,
-    get_method,
+    get_objective,
     macer_loss,
     smoothmix_loss,
 )
@@ -158,9 +158,9 @@ def test_regulariser_step_through_a_model_lowers_runner_up_probability():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(D, 5))
     x, y, noise = synthetic(b=16, k=4)
-    cfg_reg, cfg_plain = MethodConfig(lam=1.0, k=4), MethodConfig(k=4)
-    loss = get_method("adre")(model, x, y, noise, cfg_reg)[0]
-    loss = loss - get_method("gaussian")(model, x, y, noise, cfg_plain)[0]
+    cfg_reg, cfg_plain = ObjectiveConfig(lam=1.0, k=4), ObjectiveConfig(k=4)
+    loss = get_objective("adre")(model, x, y, noise, cfg_reg)[0]
+    loss = loss - get_objective("gaussian")(model, x, y, noise, cfg_plain)[0]
     loss.backward()
 
     def mean_runner_up():
@@ -203,13 +203,13 @@ def synthetic(b=32, k=4, c=5, sigma=0.25, seed=0):
 
 
 CONFIGS = {
-    "gaussian": MethodConfig(k=4),
-    "adre": MethodConfig(lam=0.2, k=4),
-    "smoothadv": MethodConfig(k=4, eps=0.5, steps=2),
-    "adreadv": MethodConfig(lam=0.2, k=4, eps=0.5, steps=2),
-    "macer": MethodConfig(k=4, macer_lam=2.0, macer_beta=4.0),
-    "consistency": MethodConfig(k=4, consistency_lam=2.0, consistency_eta=0.5),
-    "smoothmix": MethodConfig(k=4, steps=2, smoothmix_step=0.5, smoothmix_eta=2.0),
+    "gaussian": ObjectiveConfig(k=4),
+    "adre": ObjectiveConfig(lam=0.2, k=4),
+    "smoothadv": ObjectiveConfig(k=4, eps=0.5, steps=2),
+    "adreadv": ObjectiveConfig(lam=0.2, k=4, eps=0.5, steps=2),
+    "macer": ObjectiveConfig(k=4, macer_lam=2.0, macer_beta=4.0),
+    "consistency": ObjectiveConfig(k=4, consistency_lam=2.0, consistency_eta=0.5),
+    "smoothmix": ObjectiveConfig(k=4, steps=2, smoothmix_step=0.5, smoothmix_eta=2.0),
 }
 TERMS = {  # what each method logs besides acc
     "gaussian": {"l_per", "l_adre"},
@@ -223,11 +223,11 @@ TERMS = {  # what each method logs besides acc
 
 
 def test_registry_names():
-    assert set(METHODS) == set(CONFIGS) == set(TERMS)
-    for name, fn in METHODS.items():
-        assert get_method(name) is fn
+    assert set(OBJECTIVES) == set(CONFIGS) == set(TERMS)
+    for name, fn in OBJECTIVES.items():
+        assert get_objective(name) is fn
     with pytest.raises(ValueError, match="gaussian"):
-        get_method("stability")
+        get_objective("stability")
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -235,7 +235,7 @@ def test_method_returns_differentiable_loss_and_terms(name):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(D, 5))
     x, y, noise = synthetic()
-    loss, terms = get_method(name)(model, x, y, noise, CONFIGS[name])
+    loss, terms = get_objective(name)(model, x, y, noise, CONFIGS[name])
     assert loss.dim() == 0 and torch.isfinite(loss) and loss.requires_grad
     assert set(terms) == TERMS[name] | {"acc"}
     assert all(not t.requires_grad and t.dim() == 0 for t in terms.values())
@@ -248,17 +248,18 @@ def test_gaussian_method_equals_adre_with_lam_zero_and_smoothadv_with_eps_zero()
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(D, 5))
     x, y, noise = synthetic()
-    gauss = get_method("gaussian")(model, x, y, noise, MethodConfig(k=4))[0]
-    assert torch.equal(gauss, get_method("adre")(model, x, y, noise, MethodConfig(k=4))[0])
-    assert torch.equal(gauss, get_method("smoothadv")(model, x, y, noise, MethodConfig(k=4))[0])
+    gauss = get_objective("gaussian")(model, x, y, noise, ObjectiveConfig(k=4))[0]
+    assert torch.equal(gauss, get_objective("adre")(model, x, y, noise, ObjectiveConfig(k=4))[0])
+    smoothadv = get_objective("smoothadv")(model, x, y, noise, ObjectiveConfig(k=4))[0]
+    assert torch.equal(gauss, smoothadv)
 
 
 def test_adversarial_methods_attack_before_the_loss():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(D, 5))
     x, y, noise = synthetic()
-    clean = get_method("gaussian")(model, x, y, noise, CONFIGS["gaussian"])[0]
-    assert get_method("smoothadv")(model, x, y, noise, CONFIGS["smoothadv"])[0] > clean
+    clean = get_objective("gaussian")(model, x, y, noise, CONFIGS["gaussian"])[0]
+    assert get_objective("smoothadv")(model, x, y, noise, CONFIGS["smoothadv"])[0] > clean
 
 
 @pytest.mark.parametrize(("name", "base"), [("smoothadv", "gaussian"), ("adreadv", "adre")])
@@ -269,8 +270,8 @@ def test_adversarial_methods_are_their_base_at_the_attack_point(name, base):
     cfg = CONFIGS[name]
     lam = cfg.lam if name == "adreadv" else 0.0
     x_adv = smooth_pgd_l2(model, x, y, noise, cfg.eps, cfg.steps, lam=lam)
-    loss, terms = get_method(name)(model, x, y, noise, cfg)
-    ref_loss, ref_terms = get_method(base)(model, x_adv, y, noise, cfg)
+    loss, terms = get_objective(name)(model, x, y, noise, cfg)
+    ref_loss, ref_terms = get_objective(base)(model, x_adv, y, noise, cfg)
     assert torch.equal(loss, ref_loss)
     assert all(torch.equal(terms[key], ref_terms[key]) for key in terms)
 
@@ -281,8 +282,8 @@ def test_adre_methods_honour_single_draw(name):
     model = nn.Sequential(nn.Flatten(), nn.Linear(D, 5))
     x, y, noise = synthetic()
     cfg = CONFIGS[name]
-    full = get_method(name)(model, x, y, noise, cfg)[1]
-    single = get_method(name)(model, x, y, noise, replace(cfg, single_draw=True))[1]
+    full = get_objective(name)(model, x, y, noise, cfg)[1]
+    single = get_objective(name)(model, x, y, noise, replace(cfg, single_draw=True))[1]
     assert torch.equal(single["l_adre"], full["l_adre"])
     assert not torch.equal(single["l_per"], full["l_per"])
 
@@ -293,7 +294,7 @@ def test_sgd_steps_lower_the_loss(name):
     model = nn.Sequential(nn.Flatten(), nn.Linear(D, 5))
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     x, y, noise = synthetic()
-    method, cfg = get_method(name), CONFIGS[name]
+    method, cfg = get_objective(name), CONFIGS[name]
     losses = []
     for _ in range(10):
         loss, _ = method(model, x, y, noise, cfg)
@@ -308,7 +309,7 @@ def test_method_rejects_noise_of_the_wrong_shape():
     model = nn.Sequential(nn.Flatten(), nn.Linear(D, 5))
     x, y, noise = synthetic(k=4)
     with pytest.raises(ValueError, match="noise"):
-        get_method("gaussian")(model, x, y, noise, MethodConfig(k=2))
+        get_objective("gaussian")(model, x, y, noise, ObjectiveConfig(k=2))
 
 
 # --- bad arguments -------------------------------------------------------------------------
@@ -342,7 +343,7 @@ def test_method_rejects_noise_of_the_wrong_shape():
 )
 def test_method_config_validation(kwargs, name):
     with pytest.raises(ValueError, match=name):
-        MethodConfig(**kwargs)
+        ObjectiveConfig(**kwargs)
 
 
 def test_adre_loss_validation():
@@ -379,7 +380,7 @@ def test_adre_floor_leaves_unsaturated_losses_unchanged_and_is_validated():
     with pytest.raises(ValueError, match="floor"):
         adre_loss(logits, y, 0.3, floor=1.0)
     with pytest.raises(ValueError, match="adre_floor"):
-        MethodConfig(adre_floor=-1.0)
+        ObjectiveConfig(adre_floor=-1.0)
 
 
 # --- the baselines: MACER, Consistency, SmoothMix ------------------------------------------
@@ -550,8 +551,8 @@ def test_consistency_adds_adre_only_when_lam_is_positive():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(D, 5))
     x, y, noise = synthetic()
-    plain, terms = get_method("consistency")(model, x, y, noise, CONFIGS["consistency"])
-    with_adre, _ = get_method("consistency")(
+    plain, terms = get_objective("consistency")(model, x, y, noise, CONFIGS["consistency"])
+    with_adre, _ = get_objective("consistency")(
         model, x, y, noise, replace(CONFIGS["consistency"], lam=0.3)
     )
     torch.testing.assert_close(with_adre, plain - 0.3 * terms["l_adre"])
@@ -592,8 +593,8 @@ def test_smoothmix_with_eta_zero_is_gaussian_augmentation():
     x, y, noise = synthetic()
     cfg = replace(CONFIGS["smoothmix"], smoothmix_eta=0.0)
     torch.testing.assert_close(
-        get_method("smoothmix")(model, x, y, noise, cfg)[0],
-        get_method("gaussian")(model, x, y, noise, cfg)[0],
+        get_objective("smoothmix")(model, x, y, noise, cfg)[0],
+        get_objective("gaussian")(model, x, y, noise, cfg)[0],
     )
 
 
@@ -624,7 +625,7 @@ def test_smoothmix_trains_on_the_mixup_of_x_and_its_unbounded_adversary():
     x, y, noise = synthetic()
     cfg = replace(CONFIGS["smoothmix"], steps=3, smoothmix_step=0.4)
     torch.manual_seed(11)
-    loss, terms = get_method("smoothmix")(model, x, y, noise, cfg)
+    loss, terms = get_objective("smoothmix")(model, x, y, noise, cfg)
     params = list(model.parameters())
     grads = torch.autograd.grad(loss, params)
 
@@ -649,7 +650,7 @@ def test_smoothmix_one_step_adversary_and_warmup():
     cfg = replace(CONFIGS["smoothmix"], steps=3, smoothmix_step=0.4, smoothmix_mix_step=1,
                   warmup=0.5)
     torch.manual_seed(11)
-    loss, _ = get_method("smoothmix")(model, x, y, noise, cfg)
+    loss, _ = get_objective("smoothmix")(model, x, y, noise, cfg)
     # The clean end: one step, kept within warmup * 1 * alpha = 0.2 of x; eta halved.
     x_one = smooth_pgd_l2(model, x, y, noise, eps=0.2, steps=1, step_size=0.4)
     assert (x_one - x).flatten(1).norm(dim=1).max() <= 0.2 + 1e-6
@@ -687,13 +688,13 @@ def test_baseline_losses_reject_bad_arguments():
 @pytest.mark.parametrize(
     ("preset", "expected"),
     [
-        ("cifar10-resnet110-macer", dict(method="macer", epochs=440, batch=64, lr=0.01,
+        ("cifar10-resnet110-macer", dict(objective="macer", epochs=440, batch=64, lr=0.01,
                                          lr_step=200, weight_decay=5e-4, k=16, macer_lam=12.0,
                                          macer_beta=16.0, macer_gamma=8.0)),
-        ("cifar10-resnet110-consistency", dict(method="consistency", epochs=150, batch=128,
+        ("cifar10-resnet110-consistency", dict(objective="consistency", epochs=150, batch=128,
                                                lr=0.1, lr_step=50, k=2, consistency_lam=10.0,
                                                consistency_eta=0.5)),
-        ("cifar10-resnet110-smoothmix", dict(method="smoothmix", epochs=150, batch=128, lr=0.1,
+        ("cifar10-resnet110-smoothmix", dict(objective="smoothmix", epochs=150, batch=128, lr=0.1,
                                              lr_step=50, k=2, steps=4, smoothmix_step=1.0,
                                              smoothmix_eta=5.0, eps_warmup=10)),
     ],
@@ -704,33 +705,33 @@ def test_baseline_presets_are_the_papers_recipes(preset, expected):
         "cifar10", "cifar_resnet110", "step", 0.1)
     assert {key: getattr(cfg, key) for key in expected} == expected
     key = {"macer": "macer_lam", "consistency": "consistency_lam",
-           "smoothmix": "smoothmix_step"}[expected["method"]]
+           "smoothmix": "smoothmix_step"}[expected["objective"]]
     assert getattr(resolve_config(preset, **{key: 3.0}), key) == 3.0  # per-sigma values
 
 
 def test_method_config_of_an_epoch_warms_smoothmix_up():
-    cfg = resolve_config("mnist-lenet", method="smoothmix", eps_warmup=4, smoothmix_eta=3.0,
+    cfg = resolve_config("mnist-lenet", objective="smoothmix", eps_warmup=4, smoothmix_eta=3.0,
                          sigma=0.5, smoothmix_step=0.7)
-    assert [cfg.method_config(e).warmup for e in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
-    assert cfg.method_config().warmup == 1.0
-    whole = cfg.method_config(0)
+    assert [cfg.objective_config(e).warmup for e in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert cfg.objective_config().warmup == 1.0
+    whole = cfg.objective_config(0)
     assert (whole.smoothmix_eta, whole.sigma, whole.smoothmix_step) == (3.0, 0.5, 0.7)
 
 
 def test_baseline_options_are_refused_for_a_method_that_ignores_them():
-    with pytest.raises(ValueError, match="macer_gamma is read by method macer only"):
-        resolve_config("mnist-lenet", method="smoothmix", macer_gamma=6.0)
-    with pytest.raises(ValueError, match="steps is read by method smoothadv, adreadv and smoothm"):
-        resolve_config("mnist-lenet", method="consistency", steps=2)
-    assert resolve_config("mnist-lenet", method="consistency", lam=0.2).lam == 0.2
+    with pytest.raises(ValueError, match="macer_gamma is read by objective macer only"):
+        resolve_config("mnist-lenet", objective="smoothmix", macer_gamma=6.0)
+    with pytest.raises(ValueError, match="steps is read by objective smoothadv, adreadv and "):
+        resolve_config("mnist-lenet", objective="consistency", steps=2)
+    assert resolve_config("mnist-lenet", objective="consistency", lam=0.2).lam == 0.2
 
 
 def test_macer_robustness_term_can_be_deferred():
-    cfg = resolve_config("mnist-lenet", method="macer", macer_lam=16.0, macer_defer=3)
-    assert [cfg.method_config(e).macer_lam for e in range(5)] == [0.0, 0.0, 0.0, 16.0, 16.0]
-    assert cfg.method_config().macer_lam == 16.0
+    cfg = resolve_config("mnist-lenet", objective="macer", macer_lam=16.0, macer_defer=3)
+    assert [cfg.objective_config(e).macer_lam for e in range(5)] == [0.0, 0.0, 0.0, 16.0, 16.0]
+    assert cfg.objective_config().macer_lam == 16.0
     with pytest.raises(ValueError, match="macer_defer must be an integer >= 0"):
-        resolve_config("mnist-lenet", method="macer", macer_defer=-1)
+        resolve_config("mnist-lenet", objective="macer", macer_defer=-1)
 
 
 SMALL = ["--epochs", "1", "--train-subset", "64", "--batch", "32", "--eval-subset", "0",
@@ -750,10 +751,10 @@ SMALL = ["--epochs", "1", "--train-subset", "64", "--batch", "32", "--eval-subse
 )
 def test_each_baseline_trains_one_epoch_from_the_command_line(tmp_path, method, options, term):
     out = tmp_path / method
-    assert cli_main(["--no-progress", "train", "--preset", "mnist-lenet", "--method", method,
+    assert cli_main(["--no-progress", "train", "--preset", "mnist-lenet", "--objective", method,
                      *options, *SMALL, "--out", str(out)]) == 0
     config = json.loads((out / "config.json").read_text())
-    assert config["method"] == method
+    assert config["objective"] == method
     (record,) = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert record["steps"] == 2
     for key in ("loss", "l_per", term, "train_acc"):
@@ -763,11 +764,11 @@ def test_each_baseline_trains_one_epoch_from_the_command_line(tmp_path, method, 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--method", "macer", "--macer-beta", "0"], "macer_beta must be a finite number > 0"),
-        (["--method", "macer", "--macer-lam", "-12"], "macer_lam must be a finite number >= 0"),
-        (["--method", "consistency", "--consistency-eta", "-1"], "consistency_eta must be"),
-        (["--method", "smoothmix", "--smoothmix-step", "0"], "smoothmix_step must be"),
-        (["--method", "smoothmix", "--steps", "2", "--smoothmix-mix-step", "2"],
+        (["--objective", "macer", "--macer-beta", "0"], "macer_beta must be a finite number > 0"),
+        (["--objective", "macer", "--macer-lam", "-12"], "macer_lam must be a finite number >= 0"),
+        (["--objective", "consistency", "--consistency-eta", "-1"], "consistency_eta must be"),
+        (["--objective", "smoothmix", "--smoothmix-step", "0"], "smoothmix_step must be"),
+        (["--objective", "smoothmix", "--steps", "2", "--smoothmix-mix-step", "2"],
          "smoothmix_mix_step must be an integer in [0, steps) = [0, 2)"),
     ],
 )
@@ -800,7 +801,7 @@ def torchrun_train(args: list[str], cwd: Path) -> None:
 def test_each_baseline_trains_under_torchrun(tmp_path, method):
     # SmoothMix: each rank draws its own mixing weights, so only the run itself is checked.
     extra = ["--steps", "2"] if method == "smoothmix" else []
-    torchrun_train([*TORCHRUN_TRAIN, "--method", method, *extra, "--out", "two"], tmp_path)
+    torchrun_train([*TORCHRUN_TRAIN, "--objective", method, *extra, "--out", "two"], tmp_path)
     (record,) = [json.loads(line) for line in (tmp_path / "two" / "log.jsonl").read_text()
                  .splitlines()]
     assert record["steps"] == 256 // 64 and math.isfinite(record["loss"])
@@ -809,7 +810,7 @@ def test_each_baseline_trains_under_torchrun(tmp_path, method):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert cli_main(["--no-progress", "train", *TORCHRUN_TRAIN, "--method", method,
+        assert cli_main(["--no-progress", "train", *TORCHRUN_TRAIN, "--objective", method,
                          "--out", str(tmp_path / "one")]) == 0
     finally:
         torch.set_num_threads(threads)

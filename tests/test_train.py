@@ -114,7 +114,7 @@ def test_a_few_epochs_lower_the_loss(tmp_path, method, extra):
     # 3 epochs of 4 steps; eps_warmup 0 so the attack is equally strong in every epoch. At lr
     # 0.05 some seeds diverge in 12 steps (seed 0 for three methods); at 0.02 seeds 0-5 drop
     # the loss and l_per by 0.25 to 0.62 (seed 0: 0.40 to 0.62).
-    cfg = tiny(tmp_path / method, method=method, epochs=3, eps_warmup=0, train_subset=256,
+    cfg = tiny(tmp_path / method, objective=method, epochs=3, eps_warmup=0, train_subset=256,
                lr=0.02, **extra)
     train(cfg, progress=False)
     first, _, last = read_log(tmp_path / method)
@@ -134,7 +134,7 @@ def test_a_few_epochs_lower_the_loss(tmp_path, method, extra):
 
 def test_resume_after_an_interruption_equals_the_uninterrupted_run(tmp_path):
     # ADREADV with an eps warm-up and a per-epoch evaluation: every per-epoch input is exercised.
-    options = dict(method="adreadv", lam=0.2, eps=0.5, steps=1, eps_warmup=2, eval_subset=32,
+    options = dict(objective="adreadv", lam=0.2, eps=0.5, steps=1, eps_warmup=2, eval_subset=32,
                    lr_step=2, lr_gamma=0.5, train_subset=128)  # 2 steps per epoch
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     train(tiny(straight, epochs=3, **options), progress=False)
@@ -315,7 +315,7 @@ def test_a_fresh_run_into_a_finished_run_asks_for_resume(tmp_path):
 
 @pytest.mark.parametrize(
     "change, field",
-    [(dict(sigma=0.5), "sigma"), (dict(method="adre", lam=0.1), "method"), (dict(k=1), "k")],
+    [(dict(sigma=0.5), "sigma"), (dict(objective="adre", lam=0.1), "objective"), (dict(k=1), "k")],
 )
 def test_resuming_with_a_different_setting_names_it(tmp_path, change, field):
     run = tmp_path / "run"
@@ -414,7 +414,7 @@ def test_a_second_train_on_the_same_out_is_refused_naming_the_first(tmp_path):
 @pytest.mark.parametrize(
     "options, name",
     [
-        (dict(method="foo"), "method"),
+        (dict(objective="foo"), "objective"),
         (dict(model="foo"), "model"),
         (dict(dataset="foo"), "dataset"),
         (dict(lam=-0.1), "lam"),
@@ -425,18 +425,18 @@ def test_a_second_train_on_the_same_out_is_refused_naming_the_first(tmp_path):
         (dict(eps=-0.1), "eps"),
         (dict(steps=0), "steps"),
         (dict(batch=0), "batch"),
-        (dict(method="smoothadv", eps=0.0), "eps"),
-        (dict(method="adreadv", lam=0.1), "eps"),  # eps defaults to 0
+        (dict(objective="smoothadv", eps=0.0), "eps"),
+        (dict(objective="adreadv", lam=0.1), "eps"),  # eps defaults to 0
         (dict(epochs=0), "epochs"),
         (dict(schedule="linear"), "schedule"),
         (dict(label_smoothing=1.0), "label_smoothing"),
         (dict(momentum=1.0), "momentum"),
         (dict(no_such_option=1), "no_such_option"),
-        # Options the method would ignore (gaussian is the default method).
+        # Options the objective would ignore (gaussian is the default objective).
         (dict(lam=0.2), "lam"),
-        (dict(method="smoothadv", eps=0.5, lam=0.2), "lam"),
+        (dict(objective="smoothadv", eps=0.5, lam=0.2), "lam"),
         (dict(eps=0.5), "eps"),
-        (dict(method="adre", lam=0.1, steps=3), "steps"),
+        (dict(objective="adre", lam=0.1, steps=3), "steps"),
         (dict(single_draw=True), "single_draw"),
     ],
 )
@@ -490,8 +490,8 @@ def test_imagenet_preset_batch_follows_k(k, batch):
 
 def test_explicit_overrides_beat_the_preset():
     assert resolve_config("imagenet-resnet50", k=4, batch=100).batch == 100
-    cfg = resolve_config("cifar10-resnet110", lr=0.05, epochs=3, k=2, method="adre", lam=0.1)
-    assert (cfg.lr, cfg.epochs, cfg.k, cfg.method, cfg.lam) == (0.05, 3, 2, "adre", 0.1)
+    cfg = resolve_config("cifar10-resnet110", lr=0.05, epochs=3, k=2, objective="adre", lam=0.1)
+    assert (cfg.lr, cfg.epochs, cfg.k, cfg.objective, cfg.lam) == (0.05, 3, 2, "adre", 0.1)
     assert cfg.batch == 400  # untouched preset values stay
     # None means "not given" (as argparse passes it), not "set to None".
     assert resolve_config("cifar10-resnet110", batch=None).batch == 400
@@ -591,8 +591,8 @@ def test_a_batch_that_does_not_fit_in_memory_names_a_smaller_batch(tmp_path):
 
 
 def test_eps_warms_up_linearly():
-    cfg = resolve_config(method="smoothadv", eps=0.5, eps_warmup=10)
+    cfg = resolve_config(objective="smoothadv", eps=0.5, eps_warmup=10)
     assert [eps_at(cfg, e) for e in range(12)] == pytest.approx(
         [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.5, 0.5]
     )
-    assert eps_at(resolve_config(method="smoothadv", eps=0.5, eps_warmup=0), 0) == 0.5
+    assert eps_at(resolve_config(objective="smoothadv", eps=0.5, eps_warmup=0), 0) == 0.5

@@ -7,10 +7,10 @@ DATA=${DATA:?set DATA to the folder holding cifar-10-batches-py/}
 OUT=${OUT:-runs/gpu/cifar10}
 AMP=${AMP:-}   # e.g. AMP="--amp bf16"
 for sigma in 0.12 0.25 0.5 1.0; do
-  smoothcert train --preset cifar10-resnet110 --data-dir "$DATA" --method gaussian --k 1 \
+  smoothcert train --preset cifar10-resnet110 --data-dir "$DATA" --objective gaussian --k 1 \
       --sigma $sigma --seed 0 $AMP --out "$OUT/basic_s$sigma" --resume
   for lam in 0.1 0.2 0.3; do
-    smoothcert train --preset cifar10-resnet110 --data-dir "$DATA" --method adre --lam $lam \
+    smoothcert train --preset cifar10-resnet110 --data-dir "$DATA" --objective adre --lam $lam \
         --k 8 --single-draw --sigma $sigma --seed 0 $AMP --out "$OUT/adre_s${sigma}_l$lam" --resume
   done
 done
@@ -22,7 +22,7 @@ done
 smoothcert analyze "$OUT"/basic_*.tsv "$OUT"/adre_*.tsv --plot "$OUT/table1.png" | tee "$OUT/table1.md"
 # Figure 1: SmoothAdv vs ADREADV, 2-step PGD, k = 8 (eps 0.5 shown; Salman et al. swept 0.25-2).
 for method in smoothadv adreadv; do
-  smoothcert train --preset cifar10-resnet110 --data-dir "$DATA" --method $method --lam 0.2 \
+  smoothcert train --preset cifar10-resnet110 --data-dir "$DATA" --objective $method --lam 0.2 \
       --k 8 --eps 0.5 --steps 2 --eps-warmup 10 --sigma 0.5 --seed 0 $AMP \
       --out "$OUT/fig1_${method}_s0.5" --resume
   smoothcert certify "$OUT/fig1_${method}_s0.5/checkpoint.pt" --data-dir "$DATA" --skip 20 \

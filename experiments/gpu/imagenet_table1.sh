@@ -9,10 +9,10 @@ OUT=${OUT:-runs/gpu/imagenet}
 AMP=${AMP:---amp bf16}
 RUN="torchrun --nproc_per_node $GPUS -m smoothcert"
 for sigma in 0.25 0.5 1.0; do
-  $RUN train --preset imagenet-resnet50 --data-dir "$DATA" --method gaussian --k 1 \
+  $RUN train --preset imagenet-resnet50 --data-dir "$DATA" --objective gaussian --k 1 \
       --sigma $sigma --workers 8 --seed 0 $AMP --out "$OUT/basic_s$sigma" --resume
   for lam in 0.05 0.1; do
-    $RUN train --preset imagenet-resnet50 --data-dir "$DATA" --method adre --lam $lam --k 1 \
+    $RUN train --preset imagenet-resnet50 --data-dir "$DATA" --objective adre --lam $lam --k 1 \
         --sigma $sigma --workers 8 --seed 0 $AMP --out "$OUT/adre_s${sigma}_l$lam" --resume
   done
 done

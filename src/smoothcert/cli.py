@@ -8,15 +8,18 @@ import json
 import logging
 import sys
 import typing
-from collections.abc import Iterator
-from dataclasses import fields
+from collections.abc import Collection, Iterator, Sequence
+from dataclasses import asdict, fields
 from pathlib import Path
+
+from .perf import AMP
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
 DEBUG_HELP = "show the full traceback of any error (and debug log messages)"
+PROGRESS_HELP = "no progress bars"
 TRAIN_HELP = {
-    "method": "training objective: gaussian, adre (ADREREG), smoothadv, adreadv",
+    "objective": "training objective (see `smoothcert objectives`)",
     "lam": "ADRE regularisation weight lambda (>= 0)",
     "k": "Gaussian draws per example",
     "single_draw": "l_per from one random draw per example (the paper's Table-1 variant)",
@@ -28,31 +31,70 @@ TRAIN_HELP = {
     "train_subset": "train on the first N examples only (0: all)",
     "eval_subset": "examples of the test split evaluated after each epoch (0: none)",
     "out": "run directory: config.json, checkpoint.pt, log.jsonl",
-    "amp": "autocast dtype: bf16 or fp16",
+    "amp": "autocast dtype (none: float32)",
     "adre_floor": "l_adre = -log max(G_runner-up, floor); 0 = unbounded (may diverge)",
 }
+# train's options that are not TrainConfig fields: they steer the command, not the run.
+TRAIN_COMMAND_OPTIONS = {"resume"}
+# Old spellings of train's options, kept for one release: {old flag: new flag}.
+TRAIN_DEPRECATED_FLAGS = {"--method": "--objective"}
+
+logger = logging.getLogger(__name__)
 
 
-def _add_train(sub) -> None:
-    from .presets import PRESETS, TrainConfig
+class _DeprecatedFlag(argparse.Action):
+    """An option's old spelling: stores into the new option's field and logs a warning."""
 
-    parser = sub.add_parser("train", help="train a base classifier")
-    parser.add_argument("--preset", choices=sorted(PRESETS), help="the paper's recipes")
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        new = TRAIN_DEPRECATED_FLAGS[option_string]
+        logger.warning("smoothcert: %s is deprecated and will be removed in the next release; "
+                       "use %s", option_string, new)
+        setattr(namespace, self.dest, values)
+
+
+def _preset_in(argv: Sequence[str], presets: Collection[str]) -> str | None:
+    """The valid --preset named in `argv`, if any (its values become the shown defaults)."""
+    value = None
+    for i, token in enumerate(argv):
+        if token == "--preset" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif token.startswith("--preset="):
+            value = token.split("=", 1)[1]
+    return value if value in presets else None
+
+
+def _add_train_arguments(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
+    """One option per TrainConfig field; each help shows the value the run would take, the
+    field's default or the --preset's value (when `argv` names a preset)."""
+    from .presets import PRESETS, TrainConfig, choices, resolve_config
+
+    preset = _preset_in(argv, PRESETS)
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    shown = asdict(resolve_config(preset)) if preset else defaults
+    parser.add_argument("--preset", choices=sorted(PRESETS),
+                        help="the paper's recipes (see `smoothcert presets`)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out")
     hints = typing.get_type_hints(TrainConfig)
+    accepted = choices()
     for f in fields(TrainConfig):
         if f.name == "preset":
             continue
         flag = "--" + f.name.replace("_", "-")
-        kind = hints[f.name]
-        default = f.default
-        text = TRAIN_HELP.get(f.name, "") + f" (default {default})"
-        if kind is bool:
+        value = "none" if shown[f.name] is None else shown[f.name]
+        where = f", preset {preset}" if preset and shown[f.name] != defaults[f.name] else ""
+        text = f"{TRAIN_HELP.get(f.name, '')} (default {value}{where})".lstrip()
+        if hints[f.name] is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
                                 help=text)
+        elif f.name in accepted:
+            parser.add_argument(flag, choices=accepted[f.name], default=None, help=text)
         else:
+            kind = hints[f.name]
             scalar = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
             parser.add_argument(flag, type=scalar, default=None, help=text)
+    for old, new in TRAIN_DEPRECATED_FLAGS.items():
+        parser.add_argument(old, dest=new[2:].replace("-", "_"), action=_DeprecatedFlag,
+                            choices=accepted.get(new[2:]), default=None, help=argparse.SUPPRESS)
 
 
 def _example_count(text: str) -> int:
@@ -90,7 +132,7 @@ def _add_run_options(parser: argparse.ArgumentParser, certify: bool) -> None:
     parser.add_argument("--dataset", help="override the checkpoint's dataset")
     parser.add_argument("--data-dir", help="dataset folder (or set SMOOTHCERT_DATA)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--amp", choices=["bf16", "fp16"])
+    parser.add_argument("--amp", choices=AMP)
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                         help="run the model in channels_last memory format (default on)")
     parser.add_argument("--restart-stale", dest="restart_if_stale", action="store_true",
@@ -102,15 +144,25 @@ def _add_run_options(parser: argparse.ArgumentParser, certify: bool) -> None:
         parser.add_argument("--grid", type=int, default=10, help="T-CERTIFY alpha' grid size")
 
 
-def build_parser() -> argparse.ArgumentParser:
+# The commands that run a network: the others never import torch.
+TORCH_COMMANDS = {"train", "certify", "predict", "demo"}
+COMMANDS = ("train", "certify", "predict", "analyze", "verify", "demo", "presets", "models",
+            "objectives")
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """smoothcert's parser. Given the `argv` it will parse, train's options (which import
+    torch) are built only if train is the command, with its --preset's values shown."""
     parser = argparse.ArgumentParser(
         prog="smoothcert",
         description="Certified L2 robustness by randomized smoothing (ADRE, T-CERTIFY).",
     )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--no-progress", action="store_true", help=PROGRESS_HELP)
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_train(sub)
+    train = sub.add_parser("train", help="train a base classifier")
+    if argv is None or "train" in argv:
+        _add_train_arguments(train, argv or [])
     _add_run_options(sub.add_parser("certify", help="CERTIFY / T-CERTIFY over a split"), True)
     _add_run_options(sub.add_parser("predict", help="Cohen's PREDICT over a split"), False)
     analyze = sub.add_parser("analyze", help="certified-accuracy tables, ACR and plots")
@@ -125,21 +177,56 @@ def build_parser() -> argparse.ArgumentParser:
     from .demo import add_demo_arguments
 
     add_demo_arguments(demo)
-    for command in sub.choices.values():  # --debug after the command too
+    sub.add_parser("presets", help="list the training presets and their main settings")
+    sub.add_parser("models", help="list the base-classifier architectures (--model)")
+    sub.add_parser("objectives", help="list the training objectives (--objective)")
+    assert tuple(sub.choices) == COMMANDS
+    for command in sub.choices.values():  # the global options after the command too
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                              help=DEBUG_HELP)
+        command.add_argument("--no-progress", action="store_true", default=argparse.SUPPRESS,
+                             help=PROGRESS_HELP)
     return parser
 
 
 def _train(args) -> None:
-    from .presets import resolve_config
+    from .presets import TrainConfig, resolve_config
     from .train import train
 
-    skip = {"command", "no_progress", "debug", "preset", "resume"}
-    overrides = {k: v for k, v in vars(args).items() if k not in skip}
+    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "preset"}
     cfg = resolve_config(args.preset, **overrides)
     path = train(cfg, resume=args.resume, progress=not args.no_progress)
     print(f"checkpoint: {path}")
+
+
+def _demo(args) -> None:
+    from .demo import run_demo_from_args
+
+    run_demo_from_args(args)
+
+
+def _list_presets(args) -> None:
+    from .presets import PRESET_SUMMARY, PRESETS, resolve_config
+
+    for name in PRESETS:
+        cfg = asdict(resolve_config(name))
+        print(f"{name:31} " + " ".join(f"{key}={cfg[key]}" for key in PRESET_SUMMARY))
+
+
+def _list_models(args) -> None:
+    from .models import MODELS
+
+    print("\n".join(MODELS))
+
+
+def _list_objectives(args) -> None:
+    import inspect
+
+    from .objectives import OBJECTIVES
+
+    for name, objective in OBJECTIVES.items():
+        summary = inspect.getdoc(objective).split("\n\n")[0].replace("\n", " ")
+        print(f"{name:12} {summary}")
 
 
 def _run(args) -> None:
@@ -212,17 +299,21 @@ def _verify(args) -> int:
     return 1 if failed else 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from .perf import set_threads, tune_allocator
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    with logging_to_stderr():  # a deprecated option's warning
+        args = build_parser(argv).parse_args(argv)
+    from .perf import tune_allocator
 
     tune_allocator()  # big batches otherwise page-fault heavily (docs/benchmarks.md)
-    set_threads()  # one thread per physical core unless OMP_NUM_THREADS says otherwise
-    from .demo import run_demo_from_args
-    from .distributed import shutdown_distributed
+    uses_torch = args.command in TORCH_COMMANDS
+    if uses_torch:  # the other commands start without importing torch
+        from .perf import set_threads
 
+        set_threads()  # one thread per physical core unless OMP_NUM_THREADS says otherwise
     commands = {"train": _train, "certify": _run, "predict": _run, "analyze": _analyze,
-                "verify": _verify, "demo": run_demo_from_args}
+                "verify": _verify, "demo": _demo, "presets": _list_presets,
+                "models": _list_models, "objectives": _list_objectives}
     try:
         with logging_to_stderr(args.debug):
             code = commands[args.command](args)
@@ -232,5 +323,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"smoothcert {args.command}: error: {err}", file=sys.stderr)
         return 2
     finally:
-        shutdown_distributed()
+        if uses_torch:
+            from .distributed import shutdown_distributed
+
+            shutdown_distributed()
     return code or 0

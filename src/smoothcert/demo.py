@@ -74,9 +74,9 @@ def demo_models(args: argparse.Namespace) -> list[DemoModel]:
                   lr_step=max(1, args.epochs - 1), train_subset=args.train_subset,
                   eval_subset=1000, seed=args.seed, amp=_amp(args), channels_last=True)
     return [
-        DemoModel("basic", "Basic", dict(common, method="gaussian", k=1)),
+        DemoModel("basic", "Basic", dict(common, objective="gaussian", k=1)),
         DemoModel("adre", f"ADREREG λ={args.lam}",
-                  dict(common, method="adre", k=args.k, lam=args.lam, single_draw=True)),
+                  dict(common, objective="adre", k=args.k, lam=args.lam, single_draw=True)),
     ]
 
 

@@ -1,11 +1,11 @@
-"""Training objectives on logits [B, k, C] and the method registry: Gaussian augmentation,
+"""Training objectives on logits [B, k, C] and their registry: Gaussian augmentation,
 ADREREG, SmoothAdv, ADREADV, and the baselines MACER, Consistency and SmoothMix. One function
-per method, one registry line each.
+per objective, one registry line each.
 
 The baselines are written from the papers' method sections (equations and algorithm boxes):
 MACER (Zhai et al., ICLR 2020, Sec. 4 and Algorithm 1), consistency regularisation (Jeong & Shin,
 NeurIPS 2020, Sec. 3) and SmoothMix (Jeong et al., NeurIPS 2021, Sec. 3). Their hyper-parameters
-and the papers' values are documented on `MethodConfig`.
+and the papers' values are documented on `ObjectiveConfig`.
 """
 
 from __future__ import annotations
@@ -215,8 +215,8 @@ def smoothmix_loss(
 
 
 @dataclass(frozen=True)
-class MethodConfig:
-    """Hyper-parameters of a training method; fields a method does not use are ignored.
+class ObjectiveConfig:
+    """Hyper-parameters of a training objective; fields an objective does not use are ignored.
 
     Paper values (CIFAR-10, ResNet-110; the `cifar10-resnet110-*` presets):
     - MACER: k = 16, macer_beta β = 16, macer_gamma γ = 8, macer_lam λ = 12 at σ = 0.25 and
@@ -227,7 +227,7 @@ class MethodConfig:
       1.0, smoothmix_eta η = 5, smoothmix_mix_step 0 (1: the "one-step adversary" variant).
 
     `sigma` is the training noise level (MACER's radius is σ/2 · ξ). `warmup` is the epoch's
-    warm-up factor in (0, 1] (TrainConfig.method_config sets it): it scales SmoothMix's η and
+    warm-up factor in (0, 1] (TrainConfig.objective_config sets it): it scales SmoothMix's η and
     the radius of its one-step adversary, as the attack radius of SmoothAdv is warmed up.
     """
 
@@ -273,12 +273,12 @@ class MethodConfig:
             raise ValueError(f"warmup must be in (0, 1], got {self.warmup}")
 
 
-Method = Callable[
-    [nn.Module, Tensor, Tensor, Tensor, MethodConfig], tuple[Tensor, dict[str, Tensor]]
+Objective = Callable[
+    [nn.Module, Tensor, Tensor, Tensor, ObjectiveConfig], tuple[Tensor, dict[str, Tensor]]
 ]
 
 
-def _check_noise(x: Tensor, noise: Tensor, cfg: MethodConfig) -> None:
+def _check_noise(x: Tensor, noise: Tensor, cfg: ObjectiveConfig) -> None:
     if noise.shape != (x.shape[0], cfg.k, *x.shape[1:]):
         raise ValueError(
             f"noise must have shape [B, k, *x.shape[1:]] = "
@@ -286,7 +286,7 @@ def _check_noise(x: Tensor, noise: Tensor, cfg: MethodConfig) -> None:
         )
 
 
-def _logits(model: nn.Module, x: Tensor, noise: Tensor, cfg: MethodConfig) -> Tensor:
+def _logits(model: nn.Module, x: Tensor, noise: Tensor, cfg: ObjectiveConfig) -> Tensor:
     """The model's logits [B, k, C] at every x_i + noise_ij, after checking the noise's shape."""
     _check_noise(x, noise, cfg)
     return noisy_logits(model, x, noise)
@@ -301,7 +301,7 @@ def _loss_at(
     x: Tensor,
     y: Tensor,
     noise: Tensor,
-    cfg: MethodConfig,
+    cfg: ObjectiveConfig,
     lam: float,
     single_draw: bool,
 ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -316,21 +316,21 @@ def _loss_at(
 
 
 def gaussian(
-    model: nn.Module, x: Tensor, y: Tensor, noise: Tensor, cfg: MethodConfig
+    model: nn.Module, x: Tensor, y: Tensor, noise: Tensor, cfg: ObjectiveConfig
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Gaussian augmentation (Cohen 2019); with k > 1 the mean CE over the k draws (Salman 2019)."""
     return _loss_at(model, x, y, noise, cfg, 0.0, False)
 
 
 def adre(
-    model: nn.Module, x: Tensor, y: Tensor, noise: Tensor, cfg: MethodConfig
+    model: nn.Module, x: Tensor, y: Tensor, noise: Tensor, cfg: ObjectiveConfig
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """ADREREG (Feng 2020, Algorithm 1)."""
     return _loss_at(model, x, y, noise, cfg, cfg.lam, cfg.single_draw)
 
 
 def smoothadv(
-    model: nn.Module, x: Tensor, y: Tensor, noise: Tensor, cfg: MethodConfig
+    model: nn.Module, x: Tensor, y: Tensor, noise: Tensor, cfg: ObjectiveConfig
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """SmoothAdv (Salman 2019): Gaussian augmentation at the smoothed classifier's PGD point."""
     x_adv = smooth_pgd_l2(model, x, y, noise, cfg.eps, cfg.steps)
@@ -338,7 +338,7 @@ def smoothadv(
 
 
 def adreadv(
-    model: nn.Module, x: Tensor, y: Tensor, noise: Tensor, cfg: MethodConfig
+    model: nn.Module, x: Tensor, y: Tensor, noise: Tensor, cfg: ObjectiveConfig
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """ADREADV (Feng 2020): ADREREG at the PGD point of the ADRE-regularised attack."""
     x_adv = smooth_pgd_l2(model, x, y, noise, cfg.eps, cfg.steps, lam=cfg.lam)
@@ -346,7 +346,7 @@ def adreadv(
 
 
 def macer(
-    model: nn.Module, x: Tensor, y: Tensor, noise: Tensor, cfg: MethodConfig
+    model: nn.Module, x: Tensor, y: Tensor, noise: Tensor, cfg: ObjectiveConfig
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """MACER (Zhai 2020): see macer_loss; k noisy copies per example."""
     logits = _logits(model, x, noise, cfg)
@@ -358,7 +358,7 @@ def macer(
 
 
 def consistency(
-    model: nn.Module, x: Tensor, y: Tensor, noise: Tensor, cfg: MethodConfig
+    model: nn.Module, x: Tensor, y: Tensor, noise: Tensor, cfg: ObjectiveConfig
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Consistency regularisation (Jeong & Shin 2020) over k = m noisy copies; with lam > 0 plus
     ADRE's regulariser −lam·l_adre (see consistency_loss)."""
@@ -372,7 +372,7 @@ def consistency(
 
 
 def smoothmix(
-    model: nn.Module, x: Tensor, y: Tensor, noise: Tensor, cfg: MethodConfig
+    model: nn.Module, x: Tensor, y: Tensor, noise: Tensor, cfg: ObjectiveConfig
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """SmoothMix (Jeong 2021): mixup between x and its adversary on the soft smoothed classifier.
 
@@ -402,7 +402,7 @@ def smoothmix(
     return loss, terms
 
 
-METHODS: dict[str, Method] = {
+OBJECTIVES: dict[str, Objective] = {
     "gaussian": gaussian,
     "adre": adre,
     "smoothadv": smoothadv,
@@ -413,8 +413,8 @@ METHODS: dict[str, Method] = {
 }
 
 
-def get_method(name: str) -> Method:
-    """The training method registered under `name`."""
-    if name not in METHODS:
-        raise ValueError(f"method must be one of {sorted(METHODS)}, got {name!r}")
-    return METHODS[name]
+def get_objective(name: str) -> Objective:
+    """The training objective registered under `name`."""
+    if name not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {name!r}")
+    return OBJECTIVES[name]

@@ -1,7 +1,8 @@
-"""Process-wide CPU performance settings: the glibc allocator and the number of threads.
+"""Performance settings: the autocast dtypes, the glibc allocator and the number of threads.
 
-Both are settings of the whole process, so they belong at program start-up (the CLI calls
-them once), never inside library functions. Measured effects: `docs/benchmarks.md`.
+The allocator and the threads are settings of the whole process, so they belong at program
+start-up (the CLI calls them once), never inside library functions. Measured effects:
+`docs/benchmarks.md`.
 """
 
 from __future__ import annotations
@@ -10,6 +11,11 @@ import ctypes
 import math
 import os
 from pathlib import Path
+from typing import Literal, get_args
+
+# The autocast dtypes training and certification accept (--amp); None is float32.
+Amp = Literal["bf16", "fp16"]
+AMP = get_args(Amp)
 
 # glibc <malloc.h> parameter numbers for mallopt().
 M_TRIM_THRESHOLD = -1

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from typing import Literal, get_args
 
 from .data import DATASETS
 from .models import MODELS
-from .objectives import METHODS, MethodConfig
+from .objectives import OBJECTIVES, ObjectiveConfig
+from .perf import AMP, Amp
 
-SCHEDULES = ("step", "cosine", "constant")
-AMP_CHOICES = ("bf16", "fp16")
+Schedule = Literal["step", "cosine", "constant"]
+SCHEDULES = get_args(Schedule)
+# Keys of config.json and checkpoints written by earlier releases, under their current names.
+RENAMED_KEYS = {"method": "objective"}
 
 
 @dataclass
@@ -19,7 +23,7 @@ class TrainConfig:
 
     dataset: str = "mnist"
     model: str = "lenet"
-    method: str = "gaussian"
+    objective: str = "gaussian"
     sigma: float = 0.25
     lam: float = 0.0
     k: int = 1
@@ -29,15 +33,15 @@ class TrainConfig:
     eps_warmup: int = 10
     label_smoothing: float = 0.0
     adre_floor: float = 1e-6
-    # The baselines' hyper-parameters; MethodConfig holds their defaults and the papers' values.
-    macer_lam: float = MethodConfig.macer_lam
-    macer_beta: float = MethodConfig.macer_beta
-    macer_gamma: float = MethodConfig.macer_gamma
-    consistency_lam: float = MethodConfig.consistency_lam
-    consistency_eta: float = MethodConfig.consistency_eta
-    smoothmix_eta: float = MethodConfig.smoothmix_eta
-    smoothmix_step: float = MethodConfig.smoothmix_step
-    smoothmix_mix_step: int = MethodConfig.smoothmix_mix_step
+    # The baselines' hyper-parameters; ObjectiveConfig holds their defaults and the papers' values.
+    macer_lam: float = ObjectiveConfig.macer_lam
+    macer_beta: float = ObjectiveConfig.macer_beta
+    macer_gamma: float = ObjectiveConfig.macer_gamma
+    consistency_lam: float = ObjectiveConfig.consistency_lam
+    consistency_eta: float = ObjectiveConfig.consistency_eta
+    smoothmix_eta: float = ObjectiveConfig.smoothmix_eta
+    smoothmix_step: float = ObjectiveConfig.smoothmix_step
+    smoothmix_mix_step: int = ObjectiveConfig.smoothmix_mix_step
     # Epochs trained without MACER's robustness term (lambda 0) before it is switched on: the
     # MNIST recipe later papers used for MACER defers it to the first lr decay.
     macer_defer: int = 0
@@ -46,7 +50,7 @@ class TrainConfig:
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    schedule: str = "step"
+    schedule: Schedule = "step"
     lr_step: int = 30
     lr_gamma: float = 0.1
     warmup_epochs: int = 0
@@ -57,21 +61,22 @@ class TrainConfig:
     workers: int = 0
     seed: int = 0
     device: str = "auto"
-    amp: str | None = None
+    amp: Amp | None = None
     channels_last: bool = False
     out: str = "runs/train"
     preset: str | None = None
 
-    def method_config(self, epoch: int | None = None) -> MethodConfig:
-        """The objective's settings (every MethodConfig field of the same name) in `epoch`,
+    def objective_config(self, epoch: int | None = None) -> ObjectiveConfig:
+        """The objective's settings (every ObjectiveConfig field of the same name) in `epoch`,
         warm-ups applied, or without warm-up."""
-        shared = {f.name: getattr(self, f.name) for f in fields(MethodConfig) if f.name != "warmup"}
+        shared = {f.name: getattr(self, f.name) for f in fields(ObjectiveConfig)
+                  if f.name != "warmup"}
         if epoch is None:
-            return MethodConfig(**shared)
+            return ObjectiveConfig(**shared)
         shared |= {"eps": eps_at(self, epoch), "warmup": warmup_factor(self, epoch)}
         if epoch < self.macer_defer:
             shared["macer_lam"] = 0.0
-        return MethodConfig(**shared)
+        return ObjectiveConfig(**shared)
 
     def validate(self) -> TrainConfig:
         """Raise ValueError naming the first bad field and its accepted range."""
@@ -79,16 +84,14 @@ class TrainConfig:
             value = getattr(self, f.name)
             if f.type == "float" and not (isinstance(value, (int, float)) and math.isfinite(value)):
                 raise ValueError(f"{f.name} must be a finite number, got {value!r}")
-        _one_of("dataset", self.dataset, DATASETS)
-        _one_of("model", self.model, MODELS)
-        _one_of("method", self.method, METHODS)
-        _one_of("schedule", self.schedule, SCHEDULES)
-        if self.amp is not None:
-            _one_of("amp", self.amp, AMP_CHOICES)
+        for name, accepted in choices().items():
+            value = getattr(self, name)
+            if not (name == "amp" and value is None):
+                _one_of(name, value, accepted)
         if not (math.isfinite(self.sigma) and self.sigma > 0):
             raise ValueError(f"sigma must be a finite number > 0, got {self.sigma}")
-        if self.method in ("smoothadv", "adreadv") and self.eps <= 0:
-            raise ValueError(f"eps must be > 0 for method {self.method}, got {self.eps}")
+        if self.objective in ("smoothadv", "adreadv") and self.eps <= 0:
+            raise ValueError(f"eps must be > 0 for objective {self.objective}, got {self.eps}")
         for name in ("k", "steps", "epochs", "batch", "lr_step"):
             _at_least(name, getattr(self, name), 1)
         _at_least("smoothmix_mix_step", self.smoothmix_mix_step, 0)
@@ -102,19 +105,19 @@ class TrainConfig:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        self.method_config()  # the objective's ranges: lam, k, eps, steps, macer_*, ...
+        self.objective_config()  # the objective's ranges: lam, k, eps, steps, macer_*, ...
         _check_objective_options(self)
         return self
 
 
-# Options only some methods read, with the value that leaves them unused: a value set for a
-# method that ignores it would be recorded in config.json without any effect, so it is refused.
+# Options only some objectives read, with the value that leaves them unused: a value set for an
+# objective that ignores it would be recorded in config.json without any effect: it is refused.
 OBJECTIVE_OPTIONS = {
     "lam": (0.0, ("adre", "adreadv", "consistency")),
     "single_draw": (False, ("adre", "adreadv")),
     "eps": (0.0, ("smoothadv", "adreadv")),
     "steps": (1, ("smoothadv", "adreadv", "smoothmix")),
-    **{name: (getattr(MethodConfig, name), (name.split("_")[0],)) for name in (
+    **{name: (getattr(ObjectiveConfig, name), (name.split("_")[0],)) for name in (
         "macer_lam", "macer_beta", "macer_gamma", "consistency_lam", "consistency_eta",
         "smoothmix_eta", "smoothmix_step", "smoothmix_mix_step")},
     "macer_defer": (0, ("macer",)),
@@ -122,15 +125,26 @@ OBJECTIVE_OPTIONS = {
 
 
 def _check_objective_options(cfg: TrainConfig) -> None:
-    for name, (unused, methods) in OBJECTIVE_OPTIONS.items():
+    for name, (unused, readers) in OBJECTIVE_OPTIONS.items():
         value = getattr(cfg, name)
-        if cfg.method not in methods and value != unused:
-            readers = f"{', '.join(methods[:-1])} and {methods[-1]}" if methods[1:] else methods[0]
+        if cfg.objective not in readers and value != unused:
+            named = f"{', '.join(readers[:-1])} and {readers[-1]}" if readers[1:] else readers[0]
             raise ValueError(
-                f"{name} is read by method {readers} only, and method "
-                f"{cfg.method} would ignore {name}={value}; leave {name} out or choose one of "
-                "those methods"
+                f"{name} is read by objective {named} only, and objective "
+                f"{cfg.objective} would ignore {name}={value}; leave {name} out or choose one of "
+                "those objectives"
             )
+
+
+def choices() -> dict[str, tuple[str, ...]]:
+    """The accepted values of TrainConfig's categorical fields (amp may also be None)."""
+    return {"dataset": tuple(DATASETS), "model": tuple(MODELS), "objective": tuple(OBJECTIVES),
+            "schedule": SCHEDULES, "amp": AMP}
+
+
+def upgrade_config(saved: dict) -> dict:
+    """A config.json or checkpoint config of any release, with today's key names."""
+    return {RENAMED_KEYS.get(key, key): value for key, value in saved.items()}
 
 
 def _one_of(name: str, value, accepted) -> None:
@@ -143,6 +157,8 @@ def _at_least(name: str, value, low: int) -> None:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
+# What `smoothcert presets` shows of each preset.
+PRESET_SUMMARY = ("dataset", "model", "objective", "epochs", "batch", "lr", "schedule", "k")
 PRESETS: dict[str, dict] = {
     # A fast MNIST recipe for CPUs: LeNet, SGD with momentum, lr / 10 after 2/3 of the epochs.
     "mnist-lenet": dict(
@@ -162,21 +178,21 @@ PRESETS: dict[str, dict] = {
     # MACER (Zhai et al. 2020): 440 epochs, batch 64, lr 0.01 / 10 at epochs 200 and 400,
     # weight decay 5e-4 (the authors' script), k = 16, beta 16, gamma 8, lambda 12 (4 at sigma 1).
     "cifar10-resnet110-macer": dict(
-        dataset="cifar10", model="cifar_resnet110", method="macer", epochs=440, batch=64,
+        dataset="cifar10", model="cifar_resnet110", objective="macer", epochs=440, batch=64,
         lr=0.01, momentum=0.9, weight_decay=5e-4, schedule="step", lr_step=200, lr_gamma=0.1,
         k=16, macer_lam=12.0, macer_beta=16.0, macer_gamma=8.0,
     ),
     # Consistency (Jeong & Shin 2020): Cohen's 150 epochs, lr 0.1 / 10 every 50, weight decay
     # 1e-4 (their SGD is Nesterov, ours plain momentum), m = 2, eta 0.5, lambda 10 (20 at 0.25).
     "cifar10-resnet110-consistency": dict(
-        dataset="cifar10", model="cifar_resnet110", method="consistency", epochs=150,
+        dataset="cifar10", model="cifar_resnet110", objective="consistency", epochs=150,
         batch=128, lr=0.1, momentum=0.9, weight_decay=1e-4, schedule="step", lr_step=50,
         lr_gamma=0.1, k=2, consistency_lam=10.0, consistency_eta=0.5,
     ),
     # SmoothMix (Jeong et al. 2021): the same schedule, m = 2, T = 4 steps of alpha 1.0 (0.5 at
     # sigma 0.25, 2.0 at 1.0), eta 5 warmed up over 10 epochs.
     "cifar10-resnet110-smoothmix": dict(
-        dataset="cifar10", model="cifar_resnet110", method="smoothmix", epochs=150,
+        dataset="cifar10", model="cifar_resnet110", objective="smoothmix", epochs=150,
         batch=128, lr=0.1, momentum=0.9, weight_decay=1e-4, schedule="step", lr_step=50,
         lr_gamma=0.1, k=2, steps=4, smoothmix_step=1.0, smoothmix_eta=5.0, eps_warmup=10,
     ),
@@ -199,7 +215,9 @@ def resolve_config(preset: str | None = None, **overrides) -> TrainConfig:
     known = {f.name for f in fields(TrainConfig)}
     unknown = set(overrides) - known
     if unknown:
-        raise ValueError(f"unknown training option(s): {', '.join(sorted(unknown))}")
+        named = (f"{key} (now {RENAMED_KEYS[key]})" if key in RENAMED_KEYS else key
+                 for key in sorted(unknown))
+        raise ValueError(f"unknown training option(s): {', '.join(named)}")
     values.update({key: value for key, value in overrides.items() if value is not None})
     k = values.get("k", 1)
     if preset == "imagenet-resnet50" and "batch" not in values and isinstance(k, int) and k >= 1:

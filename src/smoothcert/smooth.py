@@ -15,10 +15,11 @@ import torch
 from torch import nn
 
 from . import sequential, stats
+from .perf import AMP
 from .sequential import RadiiCertificate
 from .stats import ABSTAIN, Certificate
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+AMP_DTYPES = dict(zip(AMP, (torch.bfloat16, torch.float16), strict=True))
 
 
 def autocast(device: torch.device, amp: str | None):

@@ -11,15 +11,16 @@ arithmetic). Levels below ALPHA_FLOOR are refused: double-precision tails underf
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 from scipy import special
 from scipy.stats import binomtest
 
 ABSTAIN = -1
-METHODS = ("certify", "tcertify", "tcertify-strict")
-Method = Literal["certify", "tcertify", "tcertify-strict"]
+# The certification methods (how a certificate is computed from counts); training has objectives.
+CertificationMethod = Literal["certify", "tcertify", "tcertify-strict"]
+METHODS = get_args(CertificationMethod)
 ALPHA_FLOOR = 1e-100
 _MARGIN = 1 - 1e-12  # a bound is accepted where its computed tail is <= alpha * _MARGIN
 _ROOT_STEPS = 200  # a safety cap: the root finder needs about 10 steps
@@ -292,7 +293,7 @@ def certify_from_counts(
     estimation_counts,
     sigma: float,
     alpha: float,
-    method: Method = "certify",
+    method: CertificationMethod = "certify",
     grid: int = 10,
 ) -> Certificate:
     """Certify from n0 selection counts (which pick the class) and n fresh estimation counts.

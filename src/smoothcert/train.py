@@ -41,8 +41,8 @@ from .io import (
     weights_digest,
 )
 from .models import build_model
-from .objectives import get_method
-from .presets import TrainConfig, lr_factor
+from .objectives import get_objective
+from .presets import TrainConfig, lr_factor, upgrade_config
 from .smooth import autocast
 
 CHECKPOINT = "checkpoint.pt"
@@ -188,7 +188,7 @@ class Trainer:
             self.optimizer, lambda epoch: lr_factor(cfg, epoch)
         )
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-        self.method = get_method(cfg.method)
+        self.objective = get_objective(cfg.objective)
         # Datasets before any file is written: a missing dataset leaves no half-made run behind.
         # With --download under torchrun, rank 0 fetches the files before the others read them.
         download_first = self.ctx.distributed and cfg.download
@@ -260,7 +260,7 @@ class Trainer:
                 f"resume: '{path}' holds the model but not the training state "
                 f"({', '.join(missing)}); it can be certified, not resumed: train into a new --out"
             )
-        saved = state["config"]
+        saved = upgrade_config(state["config"])
         # An option the saved config lacks is newer than the run, which did not depend on it.
         changed = {k for k, v in asdict(self.cfg).items() if saved.get(k, v) != v}
         changed -= RESUMABLE_CHANGES
@@ -328,9 +328,9 @@ class Trainer:
         cfg, ctx = self.cfg, self.ctx
         rng.seed_torch(cfg.seed, "training", epoch)
         noise_gen = rng.generator(cfg.seed, "training-noise", epoch, ctx.device)
-        method_cfg = cfg.method_config(epoch)
+        objective_cfg = cfg.objective_config(epoch)
         loader = train_loader(self.train_set, cfg, ctx, epoch)
-        sums: dict[str, torch.Tensor] = {}  # the loss and the method's terms (no per-step sync)
+        sums: dict[str, torch.Tensor] = {}  # the loss and the objective's terms (no per-step sync)
         self.trained.train()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (
             self.progress and ctx.is_main), leave=False)
@@ -341,7 +341,7 @@ class Trainer:
                 x = x.contiguous(memory_format=torch.channels_last)
             noise = draw_noise(cfg, ctx, x, noise_gen)
             with autocast(ctx.device, cfg.amp):
-                loss, terms = self.method(self.trained, x, y, noise, method_cfg)
+                loss, terms = self.objective(self.trained, x, y, noise, objective_cfg)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
@@ -357,7 +357,7 @@ class Trainer:
         means = dict(zip(keys, (totals / steps).tolist(), strict=True))
         if "acc" in means:
             means["train_acc"] = means.pop("acc")
-        return {**means, "eps": method_cfg.eps, "steps": steps}
+        return {**means, "eps": objective_cfg.eps, "steps": steps}
 
     def _save(self, epoch: int) -> None:
         weights = self.model.state_dict()
@@ -385,5 +385,6 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
 def load_model(
     checkpoint: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[nn.Module, dict]:
-    """The trained model of a checkpoint (in eval mode) and its config."""
-    return load_native(checkpoint, device)
+    """The trained model of a checkpoint (in eval mode) and its config (today's key names)."""
+    model, config = load_native(checkpoint, device)
+    return model, upgrade_config(config)
