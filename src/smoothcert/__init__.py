@@ -1,39 +1,27 @@
 """smoothcert: certified L2 robustness by randomized smoothing (ADRE training, T-CERTIFY)."""
 
-from .stats import (
-    ABSTAIN,
-    Certificate,
-    certify_from_counts,
-    clopper_pearson_lower,
-    clopper_pearson_upper,
-    pb_upper_bound,
-    predict_from_counts,
-)
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ABSTAIN",
-    "Certificate",
-    "CertifyAllResult",
-    "Smooth",
-    "certify_from_counts",
-    "clopper_pearson_lower",
-    "clopper_pearson_upper",
-    "load_checkpoint",
-    "pb_upper_bound",
-    "predict_from_counts",
-]
+# Each public name and its module, imported on first use: `python -m smoothcert --help` and the
+# torch-free parts (stats, analyze) load neither torch nor scipy.stats until they need them.
+_HOMES = {
+    "ABSTAIN": "stats",
+    "Certificate": "stats",
+    "certify_from_counts": "stats",
+    "clopper_pearson_lower": "stats",
+    "clopper_pearson_upper": "stats",
+    "pb_upper_bound": "stats",
+    "predict_from_counts": "stats",
+    "CertifyAllResult": "smooth",
+    "Smooth": "smooth",
+    "load_checkpoint": "checkpoints",
+}
+__all__ = sorted(_HOMES)
 
 
 def __getattr__(name: str):
-    # Imported on first use so that torch-free parts (stats, analyze) load without torch.
-    if name in ("Smooth", "CertifyAllResult"):
-        from . import smooth
-
-        return getattr(smooth, name)
-    if name == "load_checkpoint":
-        from .checkpoints import load_checkpoint
-
-        return load_checkpoint
+    if name in _HOMES:
+        return getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
     raise AttributeError(f"module 'smoothcert' has no attribute {name!r}")

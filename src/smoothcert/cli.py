@@ -144,6 +144,31 @@ def _add_run_options(parser: argparse.ArgumentParser, certify: bool) -> None:
         parser.add_argument("--grid", type=int, default=10, help="T-CERTIFY alpha' grid size")
 
 
+def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    """The demo's settings (read by demo.run_demo)."""
+    parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    parser.add_argument("--sigma", type=float, default=1.0, help="noise level (default 1.0)")
+    parser.add_argument("--lam", type=float, default=0.2, help="ADREREG lambda (default 0.2)")
+    parser.add_argument("--k", type=int, default=8,
+                        help="ADREREG's noise draws per training example (default 8)")
+    parser.add_argument("--epochs", type=int, default=3, help="training epochs (default 3)")
+    parser.add_argument("--lr", type=float, default=0.01, help="learning rate (default 0.01)")
+    parser.add_argument("--train-subset", type=int, default=0,
+                        help="train on the first N MNIST images (default 0: all 60,000)")
+    parser.add_argument("--certify", type=int, default=250, dest="num_certify",
+                        help="number of test images certified (default 250)")
+    parser.add_argument("--skip", type=int, default=40,
+                        help="certify every skip-th test image (default 40)")
+    parser.add_argument("--n0", type=int, default=100, help="selection samples (default 100)")
+    parser.add_argument("--N", "--n", dest="n", type=int, default=5_000,
+                        help="estimation samples (default 5,000)")
+    parser.add_argument("--alpha", type=float, default=0.001)
+    parser.add_argument("--batch", type=int, default=1_000, help="certification batch")
+    parser.add_argument("--amp", choices=["bf16", "none"], default="bf16",
+                        help="autocast for training and certification (default bf16)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
 # The commands that run a network: the others never import torch.
 TORCH_COMMANDS = {"train", "certify", "predict", "demo"}
 COMMANDS = ("train", "certify", "predict", "analyze", "verify", "demo", "presets", "models",
@@ -173,10 +198,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     analyze.add_argument("--plot", help="write a PNG of certified accuracy against radius")
     verify = sub.add_parser("verify", help="recompute every certificate of result files")
     verify.add_argument("files", nargs="+", help="result TSVs of `smoothcert certify`")
-    demo = sub.add_parser("demo", help="the offline end-to-end MNIST job")
-    from .demo import add_demo_arguments
-
-    add_demo_arguments(demo)
+    _add_demo_arguments(sub.add_parser("demo", help="the offline end-to-end MNIST job"))
     sub.add_parser("presets", help="list the training presets and their main settings")
     sub.add_parser("models", help="list the base-classifier architectures (--model)")
     sub.add_parser("objectives", help="list the training objectives (--objective)")
@@ -200,9 +222,9 @@ def _train(args) -> None:
 
 
 def _demo(args) -> None:
-    from .demo import run_demo_from_args
+    from .demo import run_demo
 
-    run_demo_from_args(args)
+    run_demo(args, progress=not args.no_progress)
 
 
 def _list_presets(args) -> None:

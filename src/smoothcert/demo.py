@@ -44,30 +44,6 @@ class DemoModel:
     train: dict
 
 
-def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    parser.add_argument("--sigma", type=float, default=1.0, help="noise level (default 1.0)")
-    parser.add_argument("--lam", type=float, default=0.2, help="ADREREG lambda (default 0.2)")
-    parser.add_argument("--k", type=int, default=8,
-                        help="ADREREG's noise draws per training example (default 8)")
-    parser.add_argument("--epochs", type=int, default=3, help="training epochs (default 3)")
-    parser.add_argument("--lr", type=float, default=0.01, help="learning rate (default 0.01)")
-    parser.add_argument("--train-subset", type=int, default=0,
-                        help="train on the first N MNIST images (default 0: all 60,000)")
-    parser.add_argument("--certify", type=int, default=250, dest="num_certify",
-                        help="number of test images certified (default 250)")
-    parser.add_argument("--skip", type=int, default=40,
-                        help="certify every skip-th test image (default 40)")
-    parser.add_argument("--n0", type=int, default=100, help="selection samples (default 100)")
-    parser.add_argument("--N", "--n", dest="n", type=int, default=5_000,
-                        help="estimation samples (default 5,000)")
-    parser.add_argument("--alpha", type=float, default=0.001)
-    parser.add_argument("--batch", type=int, default=1_000, help="certification batch")
-    parser.add_argument("--amp", choices=["bf16", "none"], default="bf16",
-                        help="autocast for training and certification (default bf16)")
-    parser.add_argument("--seed", type=int, default=0)
-
-
 def demo_models(args: argparse.Namespace) -> list[DemoModel]:
     """Basic (Gaussian augmentation, one draw) and ADREREG (the paper's Table-1 variant)."""
     common = dict(sigma=args.sigma, epochs=args.epochs, lr=args.lr,
@@ -350,7 +326,3 @@ def plot_examples(args: argparse.Namespace, models: list[DemoModel], by_method: 
         axes[row, -1].axis("off")
     fig.suptitle("Certified radius (T-CERTIFY) of a few test digits", fontsize=9)
     save_figure(fig, path)
-
-
-def run_demo_from_args(args: argparse.Namespace) -> None:
-    run_demo(args, progress=not args.no_progress)
