@@ -24,7 +24,6 @@ _CIFAR_FILES = ("batches.meta", *(f"data_batch_{i}" for i in range(1, 6)), "test
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    name: str
     num_classes: int
     channels: int
     image_size: int
@@ -33,11 +32,9 @@ class DatasetInfo:
 
 
 DATASETS: dict[str, DatasetInfo] = {
-    "mnist": DatasetInfo("mnist", 10, 1, 28, (0.1307,), (0.3081,)),
-    "cifar10": DatasetInfo(
-        "cifar10", 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-    ),
-    "imagenet": DatasetInfo("imagenet", 1000, 3, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "mnist": DatasetInfo(10, 1, 28, (0.1307,), (0.3081,)),
+    "cifar10": DatasetInfo(10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "imagenet": DatasetInfo(1000, 3, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
 
 
@@ -65,10 +62,6 @@ def dataset_info(name: str) -> DatasetInfo:
     if name not in DATASETS:
         raise ValueError(f"name must be one of {sorted(DATASETS)}, got {name!r}")
     return DATASETS[name]
-
-
-def num_classes(name: str) -> int:
-    return dataset_info(name).num_classes
 
 
 def default_data_dir() -> Path:

@@ -21,8 +21,6 @@ AMP = get_args(Amp)
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
 DEFAULT_TRIM_THRESHOLD = 1 << 30
-# The environment-variable equivalent of tune_allocator(), read by glibc at process start.
-ALLOCATOR_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(DEFAULT_TRIM_THRESHOLD)}
 
 
 def glibc_version() -> str | None:
