@@ -8,8 +8,9 @@ import re
 from dataclasses import fields
 
 import pytest
+from test_cli import cli as run
 
-from smoothcert.cli import TRAIN_COMMAND_OPTIONS, build_parser, main
+from smoothcert.cli import TRAIN_COMMAND_OPTIONS, build_parser
 from smoothcert.io import load_checkpoint, save_checkpoint
 from smoothcert.models import MODELS
 from smoothcert.objectives import OBJECTIVES
@@ -18,16 +19,6 @@ from smoothcert.train import CHECKPOINT, CONFIG, load_model, train
 
 TINY = ["--epochs", "1", "--train-subset", "64", "--batch", "64", "--k", "2", "--eval-subset",
         "0", "--device", "cpu"]
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    """Exit code, stdout and stderr of `smoothcert argv` (argparse's exits included)."""
-    try:
-        code = main(["--no-progress", *argv])
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def train_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
