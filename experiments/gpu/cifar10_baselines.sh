@@ -40,5 +40,5 @@ done
 # One table with Basic and ADREREG of cifar10_table1.sh where those ran (runs/gpu/cifar10).
 shopt -s nullglob
 table1=(runs/gpu/cifar10/basic_s{0.25,0.5,1.0}.tsv runs/gpu/cifar10/adre_s{0.25,0.5,1.0}_l*.tsv)
-python -m smoothcert analyze "${table1[@]}" "$OUT"/*.tsv --plot "$OUT/baselines.png" \
+smoothcert analyze "${table1[@]}" "$OUT"/*.tsv --plot "$OUT/baselines.png" \
     | tee "$OUT/baselines.md"
