@@ -278,7 +278,8 @@ def wrong_radii(radii, sigma, p) -> np.ndarray:
 
 @pytest.mark.parametrize(
     "method,cs_name", [("certify", "mixture"), ("certify", "bonferroni"),
-                       ("tcertify", "bonferroni"), ("tcertify", "mixture")])
+                       ("tcertify", "bonferroni"),
+                       pytest.param("tcertify", "mixture", marks=pytest.mark.slow)])
 def test_procedure_fails_with_probability_at_most_alpha_at_every_radius(method, cs_name):
     radii, sigma, alpha = [0.0, 0.25, 0.5], 0.5, 0.1
     thresholds = norm.cdf(np.array(radii) / sigma)  # 0.5, 0.691, 0.841
