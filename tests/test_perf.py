@@ -113,3 +113,21 @@ def test_physical_cores_counts_sibling_groups_capped_by_the_quota(monkeypatch, f
     monkeypatch.setattr(perf, "Path", FakePath)
     monkeypatch.setattr(perf, "_cgroup_cpu_limit", lambda: quota)
     assert perf.physical_cores() == expected
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({"/sys/fs/cgroup/cpu.max": "150000 100000\n"}, 1.5),  # cgroup v2: quota period
+        ({"/sys/fs/cgroup/cpu.max": "max 100000\n"}, None),  # v2 without a quota
+        ({"/sys/fs/cgroup/cpu/cpu.cfs_quota_us": "250000\n",
+          "/sys/fs/cgroup/cpu/cpu.cfs_period_us": "100000\n"}, 2.5),  # cgroup v1
+        ({"/sys/fs/cgroup/cpu/cpu.cfs_quota_us": "-1\n",
+          "/sys/fs/cgroup/cpu/cpu.cfs_period_us": "100000\n"}, None),  # v1 without a quota
+        ({}, None),  # no cgroup files
+    ],
+)
+def test_cgroup_cpu_limit_reads_v2_then_v1(monkeypatch, files, expected):
+    monkeypatch.setattr(FakePath, "files", files)
+    monkeypatch.setattr(perf, "Path", FakePath)
+    assert perf._cgroup_cpu_limit() == expected
