@@ -39,6 +39,7 @@ for run in "$OUT"/*/; do
 done
 # One table with Basic and ADREREG of cifar10_table1.sh where those ran (runs/gpu/cifar10).
 shopt -s nullglob
-table1=(runs/gpu/cifar10/basic_s{0.25,0.5,1.0}.tsv runs/gpu/cifar10/adre_s{0.25,0.5,1.0}_l*.tsv)
-smoothcert analyze "${table1[@]}" "$OUT"/*.tsv --plot "$OUT/baselines.png" \
+table1=(runs/gpu/cifar10/basic_s*.tsv runs/gpu/cifar10/adre_s*_l*.tsv)
+shopt -u nullglob
+command smoothcert analyze "${table1[@]}" "$OUT"/*.tsv --plot "$OUT/baselines.png" \
     | tee "$OUT/baselines.md"
