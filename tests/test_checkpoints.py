@@ -378,6 +378,8 @@ def test_resume_from_a_checkpoint_without_optimizer_state(tmp_path):
         ("consistency_lenet.pth.tar", [], "mnist"),
         ("macer_lenet.pth", ["--format", "macer", "--arch", "lenet"], "mnist"),
         ("cohen_cifar_resnet20.pth.tar", ["--data-dir", str(CIFAR_SUBSET)], "cifar10"),
+        pytest.param("cohen_cifar_resnet110.pth.tar", ["--data-dir", str(CIFAR_SUBSET)],
+                     "cifar10", marks=pytest.mark.slow),
     ],
 )
 def test_certify_and_predict_a_published_checkpoint(capsys, tmp_path, name, extra, dataset):
@@ -392,6 +394,8 @@ def test_certify_and_predict_a_published_checkpoint(capsys, tmp_path, name, extr
     assert len(lines) == 3 and "tcertify_radius" in lines[0] and "strict_radius" in lines[0]
     sidecar = json.loads(out.with_name("res.tsv.json").read_text())
     assert (sidecar["sigma"], sidecar["dataset"]) == (0.25, dataset)
+    code, stdout, err = cli(capsys, "verify", str(out))
+    assert code == 0 and "2 rows recomputed" in stdout + err, err
     code, stdout, err = cli(capsys, "predict", str(INTEROP / name), "--sigma", "0.25", *extra,
                             "--out", str(tmp_path / "p.tsv"), "--N", "100", "--batch", "100",
                             "--max-examples", "2", "--device", "cpu")

@@ -156,6 +156,17 @@ def test_a_batch_too_large_for_memory_exits_2_naming_a_smaller_one(capsys, tmp_p
     assert "try --batch 32 or smaller" in stderr and "Traceback" not in stderr
 
 
+def test_a_certify_batch_too_large_for_memory_exits_2_naming_a_smaller_one(
+        capsys, tmp_path, trained_checkpoint):
+    # A buffer of 2**40 noisy 28x28 images needs 3.4 PB: the allocation fails at once.
+    code, _, stderr = cli(capsys, "certify", str(trained_checkpoint), "--out",
+                          str(tmp_path / "r.tsv"), "--max-examples", "1", "--N", str(2**40),
+                          "--batch", str(2**40))
+    assert code == 2 and "Traceback" not in stderr
+    assert f"error: batch: a batch of {2**40} does not fit in memory" in stderr
+    assert f"try --batch {2**39} or smaller" in stderr
+
+
 @pytest.mark.parametrize("command", ["train", "certify"])
 def test_a_truncated_dataset_file_exits_2_naming_it(capsys, tmp_path, trained_checkpoint,
                                                     command):

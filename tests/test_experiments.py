@@ -21,6 +21,7 @@ def run_study(root: Path) -> str:
     return done.stdout
 
 
+@pytest.mark.slow
 def test_mnist_table1_trains_certifies_summarises_and_resumes(tmp_path: Path) -> None:
     out = run_study(tmp_path)
     results = tmp_path / "results" / "mnist_table1"
@@ -43,6 +44,7 @@ def test_mnist_table1_trains_certifies_summarises_and_resumes(tmp_path: Path) ->
     assert "training" not in again
 
 
+@pytest.mark.slow  # three processes that each import torch
 def test_bad_settings_stop_the_study_before_any_training(tmp_path: Path) -> None:
     for flag, value, message in [("--lams", "-0.5", "lam must be"),
                                  ("--n", "0", "n must be"),

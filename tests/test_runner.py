@@ -438,6 +438,7 @@ def subprocess_env() -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow  # two processes that each import torch
 def test_a_second_process_on_the_same_out_is_refused_and_no_row_is_lost(trained_checkpoint,
                                                                          tmp_path):
     out, paused, release = tmp_path / "shared.tsv", tmp_path / "paused", tmp_path / "release"

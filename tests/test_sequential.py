@@ -278,7 +278,8 @@ def wrong_radii(radii, sigma, p) -> np.ndarray:
 
 @pytest.mark.parametrize(
     "method,cs_name", [("certify", "mixture"), ("certify", "bonferroni"),
-                       ("tcertify", "bonferroni"), ("tcertify", "mixture")])
+                       ("tcertify", "bonferroni"),
+                       pytest.param("tcertify", "mixture", marks=pytest.mark.slow)])
 def test_procedure_fails_with_probability_at_most_alpha_at_every_radius(method, cs_name):
     radii, sigma, alpha = [0.0, 0.25, 0.5], 0.5, 0.1
     thresholds = norm.cdf(np.array(radii) / sigma)  # 0.5, 0.691, 0.841
@@ -317,7 +318,7 @@ def test_smooth_certify_radii_coverage(method):
     # Class 3 is "first coordinate > 1.2": its smoothed radius at x0 is exactly x0 - 1.2.
     classifier = ThresholdClassifier([-0.4, 0.5, 1.2])
     sigma, alpha, true_radius = 0.5, 0.1, 0.49
-    smooth = Smooth(classifier, 4, sigma)
+    smooth = Smooth(classifier, 4, sigma, input_range=None)
     x = torch.tensor([1.2 + true_radius])
     radii = [0.25, 0.5, 0.75]
     runs, wrong, right = 150, 0, 0
@@ -336,7 +337,7 @@ def test_smooth_certify_radii_coverage(method):
 
 @pytest.mark.parametrize("cs_name", ["mixture", "bonferroni"])
 def test_stops_early_for_certain_and_for_hopeless_inputs(threshold_classifier, cs_name):
-    smooth = Smooth(threshold_classifier, 4, 0.5)
+    smooth = Smooth(threshold_classifier, 4, 0.5, input_range=None)
     radii = [0.0, 0.25, 0.5, 0.75, 1.0]
     certain = smooth.certify_radii(torch.tensor([3.0]), radii, 0.001, 100_000, 100,
                                    confidence_sequence=cs_name,
@@ -353,7 +354,7 @@ def test_stops_early_for_certain_and_for_hopeless_inputs(threshold_classifier, c
 
 
 def test_certify_radii_matches_the_procedure_on_the_same_stream(threshold_classifier):
-    smooth = Smooth(threshold_classifier, 4, 0.5)
+    smooth = Smooth(threshold_classifier, 4, 0.5, input_range=None)
     x, radii = torch.tensor([1.8]), [0.25, 0.5, 0.75]
     cert = smooth.certify_radii(x, radii, 0.01, 20_000, 500, n0=100, method="tcertify",
                                 generator=torch.Generator().manual_seed(1))
@@ -453,7 +454,7 @@ def test_bad_updates_are_named():
 
 
 def test_smooth_certify_radii_checks_arguments_before_sampling(threshold_classifier):
-    smooth = Smooth(threshold_classifier, 4, 0.5)
+    smooth = Smooth(threshold_classifier, 4, 0.5, input_range=None)
     x = torch.tensor([1.0])
     with pytest.raises(ValueError, match="max_n must be >= batch_size"):
         smooth.certify_radii(x, [0.25], 0.001, 100, 1000)
@@ -527,7 +528,7 @@ def test_certify_adaptive_checks_arguments_before_sampling():
 
 
 def test_certify_adaptive_runs_certify_all_on_fresh_samples(threshold_classifier):
-    smooth = Smooth(threshold_classifier, 4, 0.5)
+    smooth = Smooth(threshold_classifier, 4, 0.5, input_range=None)
     x = torch.tensor([1.6])
     result = smooth.certify_adaptive(x, 100, 50_000, 0.001, 1000,
                                      generator=torch.Generator().manual_seed(2))

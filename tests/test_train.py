@@ -518,6 +518,24 @@ def test_the_trainer_warms_up_then_follows_the_cosine(tmp_path):
     assert resumed["lr"] == pytest.approx(0.0, abs=1e-12)  # what a 7th epoch would use: cos(pi)
 
 
+def test_the_trainer_hands_each_epoch_its_warmed_up_attack(tmp_path):
+    cfg = tiny(tmp_path / "run", method="smoothadv", eps=0.6, steps=1, eps_warmup=3, epochs=4)
+    seen = []
+    with Trainer(cfg, progress=False) as trainer:
+        objective = trainer.method
+
+        def spy(model, x, y, noise, method_cfg):
+            seen.append((method_cfg.eps, method_cfg.warmup))
+            return objective(model, x, y, noise, method_cfg)
+
+        trainer.method = spy
+        trainer.fit()
+    # eps 0.6 reached linearly over 3 epochs, then kept: what the objective got and the log says.
+    expected = [(0.2, 1 / 3), (0.4, 2 / 3), (0.6, 1.0), (0.6, 1.0)]
+    assert seen == [pytest.approx(pair, abs=1e-12) for pair in expected]
+    assert [r["eps"] for r in read_log(tmp_path / "run")] == pytest.approx([0.2, 0.4, 0.6, 0.6])
+
+
 # ---------------------------------------------------------------- options inside the trainer
 
 
@@ -543,9 +561,13 @@ def test_fp16_training_scales_the_loss(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.amp.GradScaler, "scale",
                         lambda self, loss: scaled.append(self.get_scale()) or original(self, loss))
     half, full = tmp_path / "fp16", tmp_path / "fp32"
-    train(tiny(half, amp="fp16"), progress=False)
+    with Trainer(tiny(half, amp="fp16"), progress=False) as trainer:
+        logits = []
+        trainer.model.register_forward_hook(lambda module, args, out: logits.append(out.dtype))
+        trainer.fit()
     train(tiny(full), progress=False)
     state = torch.load(half / CHECKPOINT, weights_only=True)
+    assert logits == [torch.float16]  # the one step's forward ran under fp16 autocast (CPU too)
     assert scaled[0] == 65536.0  # the fp16 run scaled its loss before backward
     assert state["scaler"]["_growth_tracker"] == 1  # one step taken with finite gradients
     # The step used the unscaled gradients: its update matches the fp32 run's.

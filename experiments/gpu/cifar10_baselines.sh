@@ -40,5 +40,6 @@ done
 # One table with Basic and ADREREG of cifar10_table1.sh where those ran (runs/gpu/cifar10).
 shopt -s nullglob
 table1=(runs/gpu/cifar10/basic_s*.tsv runs/gpu/cifar10/adre_s*_l*.tsv)
-python -m smoothcert analyze "${table1[@]}" "$OUT"/*.tsv --plot "$OUT/baselines.png" \
+shopt -u nullglob
+command smoothcert analyze "${table1[@]}" "$OUT"/*.tsv --plot "$OUT/baselines.png" \
     | tee "$OUT/baselines.md"

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from . import results
 from .checkpoints import load_for_run
 from .data import dataset_info, get_dataset
-from .distributed import DistContext, init_distributed
+from .distributed import DistContext, batch_memory_guard, init_distributed
 from .io import output_lock
 from .rng import generator
 from .smooth import Smooth
@@ -291,7 +291,8 @@ class Runner:
         first = self._write_sidecar if self.ctx.is_main else None
         with results.RowWriter(part, self.columns, before_create=first) as writer:
             for count, idx in enumerate(bar, start=1):
-                row, ok = self._row(idx)
+                with batch_memory_guard(self.cfg.batch):
+                    row, ok = self._row(idx)
                 writer.write(row)
                 certified += ok
                 bar.set_postfix(correct=f"{certified}/{count}")
