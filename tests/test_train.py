@@ -519,16 +519,16 @@ def test_the_trainer_warms_up_then_follows_the_cosine(tmp_path):
 
 
 def test_the_trainer_hands_each_epoch_its_warmed_up_attack(tmp_path):
-    cfg = tiny(tmp_path / "run", method="smoothadv", eps=0.6, steps=1, eps_warmup=3, epochs=4)
+    cfg = tiny(tmp_path / "run", objective="smoothadv", eps=0.6, steps=1, eps_warmup=3, epochs=4)
     seen = []
     with Trainer(cfg, progress=False) as trainer:
-        objective = trainer.method
+        objective = trainer.objective
 
-        def spy(model, x, y, noise, method_cfg):
-            seen.append((method_cfg.eps, method_cfg.warmup))
-            return objective(model, x, y, noise, method_cfg)
+        def spy(model, x, y, noise, objective_cfg):
+            seen.append((objective_cfg.eps, objective_cfg.warmup))
+            return objective(model, x, y, noise, objective_cfg)
 
-        trainer.method = spy
+        trainer.objective = spy
         trainer.fit()
     # eps 0.6 reached linearly over 3 epochs, then kept: what the objective got and the log says.
     expected = [(0.2, 1 / 3), (0.4, 2 / 3), (0.6, 1.0), (0.6, 1.0)]
