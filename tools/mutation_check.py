@@ -76,8 +76,8 @@ MUTANTS = [
     Mutant("inputs outside [0, 1] accepted", SMOOTH,
            "if x_min < low or x_max > high:", "if False:", SMOOTH_TESTS),
     Mutant("estimation noise restarts the selection stream (runner)", RUNNER,
-           'estimation_generator=streams["estimation"]',
-           'estimation_generator=generator(cfg.seed, "selection", idx, self.ctx.device)',
+           '"estimation_generator": streams["estimation"]',
+           '"estimation_generator": generator(cfg.seed, "selection", idx, self.ctx.device)',
            ("tests/test_rng.py",)),
 ]
 
