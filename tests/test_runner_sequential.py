@@ -193,3 +193,24 @@ def test_bad_sequential_options_are_refused_before_any_work(trained_checkpoint, 
     with pytest.raises(ValueError, match=match):
         certify(trained_checkpoint, tmp_path / "bad.tsv", **options)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_command_line_writes_what_the_api_writes(trained_checkpoint, radii_file,
+                                                     adaptive_file, tmp_path, capsys):
+    from smoothcert.cli import main
+
+    common = [str(trained_checkpoint), "--n0", str(N0), "--batch", str(BATCH),
+              "--max-examples", str(COUNT), "--max-n", str(MAX_N)]
+    radii = tmp_path / "radii.tsv"
+    assert main(["--no-progress", "certify", *common, "--out", str(radii), "--radii",
+                 "0,0.25,0.5", "--method", "tcertify"]) == 0
+    assert without_time(radii) == without_time(radii_file)
+    adaptive = tmp_path / "adaptive.tsv"
+    assert main(["--no-progress", "certify", *common, "--out", str(adaptive), "--adaptive-n",
+                 "--tolerance", "0.05", "--method", "certify"]) == 0
+    assert without_time(adaptive) == without_time(adaptive_file)
+    assert main(["verify", str(radii), str(adaptive)]) == 0
+    capsys.readouterr()
+    assert main(["certify", *common, "--out", str(tmp_path / "bad.tsv"), "--tolerance",
+                 "0.1"]) == 2
+    assert "smoothcert certify: error: tolerance applies to adaptive_n" in capsys.readouterr().err
