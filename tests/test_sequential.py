@@ -128,6 +128,18 @@ def test_mixture_decreases_in_t_below_k_minus_one_over_n():
                 assert np.all(np.diff(log_m) <= 1e-9 * np.abs(log_m[1:]) + 1e-12), (n, k)
 
 
+def test_mixture_rejects_no_threshold_beyond_the_lemma_s_region():
+    # The lemma holds for t <= (k - 1) / n only, so nothing above it may be rejected, even
+    # where the statistic is large there (few trials, every one a success, a large alpha).
+    cs = BetaMixture(max_n=1000, first_look=1, step=1)
+    for n in (1, 2, 5, 50):
+        for k in (1, n // 2 + 1, n):
+            above = np.linspace((k - 1) / n, 1.0, 200)[1:-1]
+            assert not cs.reaches(k, n, above, 0.5).any(), (n, k)
+            assert cs.lower(k, n, 0.5)[0] <= (k - 1) / n
+    assert sequential._log_mixture(0.1, 1, 1, cs.weights) > np.log(2)  # large there
+
+
 def test_mixture_bounds_sit_below_clopper_pearson():
     # At one n the uniformly most powerful one-sided test is Clopper-Pearson's; an anytime
     # bound at the same level can only be looser.
