@@ -20,7 +20,7 @@ count_a samples_used`, the per-class counts `selection_counts estimation_counts
 certifying_counts` (the last at the look that certified the largest radius) and, per radius
 r, `certified_<r>` (0/1) and `decided_<r>` (estimation samples after which it was decided).
 The sidecar `<file>.json` holds the run's settings, the checkpoint's sha256 and the
-fingerprint. numpy and `stats` only: reading results never needs torch.
+fingerprint. numpy, `stats` and `sequential` only: reading results never needs torch.
 """
 
 from __future__ import annotations

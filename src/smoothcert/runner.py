@@ -6,7 +6,8 @@ finished, whether those rows belong to this run: settings and checkpoint content
 example into its own part file and rank 0 merges the parts in index order. Each example's
 noise comes from a generator seeded by (seed, idx), so results do not depend on the sharding.
 Rank 0 holds the output's lock for the whole run: a second process on the same --out is
-refused.
+refused. Besides fixed n per input, certify samples sequentially at given radii (radii files)
+or with n chosen per input (adaptive n); a file holds rows of one protocol only.
 """
 
 from __future__ import annotations
