@@ -26,6 +26,7 @@ from smoothcert.cli import build_parser
 from smoothcert.cli import main as cli_main
 from smoothcert.io import load_checkpoint
 from smoothcert.presets import TrainConfig
+from smoothcert.results import verify
 from smoothcert.runner import RunConfig, Runner
 from smoothcert.train import train
 
@@ -273,6 +274,21 @@ def test_one_process_merges_the_parts_of_a_two_process_run(checkpoint, reference
     in_process(["certify", str(checkpoint), "--out", str(out), *CERTIFY])
     assert without_time(out) == without_time(reference)
     assert part_files(out) == []
+
+
+SEQUENTIAL = {"radii": ["--radii", "0,0.25,0.5", "--max-n", "1000", "--method", "tcertify"],
+              "adaptive-n": ["--adaptive-n", "--max-n", "1000", "--tolerance", "0.05"]}
+
+
+@pytest.mark.parametrize("mode", sorted(SEQUENTIAL))
+def test_two_processes_certify_sequentially_the_rows_of_one(checkpoint, tmp_path, mode):
+    args = ["--n0", "10", "--max-examples", "10", "--batch", "100", *SEQUENTIAL[mode]]
+    in_process(["certify", str(checkpoint), "--out", str(tmp_path / "one.tsv"), *args])
+    torchrun(["certify", str(checkpoint), "--out", "two.tsv", *args], tmp_path)
+    assert without_time(tmp_path / "two.tsv") == without_time(tmp_path / "one.tsv")
+    assert len(lines_by_index(tmp_path / "two.tsv")) == 10
+    assert part_files(tmp_path / "two.tsv") == []
+    assert verify(tmp_path / "two.tsv") == (10, [])
 
 
 KILLED = ["--n0", "10", "--N", "100", "--max-examples", "12", "--batch", "100"]

@@ -252,3 +252,48 @@ def test_smoothcert_verify_exits_0_when_all_match_and_1_otherwise(tmp_path, caps
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 1 and out[0].startswith(f"{path}, line 4 (idx 2): radius '0.75'"[:-6])
     assert main(["verify", str(tmp_path / "missing.tsv")]) == 2
+
+
+def test_sampling_settings_join_the_fingerprint_only_when_set():
+    base = settings()
+    assert base["run"] == settings(sampling=None, radii=None, tolerance=None)["run"]
+    changes = {"sampling": "sequential", "radii": [0.0, 0.5], "max_n": 10_000,
+               "confidence_sequence": "mixture", "batch": 500, "tolerance": 0.02}
+    assert set(changes) == set(results.SAMPLING_KEYS)
+    for key, value in changes.items():
+        assert settings(**{key: value})["run"] != base["run"], key
+
+
+def radii_file(folder: Path, cert, label: int = 3) -> Path:
+    """A radii file of one row holding `cert`, with the sidecar of its settings."""
+    meta = settings(method="certify", layout="radii", n=None, grid=None, sampling="sequential",
+                    radii=list(cert.radii), max_n=1000, confidence_sequence="mixture",
+                    batch=200)
+    path = folder / "radii.tsv"
+    results.write_sidecar(path, meta)
+    with results.RowWriter(path, results.radii_columns(cert.radii)) as writer:
+        writer.write(results.radii_row(0, label, 1.0, cert, "certify", meta["run"]))
+    return path
+
+
+def test_verify_recomputes_a_radii_certificate_at_its_look(tmp_path):
+    from smoothcert.sequential import RadiiCertificate
+
+    def per_class(count_a: int, n: int) -> tuple[int, ...]:
+        return (0, 0, 0, count_a, n - count_a, 0, 0, 0, 0, 0)
+
+    # 200 of 200 votes: the mixture's pA bound at alpha is about 0.96 > Phi(0.5 / 0.5) = 0.84.
+    right = RadiiCertificate(
+        label=3, radii=(0.0, 0.25, 0.5), certified=(True, True, True), samples_used=300,
+        n=200, count_a=200, decided_at=(100, 200, 200), selection_counts=per_class(100, 100),
+        estimation_counts=per_class(200, 200), certifying_counts=per_class(200, 200))
+    (tmp_path / "right").mkdir()
+    (tmp_path / "wrong").mkdir()
+    assert results.verify(radii_file(tmp_path / "right", right)) == (1, [])
+    # The same claims from 150 of 200 votes (pA about 0.75 at most): every column agrees with
+    # the counts, only the certificate does not follow from them.
+    wrong = RadiiCertificate(**{**right.as_dict(), "count_a": 150,
+                                "estimation_counts": per_class(150, 200),
+                                "certifying_counts": per_class(150, 200)})
+    _, problems = results.verify(radii_file(tmp_path / "wrong", wrong))
+    assert len(problems) == 1 and "radius 0.5 is not certified by certifying_counts" in problems[0]

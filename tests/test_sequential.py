@@ -128,6 +128,18 @@ def test_mixture_decreases_in_t_below_k_minus_one_over_n():
                 assert np.all(np.diff(log_m) <= 1e-9 * np.abs(log_m[1:]) + 1e-12), (n, k)
 
 
+def test_mixture_rejects_no_threshold_beyond_the_lemma_s_region():
+    # The lemma holds for t <= (k - 1) / n only, so nothing above it may be rejected, even
+    # where the statistic is large there (few trials, every one a success, a large alpha).
+    cs = BetaMixture(max_n=1000, first_look=1, step=1)
+    for n in (1, 2, 5, 50):
+        for k in (1, n // 2 + 1, n):
+            above = np.linspace((k - 1) / n, 1.0, 200)[1:-1]
+            assert not cs.reaches(k, n, above, 0.5).any(), (n, k)
+            assert cs.lower(k, n, 0.5)[0] <= (k - 1) / n
+    assert sequential._log_mixture(0.1, 1, 1, cs.weights) > np.log(2)  # large there
+
+
 def test_mixture_bounds_sit_below_clopper_pearson():
     # At one n the uniformly most powerful one-sided test is Clopper-Pearson's; an anytime
     # bound at the same level can only be looser.
@@ -301,7 +313,7 @@ def test_procedure_fails_with_probability_at_most_alpha_at_every_radius(method, 
 def test_procedure_failure_exceeds_alpha_when_dropping_is_replaced_by_certifying():
     # Sanity check of procedure_certifies: certifying on the point estimate fails often.
     class PointEstimate(RadiiProcedure):
-        def _certifiable(self, count_a, n):
+        def certifiable(self, count_a, n, other_counts=None):
             return self.thresholds <= count_a / n
 
     radii, sigma, p = [0.0, 0.25, 0.5], 0.5, 0.835
@@ -359,15 +371,17 @@ def test_certify_radii_matches_the_procedure_on_the_same_stream(threshold_classi
     cert = smooth.certify_radii(x, radii, 0.01, 20_000, 500, n0=100, method="tcertify",
                                 generator=torch.Generator().manual_seed(1))
     generator = torch.Generator().manual_seed(1)
-    label = int(np.argmax(smooth._sample_noise(x, 100, 500, generator)))
+    selection = smooth._sample_noise(x, 100, 500, generator)
+    label = int(np.argmax(selection))
     procedure = RadiiProcedure(radii, 0.5, 0.01, 20_000, method="tcertify", num_classes=4,
                                batch_size=500)
     counts = np.zeros(4, dtype=np.int64)
     while (size := procedure.next_batch()) > 0:
         counts += smooth._sample_noise(x, size, 500, generator)
         procedure.update(counts[label], int(counts.sum()), np.delete(counts, label))
-    assert cert == procedure.certificate(label, 100)
+    assert cert == procedure.certificate(label, selection_counts=selection)
     assert cert.count_a == counts[label] and cert.n == counts.sum()
+    assert cert.selection_counts == tuple(selection) and cert.estimation_counts == tuple(counts)
     # true radius 0.6: certified at 0.25 and 0.5, not at 0.75
     assert cert.label == 3 and cert.certified == (True, True, False)
 

@@ -28,7 +28,10 @@ ROOT = Path(__file__).resolve().parents[1]
 STATS = "src/smoothcert/stats.py"
 SMOOTH = "src/smoothcert/smooth.py"
 RUNNER = "src/smoothcert/runner.py"
+SEQUENTIAL = "src/smoothcert/sequential.py"
+RESULTS = "src/smoothcert/results.py"
 STATS_TESTS = ("tests/test_stats.py", "tests/test_coverage_exact.py")
+SEQUENTIAL_TESTS = ("tests/test_sequential.py",)
 SMOOTH_TESTS = ("tests/test_smooth.py",)
 
 
@@ -76,9 +79,41 @@ MUTANTS = [
     Mutant("inputs outside [0, 1] accepted", SMOOTH,
            "if x_min < low or x_max > high:", "if False:", SMOOTH_TESTS),
     Mutant("estimation noise restarts the selection stream (runner)", RUNNER,
-           'estimation_generator=streams["estimation"]',
-           'estimation_generator=generator(cfg.seed, "selection", idx, self.ctx.device)',
+           '"estimation_generator": streams["estimation"]',
+           '"estimation_generator": generator(cfg.seed, "selection", idx, self.ctx.device)',
            ("tests/test_rng.py",)),
+    # Sequential and input-specific certification (docs/sequential.md).
+    Mutant("a Bonferroni look spends alpha without correction", SEQUENTIAL,
+           "return alpha / len(self.looks)", "return alpha", SEQUENTIAL_TESTS),
+    Mutant("Bonferroni certifies at alpha at every look (reaches)", SEQUENTIAL,
+           "(bdtrc(k - 1, n, t) <= self._level(n, alpha))", "(bdtrc(k - 1, n, t) <= alpha)",
+           SEQUENTIAL_TESTS),
+    Mutant("T-CERTIFY spends alpha on each of its two sequences", SEQUENTIAL,
+           "self.alpha_a, self.alpha_b = self.alpha * share, self.alpha * (1.0 - share)",
+           "self.alpha_a, self.alpha_b = self.alpha, self.alpha", SEQUENTIAL_TESTS),
+    Mutant("runner-up sequence at alpha, not its share alpha_b", SEQUENTIAL,
+           "certified |= self.cs.union_below(others, n, s, self.alpha_b)",
+           "certified |= self.cs.union_below(others, n, s, self.alpha)", SEQUENTIAL_TESTS),
+    Mutant("mixture union bound counts each count value once (unseen classes dropped)",
+           SEQUENTIAL, "total = (weights * np.exp(-log_m)).sum(axis=1)",
+           "total = np.exp(-log_m).sum(axis=1)", SEQUENTIAL_TESTS),
+    Mutant("mixture point mass at q = 1 kept after a failure", SEQUENTIAL,
+           "np.where(failures == 0, np.log(weights[2]), -np.inf)",
+           "np.where(failures <= 1, np.log(weights[2]), -np.inf)", SEQUENTIAL_TESTS),
+    Mutant("mixture bound sought beyond its decreasing region (k - 1) / n", SEQUENTIAL,
+           "inside = t <= (np.asarray(k) - 1) / n", "inside = t <= np.asarray(k) / n",
+           SEQUENTIAL_TESTS),
+    Mutant("mixture tested against 1/(2 alpha) (Ville's bound spent twice)", SEQUENTIAL,
+           "_log_mixture(t, k, n, self.weights) - np.log(1.0 / alpha)",
+           "_log_mixture(t, k, n, self.weights) - np.log(0.5 / alpha)", SEQUENTIAL_TESTS),
+    Mutant("radii certified by the upper bound instead of dropped", SEQUENTIAL,
+           "self._drop(~self._possible())", "self._certify(self._possible())",
+           SEQUENTIAL_TESTS),
+    Mutant("input-specific n: radius loss averaged over the pilot interval", SEQUENTIAL,
+           "loss = (radius[:, -1:] - radius).max(axis=0)",
+           "loss = (radius[:, -1:] - radius).mean(axis=0)", SEQUENTIAL_TESTS),
+    Mutant("verify trusts a radii row's certificate without recomputing it", RESULTS,
+           "    if not at_look[top]:", "    if False:", ("tests/test_results.py",)),
 ]
 
 

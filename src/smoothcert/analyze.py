@@ -2,7 +2,8 @@
 
 Reads every result file `smoothcert.results` reads: smoothcert's own and those of Cohen et al.'s
 certify.py and its forks (radii rounded to 3 significant digits, which the output notes).
-numpy and matplotlib only: analysing results must not need torch.
+Sequential (radii) files give certified accuracy at their requested radii only. numpy,
+matplotlib and smoothcert's numpy-only modules: analysing results must not need torch.
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ from pathlib import Path
 import numpy as np
 
 from .io import atomic_write_bytes
-from .results import METHOD_LABELS, ResultFile, paper_mode_level, read_results
+from .results import METHOD_LABELS, ResultFile, header_radii, paper_mode_level, read_results
+from .sequential import TABLE1_RADII
 
-DEFAULT_RADII = np.arange(0, 3.0 + 1e-9, 0.25)
+DEFAULT_RADII = TABLE1_RADII
+# How tables name the method of a sequential (radii) file: T-CERTIFY's holds at alpha exactly.
+SEQUENTIAL_LABELS = {"certify": "CERTIFY, sequential", "tcertify": "T-CERTIFY, sequential"}
 _FORMATS = ("markdown", "latex", "csv")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # A tEXt chunk every plot carries, so that --plot replaces only plots smoothcert wrote.
@@ -36,6 +40,7 @@ class ResultCurve:
     method: str = ""  # "certify", "tcertify", ...: picks the line style in plots
     source: str = ""  # the file it came from: curves of one file share a colour
     idx: np.ndarray | None = None  # the example index of each entry, when known
+    radii: np.ndarray | None = None  # a sequential file's radii: accuracy is known only there
 
     def __post_init__(self) -> None:
         self.radius = np.asarray(self.radius, dtype=float)
@@ -53,15 +58,19 @@ class ResultCurve:
 def curves_of(table: ResultFile) -> list[ResultCurve]:
     """A curve for the main columns of a parsed result file and one per further method."""
     curves = []
+    sampling = (table.meta or {}).get("sampling")
     for method in table.methods:
         predict, radius, correct = table.method_columns(method)
+        label = (SEQUENTIAL_LABELS[method] if table.kind == "radii" else METHOD_LABELS[method]
+                 + (", adaptive n" if sampling == "adaptive" else ""))
         curves.append(ResultCurve(
-            name=f"{table.label}: {METHOD_LABELS[method]}",
+            name=f"{table.label}: {label}",
             radius=radius,
             correct=(correct == 1) & (predict != -1),
             method=method,
             source=str(table.path),
             idx=table.column("idx"),
+            radii=np.array(header_radii(table.header)) if table.kind == "radii" else None,
         ))
     return curves
 
@@ -171,10 +180,14 @@ def _latex_escape(text: str) -> str:
 
 
 def _table_rows(curves: Sequence[ResultCurve], radii: np.ndarray) -> list[tuple]:
-    return [
-        (c.name, certified_accuracy(c, radii), average_certified_radius(c), c.radius.size)
-        for c in curves
-    ]
+    rows = []
+    for c in curves:
+        accuracy, acr = certified_accuracy(c, radii), average_certified_radius(c)
+        if c.radii is not None:  # sequential: not a radius per input, so no ACR
+            known = np.isclose(radii[:, None], c.radii[None, :], rtol=0, atol=1e-12).any(axis=1)
+            accuracy, acr = np.where(known, accuracy, np.nan), float("nan")
+        rows.append((c.name, accuracy, acr, c.radius.size))
+    return rows
 
 
 def _markdown(rows: list[tuple], radii: np.ndarray) -> str:
@@ -324,15 +337,39 @@ def _notes(tables: list[ResultFile], fmt: str) -> list[str]:
         "{:.3}, which rounds up: certified accuracy at the table's radii may be overstated)"
         for t in tables if t.rounded
     ]
-    levels = {(meta.get("alpha"), meta.get("grid")) for t, meta in metas if "tcertify" in t.methods}
+    levels = {(meta.get("alpha"), meta.get("grid")) for t, meta in metas
+              if "tcertify" in t.methods and t.kind != "radii"}
     for alpha, grid in sorted(levels, key=str):
         level = ("2α − α/grid" if alpha is None or grid is None else
                  f"2α − α/grid = {paper_mode_level(alpha, grid):g} (α = {alpha:g}, grid {grid})")
         notes.append(f"{METHOD_LABELS['tcertify']} picks α' after seeing the estimation counts: "
                      f"its provable failure probability is {level}; "
                      f"{METHOD_LABELS['tcertify-strict']} and CERTIFY hold at α exactly")
+    if any(meta.get("sampling") for _, meta in metas):
+        notes += [_samples_note(t) for t in tables if _samples_note(t)]
+        notes += [f"{t.label}: certified at the radii {', '.join(map(str, t.meta['radii']))} only "
+                  "(sequential, so no ACR); - marks radii it was not asked about"
+                  for t, meta in metas if t.kind == "radii" and meta.get("radii")]
     prefix = {"markdown": "", "latex": "% ", "csv": "# "}[fmt]
     return [prefix + note for note in notes]
+
+
+def samples_per_input(table: ResultFile) -> np.ndarray | None:
+    """Forward passes (selection + estimation samples) per row, None when not recorded."""
+    if "samples_used" in table.values:
+        return table.column("samples_used")
+    if "n0" in table.values and "n" in table.values:
+        return table.column("n0") + table.column("n")
+    return None
+
+
+def _samples_note(table: ResultFile) -> str:
+    samples = samples_per_input(table)
+    if samples is None or samples.size == 0:
+        return ""
+    sampling = (table.meta or {}).get("sampling", "fixed")
+    return (f"{table.label}: forward passes per input ({sampling} n0 + n): mean "
+            f"{samples.mean():.0f}, median {np.median(samples):.0f}, max {samples.max()}")
 
 
 def analyze(

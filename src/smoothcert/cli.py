@@ -140,8 +140,32 @@ def _add_run_options(parser: argparse.ArgumentParser, certify: bool) -> None:
                         "checkpoint content) and recompute them, instead of refusing")
     if certify:
         parser.add_argument("--n0", type=int, default=100, help="selection samples")
-        parser.add_argument("--method", choices=["certify", "tcertify", "both"], default="both")
+        parser.add_argument("--method", choices=["certify", "tcertify", "both"],
+                            help="default: both; certify with --radii/--max-n")
         parser.add_argument("--grid", type=int, default=10, help="T-CERTIFY alpha' grid size")
+        _add_sequential_options(parser)
+
+
+def _radii(text: str) -> tuple[float, ...]:
+    """--radii: comma-separated radii."""
+    try:
+        return tuple(float(r) for r in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected radii like 0.25,0.5,1.0, got {text!r}"
+                                         ) from None
+
+
+def _add_sequential_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--radii", type=_radii, help="certify at these radii only, sampling "
+                        "sequentially until each is decided (default with --max-n: the "
+                        "Table-1 radii max-n can reach)")
+    parser.add_argument("--max-n", type=int, help="at most this many estimation samples per "
+                        "input, with --radii or --adaptive-n (default: --N)")
+    parser.add_argument("--confidence-sequence", choices=["mixture", "bonferroni"],
+                        help="anytime-valid bound of sequential certification (default mixture)")
+    parser.add_argument("--adaptive-n", action="store_true", help="choose each input's n from "
+                        "its selection samples, radius loss against --max-n <= --tolerance")
+    parser.add_argument("--tolerance", type=float, help="--adaptive-n: radius loss (0.02)")
 
 
 def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:

@@ -14,8 +14,13 @@ Cohen's certify.py, `idx label predict radius correct time` (radius at full prec
   `class:count` lists of the nonzero classes), from which `verify` recomputes everything.
 
 A predict row is Cohen's predict.py row `idx label predict correct time` plus `method run`.
+A radii row (sequential certification at given radii, `sequential.RadiiProcedure`) starts with
+Cohen's six columns (radius: the largest requested radius certified), then `method run n0 n
+count_a samples_used`, the per-class counts `selection_counts estimation_counts
+certifying_counts` (the last at the look that certified the largest radius) and, per radius
+r, `certified_<r>` (0/1) and `decided_<r>` (estimation samples after which it was decided).
 The sidecar `<file>.json` holds the run's settings, the checkpoint's sha256 and the
-fingerprint. numpy and `stats` only: reading results never needs torch.
+fingerprint. numpy, `stats` and `sequential` only: reading results never needs torch.
 """
 
 from __future__ import annotations
@@ -33,7 +38,9 @@ from typing import Any
 
 import numpy as np
 
+from . import sequential
 from .io import atomic_write_json, atomic_write_text
+from .sequential import RadiiCertificate
 from .stats import ABSTAIN, Certificate, certify_from_counts
 
 FORMAT = "smoothcert-results/2"
@@ -60,6 +67,11 @@ METHOD_LABELS = {
 # The settings a row's `run` fingerprint covers: rows agree on these or come from another run.
 IDENTITY_KEYS = ("mode", "method", "split", "n0", "n", "alpha", "grid", "skip", "seed", "sigma",
                  "dataset", "amp", "checkpoint_sha256")
+# The settings of sequential ("sequential") and input-specific ("adaptive") sampling: part of
+# the identity where set, so that fixed-n runs keep the fingerprints they always had.
+SAMPLING_KEYS = ("sampling", "radii", "max_n", "confidence_sequence", "batch", "tolerance")
+RADII_COLUMNS = (*COHEN_COLUMNS, *ID_COLUMNS, "n0", "n", "count_a", "samples_used",
+                 "selection_counts", "estimation_counts", "certifying_counts")
 _REQUIRED = ("idx", "label", "predict", "radius", "correct")
 _RUN = re.compile(r"^[0-9a-f]{12}$")
 _TIME = re.compile(r"^(?:(\d+) days?, )?(\d+):(\d\d):(\d\d(?:\.\d+)?)$")
@@ -74,6 +86,23 @@ def columns(mode: str, layout: str = "both") -> list[str]:
     main, groups = LAYOUTS[layout]
     extra = [f"{PREFIXES[g]}_{f}" for g in groups for f in GROUP_FIELDS]
     return [*COHEN_COLUMNS, *ID_COLUMNS, *BOUND_COLUMNS, *extra, *COUNT_COLUMNS]
+
+
+def radius_name(radius: float) -> str:
+    """How a radius is written in the radii columns' names: the shortest exact text."""
+    return repr(float(radius))
+
+
+def radii_columns(radii: Sequence[float]) -> list[str]:
+    """The header of a radii result file (sequential certification at `radii`)."""
+    names = [radius_name(r) for r in radii]
+    return [*RADII_COLUMNS, *(f"certified_{r}" for r in names),
+            *(f"decided_{r}" for r in names)]
+
+
+def header_radii(header: Sequence[str]) -> list[float]:
+    """The radii a radii file's header names, in column order."""
+    return [float(c[len("certified_"):]) for c in header if c.startswith("certified_")]
 
 
 def _legacy_columns(layout: str) -> list[str]:
@@ -101,10 +130,16 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def identity(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings a run is identified by: IDENTITY_KEYS, and the SAMPLING_KEYS that are set."""
+    found = {key: settings.get(key) for key in IDENTITY_KEYS}
+    found.update({key: settings[key] for key in SAMPLING_KEYS if settings.get(key) is not None})
+    return found
+
+
 def fingerprint(settings: Mapping[str, Any]) -> str:
     """The `run` column: 12 hex digits of the sha256 of the identity settings."""
-    identity = {key: settings.get(key) for key in IDENTITY_KEYS}
-    text = json.dumps(identity, sort_keys=True, separators=(",", ":"))
+    text = json.dumps(identity(settings), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -182,6 +217,23 @@ def certify_row(idx: int, label: int, seconds: float, certificates: Mapping[str,
                   _sparse(estimation)]
 
 
+def _sparse_or_dash(counts: Sequence[int]) -> str:
+    """Per-class counts as `class:count` pairs; "-" when there are none (no sample drawn)."""
+    return _sparse(np.asarray(counts)) if np.sum(counts) > 0 else "-"
+
+
+def radii_row(idx: int, label: int, seconds: float, cert: RadiiCertificate, method: str,
+              run: str) -> list[str]:
+    """The fields of one radii row (columns `radii_columns(cert.radii)`)."""
+    certified = [r for r, c in zip(cert.radii, cert.certified, strict=True) if c]
+    return [str(idx), str(label), str(cert.label), _float(max(certified, default=0.0)),
+            str(int(cert.label == label)), time_text(seconds), method, run,
+            str(sum(cert.selection_counts)), str(cert.n), str(cert.count_a),
+            str(cert.samples_used), _sparse_or_dash(cert.selection_counts),
+            _sparse_or_dash(cert.estimation_counts), _sparse_or_dash(cert.certifying_counts),
+            *(str(int(c)) for c in cert.certified), *(str(d) for d in cert.decided_at)]
+
+
 def predict_row(idx: int, label: int, prediction: int, seconds: float, run: str) -> list[str]:
     return [str(idx), str(label), str(prediction), str(int(prediction == label)),
             time_text(seconds), "predict", run]
@@ -236,7 +288,7 @@ class ResultFile:
 
     path: Path
     header: list[str]
-    kind: str  # "certify" or "predict"
+    kind: str  # "certify", "radii" or "predict"
     main: str  # the method of the main columns
     groups: list[str]  # further methods, in column order
     values: dict[str, list] = field(default_factory=dict)  # parsed columns by name
@@ -249,11 +301,15 @@ class ResultFile:
     @property
     def native(self) -> bool:
         """Written by this smoothcert version (has the method and run columns)."""
+        if self.kind == "radii":
+            return self.header == radii_columns(header_radii(self.header))
         return tuple(self.header) in OWN_HEADERS and "run" in self.header
 
     @property
     def own(self) -> bool:
         """Written by smoothcert, this version or an earlier one."""
+        if self.kind == "radii":
+            return self.native
         if tuple(self.header) not in OWN_HEADERS:
             return False
         # smoothcert's earlier predict files are Cohen's five columns: the sidecar tells.
@@ -263,7 +319,7 @@ class ResultFile:
     def rounded(self) -> bool:
         """Whether the radii were printed rounded (Cohen's "{:.3}"), not at full precision."""
         if self.kind != "certify" or "run" in self.header:
-            return False
+            return False  # radii files write full precision, as native certify files
         texts = [t for t in self.radius_texts if float(t) > 0]
         return bool(texts) and all(_significant_digits(t) <= 3 for t in texts)
 
@@ -356,7 +412,19 @@ def _run(text: str) -> str:
     return text
 
 
-def _parser(name: str) -> Callable[[str], Any] | None:
+def _counts_or_none(text: str) -> dict[int, int]:
+    return {} if text == "-" else parse_counts(text)
+
+
+def _parser(name: str, kind: str = "certify") -> Callable[[str], Any] | None:
+    if kind == "radii":
+        if name.startswith("certified_"):
+            return _correct
+        radii_parsers = {"n": lambda t: _int(t, 0), "samples_used": lambda t: _int(t, 1),
+                         "selection_counts": parse_counts, "estimation_counts": _counts_or_none,
+                         "certifying_counts": _counts_or_none}
+        if name.startswith("decided_") or name in radii_parsers:
+            return radii_parsers.get(name, lambda t: _int(t, 0))
     base = name.split("_", 1)[1] if name.split("_", 1)[0] in PREFIXES.values() else name
     return {
         "idx": lambda t: _int(t, 0), "label": lambda t: _int(t, 0),
@@ -388,6 +456,8 @@ def _classify(path: Path, header: list[str]) -> tuple[str, str, list[str]]:
             f"{path}: not a result file: header lacks {', '.join(missing)} (expected at "
             f"least {' '.join(_REQUIRED)}; got {' '.join(header)})"
         )
+    elif "samples_used" in header:
+        return "radii", "", []  # the method: in the rows' method column
     else:
         kind = "certify"
     groups = []
@@ -429,16 +499,18 @@ def read_results(path: str | os.PathLike, kind: str | None = None,
             f"{path}: this is a PREDICT result (no 'radius' column); certified accuracy needs "
             f"CERTIFY/T-CERTIFY results ({' '.join(COHEN_COLUMNS)} ...)"
         )
-    if kind == "predict" and found == "certify":
+    if kind == "predict" and found != "predict":
         raise ValueError(f"{path}: this is a CERTIFY result, expected a PREDICT result "
                          f"({' '.join(PREDICT_COLUMNS)})")
     result = ResultFile(path, header, found, main, groups, meta=read_sidecar(path))
+    if found == "radii" and (result.meta or {}).get("method") in sequential.SEQUENTIAL_METHODS:
+        result.main = main = result.meta["method"]
     body = lines[1:]
     if body[-1] == "":
         body = body[:-1]  # the newline that ends the last row
     elif allow_cut:
         body, result.cut = body[:-1], True
-    parsers = {name: _parser(name) for name in header}
+    parsers = {name: _parser(name, found) for name in header}
     result.values = {name: [] for name, parse in parsers.items() if parse is not None}
     first_line: dict[int, int] = {}
     for lineno, line in enumerate(body, start=2):
@@ -467,6 +539,8 @@ def read_results(path: str | os.PathLike, kind: str | None = None,
         first_line[idx] = lineno
         if found == "certify":
             result.radius_texts.append(fields[header.index("radius")].strip())
+        if found == "radii" and not result.main:
+            result.main = main = result.values["method"][-1]
         if "method" in header and result.values["method"][-1] != main:
             raise ValueError(f"{path}, line {lineno}: column 'method' is "
                              f"{result.values['method'][-1]!r}, but the columns hold {main}")
@@ -498,6 +572,11 @@ def _close(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
 
 
+def _mismatches(value: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
+    return [f"{name} {value[name]!r}, recomputed {want!r}" for name, want in expected.items()
+            if not _close(value[name], want)]
+
+
 def _row_problems(table: ResultFile, i: int, meta: Mapping[str, Any], run: str) -> list[str]:
     value = {name: column[i] for name, column in table.values.items()}
     problems = []
@@ -514,6 +593,11 @@ def _row_problems(table: ResultFile, i: int, meta: Mapping[str, Any], run: str) 
     for name, expected in written.items():
         if value[name] != int(expected):
             problems.append(f"{name} {value[name]}, the counts give {int(expected)}")
+    if meta.get("sampling") == "adaptive":  # n must follow from the selection counts alone
+        chosen = sequential.choose_n(selection, meta["max_n"], meta["sigma"], meta["alpha"],
+                                     meta["tolerance"])
+        if estimation.sum() != chosen:
+            problems.append(f"n {int(estimation.sum())}, but the selection counts choose {chosen}")
     for method in table.methods:
         prefix = "" if method == table.main else PREFIXES[method] + "_"
         try:
@@ -532,10 +616,73 @@ def _row_problems(table: ResultFile, i: int, meta: Mapping[str, Any], run: str) 
     return problems
 
 
+def radii_procedure(meta: Mapping[str, Any]) -> sequential.RadiiProcedure:
+    """A fresh sequential procedure with a radii file's settings (its sidecar)."""
+    return sequential.RadiiProcedure(
+        meta["radii"], meta["sigma"], meta["alpha"], meta["max_n"], method=meta["method"],
+        num_classes=meta["num_classes"], confidence_sequence=meta["confidence_sequence"],
+        batch_size=meta["batch"])
+
+
+def _radii_row_problems(table: ResultFile, i: int, meta: Mapping[str, Any], run: str,
+                        procedure: sequential.RadiiProcedure) -> list[str]:
+    """What in a radii row does not follow from its counts: the certificate of its largest
+    certified radius is recomputed at the look that certified it, the final look's counts must
+    certify nothing more, and the columns must agree with the counts and with each other."""
+    value = {name: column[i] for name, column in table.values.items()}
+    problems = [] if value["run"] == run else [
+        f"run {value['run']}, but the sidecar's settings give {run}"]
+    classes = meta["num_classes"]
+    try:
+        selection, estimation, certifying = (
+            _dense(value[name], classes)
+            for name in ("selection_counts", "estimation_counts", "certifying_counts"))
+    except ValueError as err:
+        return [*problems, f"counts: {err}"]
+    radii = procedure.radii
+    names = [radius_name(r) for r in radii]
+    certified = np.array([value[f"certified_{r}"] for r in names], dtype=bool)
+    label = int(np.argmax(selection))
+    predict = label if certified.any() else ABSTAIN
+    problems += _mismatches(value, {
+        "predict": predict, "correct": int(predict == value["label"]),
+        "radius": float(radii[certified].max()) if certified.any() else 0.0,
+        "n0": int(selection.sum()), "n": int(estimation.sum()),
+        "count_a": int(estimation[label]),
+        "samples_used": int(selection.sum() + estimation.sum())})
+    looks = {0, *procedure.cs.looks.tolist()}
+    if certified.any() and not certified[: int(np.flatnonzero(certified).max()) + 1].all():
+        problems.append("certified radii are not a prefix of the radii")
+    if estimation.sum() not in looks:
+        problems.append(f"n {int(estimation.sum())} is not a look of the schedule")
+    if not certified.any():
+        if certifying.sum():
+            problems.append("certifying_counts given, but no radius is certified")
+        return problems
+    top = int(np.flatnonzero(certified).max())
+    if (certifying.sum() != value[f"decided_{names[top]}"] or certifying.sum() not in looks
+            or np.any(certifying > estimation)):
+        return [*problems, f"certifying_counts ({int(certifying.sum())} samples) are not a "
+                f"look at which radius {names[top]} was decided, within the final counts"]
+    try:
+        at_look = procedure.certifiable(certifying[label], int(certifying.sum()),
+                                        np.delete(certifying, label))
+        at_end = procedure.certifiable(estimation[label], int(estimation.sum()),
+                                       np.delete(estimation, label))
+    except ValueError as err:
+        return [*problems, f"cannot be recomputed ({err})"]
+    if not at_look[top]:
+        problems.append(f"radius {names[top]} is not certified by certifying_counts")
+    if np.any(at_end & ~certified):
+        problems.append("the final counts certify a radius the row does not")
+    return problems
+
+
 def verify(path: str | os.PathLike) -> tuple[int, list[str]]:
     """Recompute every certificate of a result file from its counts and sidecar.
 
-    Returns the number of rows checked and one message per row that does not match.
+    Returns the number of rows checked and one message per row that does not match. A radii
+    file's rows are checked as `_radii_row_problems` says.
     """
     path = Path(path)
     table = read_results(path, kind="certify")
@@ -549,6 +696,9 @@ def verify(path: str | os.PathLike) -> tuple[int, list[str]]:
         raise ValueError(f"{path}: cannot be verified without its sidecar "
                          f"{sidecar_path(path)} (sigma, alpha and grid are recorded there)")
     missing = [k for k in (*IDENTITY_KEYS, "num_classes") if k not in meta]
+    if table.kind == "radii":
+        missing += [k for k in ("radii", "max_n", "confidence_sequence", "batch")
+                    if meta.get(k) is None]
     if missing or not is_own_sidecar(meta):
         raise ValueError(f"{sidecar_path(path)}: not a smoothcert sidecar of this version "
                          f"(lacks {', '.join(missing) or 'format'})")
@@ -557,8 +707,14 @@ def verify(path: str | os.PathLike) -> tuple[int, list[str]]:
     if meta.get("run") != run:
         problems.append(f"{sidecar_path(path)}: records run {meta.get('run')}, but its "
                         f"settings give {run} (edited?)")
+    procedure = radii_procedure(meta) if table.kind == "radii" else None
+    if procedure is not None and list(procedure.radii) != header_radii(table.header):
+        problems.append(f"{path}: the header's radii are not the sidecar's {meta['radii']}")
+        procedure = None
     for i, lineno in enumerate(table.line_numbers):
-        found = _row_problems(table, i, meta, run)
+        found = (_row_problems(table, i, meta, run) if table.kind != "radii" else
+                 ["not checked: the radii do not match"] if procedure is None else
+                 _radii_row_problems(table, i, meta, run, procedure))
         if found:
             problems.append(f"{path}, line {lineno} (idx {table.values['idx'][i]}): "
                             + "; ".join(found))

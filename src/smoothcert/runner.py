@@ -6,7 +6,8 @@ finished, whether those rows belong to this run: settings and checkpoint content
 example into its own part file and rank 0 merges the parts in index order. Each example's
 noise comes from a generator seeded by (seed, idx), so results do not depend on the sharding.
 Rank 0 holds the output's lock for the whole run: a second process on the same --out is
-refused.
+refused. Besides fixed n per input, certify samples sequentially at given radii (radii files)
+or with n chosen per input (adaptive n); a file holds rows of one protocol only.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import results
+from . import results, sequential
 from .checkpoints import load_for_run
 from .data import dataset_info, get_dataset
 from .distributed import DistContext, batch_memory_guard, init_distributed
@@ -32,6 +33,8 @@ from .smooth import Smooth
 from .stats import ABSTAIN, check_alpha, check_positive_int
 
 log = logging.getLogger(__name__)
+_KINDS = {"certify": "certify (radius per input)", "radii": "certify at given radii (sequential)",
+          "predict": "predict"}
 _FIX = ("remove it, choose another --out, or pass --restart-stale (restart_if_stale=True) to "
         "discard those rows and recompute")
 
@@ -43,7 +46,7 @@ class RunConfig:
     checkpoint: str
     out: str
     mode: str = "certify"  # or "predict"
-    method: str = "both"
+    method: str | None = None  # both (fixed and adaptive n), certify (sequential); see validate
     split: str = "test"
     n0: int = 100
     n: int = 100_000
@@ -62,18 +65,64 @@ class RunConfig:
     amp: str | None = None
     channels_last: bool = True
     restart_if_stale: bool = False  # discard rows of another run (settings or checkpoint)
+    # Sequential certification at radii (sequential.RadiiProcedure): radii (None: the Table-1
+    # radii max_n can reach), max_n (None: n), confidence_sequence (None: mixture).
+    radii: tuple[float, ...] | None = None
+    max_n: int | None = None
+    confidence_sequence: str | None = None
+    # Input-specific n (Smooth.certify_adaptive) up to max_n, radius loss <= tolerance (0.02).
+    adaptive_n: bool = False
+    tolerance: float | None = None
     extra: dict = field(default_factory=dict)
+
+    @property
+    def sampling(self) -> str:
+        """fixed (n samples per input), sequential (at radii) or adaptive (n per input)."""
+        if self.adaptive_n:
+            return "adaptive"
+        given = (self.radii, self.max_n, self.confidence_sequence)
+        return "fixed" if all(v is None for v in given) else "sequential"
 
     def validate(self) -> RunConfig:
         if self.mode not in ("certify", "predict"):
             raise ValueError(f"mode must be certify or predict, got {self.mode!r}")
+        sampling = self.sampling
+        if self.mode == "predict" and sampling != "fixed":
+            raise ValueError("radii, max_n, confidence_sequence and adaptive_n apply to certify "
+                             "only")
+        if self.adaptive_n and (self.radii is not None or self.confidence_sequence is not None):
+            raise ValueError("adaptive_n certifies the radius of each input: radii and "
+                             "confidence_sequence apply to sequential certification only")
+        if self.tolerance is not None and not self.adaptive_n:
+            raise ValueError("tolerance applies to adaptive_n (--adaptive-n) only")
+        if sampling == "sequential":
+            self.method = self.method or "certify"
+            if self.method not in sequential.SEQUENTIAL_METHODS:
+                raise ValueError(f"method must be one of {', '.join(sequential.SEQUENTIAL_METHODS)}"
+                                 f" for sequential certification at radii, got {self.method!r}")
+            self.confidence_sequence = self.confidence_sequence or "mixture"
+            if self.confidence_sequence not in sequential.CONFIDENCE_SEQUENCES:
+                raise ValueError(f"confidence_sequence must be one of "
+                                 f"{', '.join(sequential.CONFIDENCE_SEQUENCES)}, got "
+                                 f"{self.confidence_sequence!r}")
+            if self.radii is not None:
+                self.radii = tuple(float(r) for r in sequential.check_radii(self.radii))
+        self.method = self.method or "both"
         if self.method not in results.LAYOUTS:
             raise ValueError(
                 f"method must be one of {', '.join(results.LAYOUTS)}, got {self.method!r}"
             )
+        if self.adaptive_n:
+            self.tolerance = sequential.check_tolerance(
+                0.02 if self.tolerance is None else self.tolerance)
         check_alpha(self.alpha)
         for name in ("n0", "n", "batch", "grid", "skip"):
             check_positive_int(getattr(self, name), name)
+        if sampling != "fixed":
+            self.max_n = check_positive_int(self.n if self.max_n is None else self.max_n,
+                                            "max_n")
+            if self.batch > self.max_n and sampling == "sequential":
+                raise ValueError(f"max_n must be >= batch ({self.batch}), got {self.max_n}")
         if self.max is not None and self.max < 0:
             self.max = None  # Cohen's -1: no limit
         if self.sigma is not None and not self.sigma > 0:
@@ -114,7 +163,16 @@ class Runner:
         self.smooth = Smooth(model, num_classes, self.sigma, amp=cfg.amp)
         self.dataset = get_dataset(self.dataset_name, cfg.split, cfg.data_dir, augment=False)
         self.out = Path(cfg.out)
-        self.columns = results.columns(cfg.mode, cfg.method)
+        self.kind = "radii" if cfg.sampling == "sequential" else cfg.mode
+        self.radii: tuple[float, ...] = ()
+        if self.kind == "radii":
+            self.radii = cfg.radii or tuple(float(r) for r in sequential.reachable_radii(
+                sequential.TABLE1_RADII, self.sigma, cfg.alpha, cfg.max_n, method=cfg.method,
+                num_classes=num_classes, confidence_sequence=cfg.confidence_sequence,
+                batch_size=cfg.batch))
+            self.columns = results.radii_columns(self.radii)
+        else:
+            self.columns = results.columns(cfg.mode, cfg.method)
         self.indices = selected_indices(len(self.dataset), cfg.skip, cfg.max)
         self.meta = self._sidecar(digest, num_classes)
         self.run_id = self.meta["run"]
@@ -122,7 +180,8 @@ class Runner:
     def _sidecar(self, digest: str, num_classes: int) -> dict:
         """The sidecar this run writes: its settings, the checkpoint's sha256, the fingerprint."""
         cfg = self.cfg
-        main = results.LAYOUTS[cfg.method][0] if cfg.mode == "certify" else "predict"
+        main = {"radii": cfg.method, "certify": results.LAYOUTS[cfg.method][0],
+                "predict": "predict"}[self.kind]
         protocol = (f"{cfg.split} split, every {cfg.skip}th example from index 0, "
                     f"{len(self.indices)} examples")
         meta = {
@@ -134,6 +193,13 @@ class Runner:
             "checkpoint_sha256": digest, "checkpoint_format": cfg.format, "arch": cfg.arch,
             "protocol": protocol,
         }
+        if cfg.sampling != "fixed":
+            meta.update(sampling=cfg.sampling, max_n=cfg.max_n, n=None)
+        if cfg.sampling == "sequential":
+            meta.update(layout="radii", grid=None, radii=list(self.radii), batch=cfg.batch,
+                        confidence_sequence=cfg.confidence_sequence)
+        if cfg.sampling == "adaptive":
+            meta.update(tolerance=cfg.tolerance)
         return {**meta, "run": results.fingerprint(meta)}
 
     def part_path(self, rank: int) -> Path:
@@ -208,9 +274,9 @@ class Runner:
                 f"are {' '.join(table.header)}); smoothcert does not overwrite it: choose "
                 "another --out"
             )
-        if table.kind != self.cfg.mode:
-            raise ValueError(f"out: '{table.path}' holds {table.kind} results, this is a "
-                             f"{self.cfg.mode} run; choose another --out")
+        if table.kind != self.kind:
+            raise ValueError(f"out: '{table.path}' holds {_KINDS[table.kind]} results, this "
+                             f"is a {_KINDS[self.kind]} run; choose another --out")
 
     def _stale_error(self, path: Path, table: results.ResultFile) -> ValueError:
         """Explain why the rows of `table` are not this run's, as precisely as the files allow."""
@@ -233,7 +299,8 @@ class Runner:
                 f"{str(saved.get('checkpoint_sha256'))[:12]}… (from '{saved.get('checkpoint')}'),"
                 f" but '{self.cfg.checkpoint}' is {self.meta['checkpoint_sha256'][:12]}…; {_FIX}"
             )
-        differ = [k for k in results.IDENTITY_KEYS if saved.get(k) != self.meta[k]]
+        differ = [k for k in (*results.IDENTITY_KEYS, *results.SAMPLING_KEYS)
+                  if saved.get(k) != self.meta.get(k)]
         return ValueError(f"out: '{path}' was written with different {', '.join(differ)}; {_FIX}")
 
     # ------------------------------------------------------------ execute: write
@@ -311,9 +378,20 @@ class Runner:
                                              generator=streams["prediction"])
             return results.predict_row(idx, label, prediction, time.time() - started,
                                        self.run_id), prediction == label
-        result = self.smooth.certify_all(x, cfg.n0, cfg.n, cfg.alpha, cfg.batch, cfg.grid,
-                                         generator=streams["selection"],
-                                         estimation_generator=streams["estimation"])
+        samples = {"generator": streams["selection"],
+                   "estimation_generator": streams["estimation"]}
+        if self.kind == "radii":
+            cert = self.smooth.certify_radii(x, self.radii, cfg.alpha, cfg.max_n, cfg.batch,
+                                             cfg.n0, cfg.method, cfg.confidence_sequence,
+                                             **samples)
+            return results.radii_row(idx, label, time.time() - started, cert, cfg.method,
+                                     self.run_id), cert.label == label
+        if cfg.adaptive_n:
+            result = self.smooth.certify_adaptive(x, cfg.n0, cfg.max_n, cfg.alpha, cfg.batch,
+                                                  cfg.tolerance, cfg.grid, **samples)
+        else:
+            result = self.smooth.certify_all(x, cfg.n0, cfg.n, cfg.alpha, cfg.batch, cfg.grid,
+                                             **samples)
         certificates = {"certify": result.certify, "tcertify": result.tcertify,
                         "tcertify-strict": result.strict}
         row = results.certify_row(idx, label, time.time() - started, certificates,

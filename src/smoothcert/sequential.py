@@ -23,6 +23,7 @@ from . import stats
 from .stats import ABSTAIN
 
 CONFIDENCE_SEQUENCES = ("mixture", "bonferroni")
+TABLE1_RADII = np.arange(0, 3.0 + 1e-9, 0.25)  # the radii of the paper's Table 1
 SEQUENTIAL_METHODS = ("certify", "tcertify")
 _SMALLEST = 1e-12  # lower bounds below this are reported as 0
 _XTOL = 1e-8  # root-finding tolerance on the log-odds scale
@@ -224,6 +225,9 @@ class RadiiCertificate:
     samples_used counts every forward pass (selection included); n and count_a are the
     estimation samples and the label's count among them; decided_at[i] is the number of
     estimation samples after which radius i was decided (0: before any, out of reach).
+    When the class counts were given: selection_counts, estimation_counts (per class, at the
+    stop) and certifying_counts (per class, at the look that certified the largest radius;
+    empty when none is), from which the certificate can be recomputed.
     """
 
     label: int
@@ -233,6 +237,9 @@ class RadiiCertificate:
     n: int
     count_a: int
     decided_at: tuple[int, ...]
+    selection_counts: tuple[int, ...] = ()
+    estimation_counts: tuple[int, ...] = ()
+    certifying_counts: tuple[int, ...] = ()
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -311,10 +318,13 @@ class RadiiProcedure:
         self.n = 0
         self.count_a = 0
         self.others = np.zeros(max((num_classes or 2) - 1, 1), dtype=np.int64)
+        self._given_others = False  # whether update() was given the other classes' counts
+        self._certifying: tuple[int, np.ndarray] | None = None  # (count_a, others) at the
+        # look that certified the largest radius so far
         self.status = np.full(self.radii.size, UNDECIDED, dtype=np.int8)
         self.decided_at = np.full(self.radii.size, -1, dtype=np.int64)
         self._look = 0
-        self._drop(~self._certifiable(self.max_n, self.max_n))  # out of reach of max_n
+        self._drop(~self.certifiable(self.max_n, self.max_n))  # out of reach of max_n
 
     @property
     def done(self) -> bool:
@@ -338,7 +348,7 @@ class RadiiProcedure:
         if not (0 <= new <= n_total - self.n and count_a == int(count_a)):
             raise ValueError(f"count_a must grow by 0..{n_total - self.n} from {self.count_a}, "
                              f"got {count_a!r}")
-        if self.method == "tcertify":
+        if self.method == "tcertify" or other_counts is not None:
             others = np.asarray(other_counts, dtype=np.int64)
             if others.shape != self.others.shape or np.any(others < self.others) \
                     or others.sum() + count_a != n_total:
@@ -346,18 +356,31 @@ class RadiiProcedure:
                     f"other_counts must be the {self.others.size} other classes' cumulative "
                     f"counts, summing with count_a to n_total {n_total}"
                 )
-            self.others = others
+            self.others, self._given_others = others, True
         self.n, self.count_a = int(n_total), int(count_a)
         self._look += 1
-        self._certify(self._certifiable(self.count_a, self.n))
+        before = int(self.certified.sum())
+        self._certify(self.certifiable(self.count_a, self.n))
+        if self.certified.sum() > before:
+            self._certifying = (self.count_a, self.others.copy())
         if not self.done:
             self._drop(~self._possible())
         if not self.done:  # at max_n this drops every radius not certified above
-            self._drop(~self._certifiable(self.count_a + self.max_n - self.n, self.max_n))
+            self._drop(~self.certifiable(self.count_a + self.max_n - self.n, self.max_n))
 
-    def certificate(self, label: int, selection_n: int = 0) -> RadiiCertificate:
-        """The decisions so far as a certificate for `label`, selection samples counted."""
+    def certificate(self, label: int, selection_n: int = 0,
+                    selection_counts=None) -> RadiiCertificate:
+        """The decisions so far as a certificate for `label`, selection samples counted (and
+        recorded, when given as per-class counts)."""
         certified = self.certified
+
+        def per_class(count_a: int, others: np.ndarray) -> tuple[int, ...]:
+            if not self._given_others:
+                return ()
+            return tuple(int(c) for c in np.insert(others, int(label), count_a))
+
+        if selection_counts is not None:
+            selection_n = int(np.sum(selection_counts))
         return RadiiCertificate(
             label=int(label) if certified.any() else ABSTAIN,
             radii=tuple(float(r) for r in self.radii),
@@ -366,16 +389,22 @@ class RadiiProcedure:
             n=self.n,
             count_a=self.count_a,
             decided_at=tuple(int(d) for d in self.decided_at),
+            selection_counts=() if selection_counts is None else tuple(
+                int(c) for c in selection_counts),
+            estimation_counts=per_class(self.count_a, self.others),
+            certifying_counts=() if self._certifying is None else per_class(*self._certifying),
         )
 
-    def _certifiable(self, count_a: int, n: int) -> np.ndarray:
-        """The radii certified by the lower bound on pA (and T-CERTIFY's union bound on pB)."""
+    def certifiable(self, count_a: int, n: int, other_counts=None) -> np.ndarray:
+        """The radii certified by the lower bound on pA (and T-CERTIFY's union bound on pB)
+        at a look with these cumulative counts (other_counts: those update() last took)."""
+        others = self.others if other_counts is None else np.asarray(other_counts)
         certified = self.cs.reaches(count_a, n, self.thresholds, self.alpha_a)  # pB = 1 - pA
         if self.method == "tcertify" and not certified.all():
             pa = float(self.cs.lower(count_a, n, self.alpha_a)[0])
             if pa > 0.5:  # pB <= s gives T-CERTIFY's radius sigma/2 (z - Phi^-1(s)) = r
                 s = ndtr(ndtri(pa) - 2.0 * self.radii / self.sigma)
-                certified |= self.cs.union_below(self.others, n, s, self.alpha_b)
+                certified |= self.cs.union_below(others, n, s, self.alpha_b)
         return certified
 
     def _possible(self) -> np.ndarray:
@@ -402,6 +431,13 @@ class RadiiProcedure:
         fresh = mask & (self.status != outcome)
         self.status[fresh] = outcome
         self.decided_at[fresh] = self.n
+
+
+def reachable_radii(radii, sigma: float, alpha: float, max_n: int, **options) -> np.ndarray:
+    """The radii that at most max_n estimation samples can certify at all (RadiiProcedure's
+    options); the procedure drops the others before drawing any sample."""
+    procedure = RadiiProcedure(radii, sigma, alpha, max_n, **options)
+    return procedure.radii[procedure.status == UNDECIDED]
 
 
 # --- input-specific n ------------------------------------------------------------------------

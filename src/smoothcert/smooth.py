@@ -318,24 +318,28 @@ class Smooth:
         method: str = "certify",
         confidence_sequence: str = "mixture",
         generator: torch.Generator | None = None,
+        estimation_generator: torch.Generator | None = None,
     ) -> RadiiCertificate:
         """Is x certified at each of `radii`? Samples in growing looks and stops each input as
         soon as every radius is decided (sequential.RadiiProcedure), at most n0 + max_n passes.
 
         method "certify" bounds pA alone, "tcertify" also the runner-up (T-CERTIFY's two
         bounds, alpha split evenly); the guarantee is CERTIFY's: a certified radius is wrong
-        with probability <= alpha, whatever the stopping time.
+        with probability <= alpha, whatever the stopping time. The generators are used as in
+        `certify`; the certificate records the class counts.
         """
         procedure = sequential.RadiiProcedure(
             radii, self.sigma, alpha, max_n, method=method, num_classes=self.num_classes,
             confidence_sequence=confidence_sequence, batch_size=batch_size,
         )
-        label = int(np.argmax(self._sample_noise(x, n0, batch_size, generator, name="n0")))
+        selection = self._sample_noise(x, n0, batch_size, generator, name="n0")
+        label = int(np.argmax(selection))
+        estimation_generator = generator if estimation_generator is None else estimation_generator
         counts = np.zeros(self.num_classes, dtype=np.int64)
         while (size := procedure.next_batch()) > 0:
-            counts += self._sample_noise(x, size, batch_size, generator)
+            counts += self._sample_noise(x, size, batch_size, estimation_generator)
             procedure.update(counts[label], int(counts.sum()), np.delete(counts, label))
-        return procedure.certificate(label, n0)
+        return procedure.certificate(label, selection_counts=selection)
 
     def certify_adaptive(
         self,
@@ -347,15 +351,18 @@ class Smooth:
         tolerance: float = 0.02,
         grid: int = 10,
         generator: torch.Generator | None = None,
+        estimation_generator: torch.Generator | None = None,
     ) -> CertifyAllResult:
         """certify_all with each input's n chosen from its n0 selection counts alone
-        (sequential.choose_n: expected radius loss against max_n <= tolerance), then drawn fresh;
-        the estimation counts record the n used."""
+        (sequential.choose_n: expected radius loss against max_n <= tolerance), then drawn fresh
+        (generators as in `certify`); the estimation counts record the n used."""
         stats.check_alpha(alpha)
         stats.check_positive_int(grid, "grid")
         stats.check_positive_int(max_n, "max_n")
         sequential.check_tolerance(tolerance)
         selection = self._sample_noise(x, n0, batch_size, generator, name="n0")
         n = sequential.choose_n(selection, max_n, self.sigma, alpha, tolerance)
-        estimation = self._sample_noise(x, n, batch_size, generator, name="n")
+        estimation = self._sample_noise(
+            x, n, batch_size, generator if estimation_generator is None else estimation_generator,
+            name="n")
         return CertifyAllResult.from_counts(selection, estimation, self.sigma, alpha, grid)
