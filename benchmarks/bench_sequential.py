@@ -1,4 +1,6 @@
-"""Sequential and input-specific certification against fixed n (issue 16), on MNIST LeNets.
+"""Sequential and input-specific certification against fixed n (issue 16).
+
+Models: the MNIST LeNets of the reproduction and the CIFAR-10 subset's ResNet-20.
 
 Per test point, one noise stream serves every procedure (a paired design): n0 selection
 samples pick the label, then the estimation samples are drawn in chunks whose ends are every
@@ -7,7 +9,8 @@ samples it would have drawn alone, in the same order:
 
 - fixed:      CERTIFY, T-CERTIFY (and strict) on all max_n samples (Smooth.certify_all);
 - seq-*:      sequential.RadiiProcedure (what Smooth.certify_radii drives) at the Table-1
-              radii below the max_n ceiling, stopped when every radius is decided;
+              radii below the max_n ceiling, stopped when every radius is decided
+              (and, for comparison, at the one radius 0.5);
 - adaptive:   CERTIFY / T-CERTIFY on the first choose_n(selection) samples
               (what Smooth.certify_adaptive computes).
 
@@ -21,8 +24,10 @@ label correct and certified at r (fixed: radius >= r); paired SE of the per-poin
     python benchmarks/bench_sequential.py --merge a.json b.json --json all.json  # runs split
                                                             # by --models, one set of tables
 
-Checkpoints: runs/experiments/mnist_table1/<name>/ (not committed); missing ones are trained
-with the reproduction's settings (docs/reproduction.md, Study 1) first.
+Checkpoints: runs/experiments/mnist_table1/<name>/ and runs/experiments/cifar_subset/basic/
+(not committed); missing ones are trained first with the reproduction's settings
+(docs/reproduction.md: Study 1; experiments/cifar_subset.py for the CIFAR-10 subset, read
+from ../shared/data).
 """
 
 from __future__ import annotations
@@ -45,19 +50,27 @@ from smoothcert.smooth import CertifyAllResult, Smooth
 from smoothcert.train import load_model
 
 MODELS = {"basic_s0.25": "Basic σ=0.25", "basic_s0.5": "Basic σ=0.5",
-          "basic_s1.0": "Basic σ=1.0", "adre_s1.0_l0.2": "ADREREG σ=1.0 λ=0.2"}
+          "basic_s1.0": "Basic σ=1.0", "adre_s1.0_l0.2": "ADREREG σ=1.0 λ=0.2",
+          "cifar_basic_s0.25": "CIFAR-10 subset ResNet-20 Basic σ=0.25"}
+CIFAR_SUBSET = ROOT.parent / "shared" / "data" / "cifar10-subset" / "cifar10_subset.npz"
+DEFAULT_SKIP = {"mnist": 20, "cifar10": 2}  # as the reproduction's studies certify
 TABLE1 = np.arange(13) * 0.25
-# name -> RadiiProcedure options
+ONE_RADIUS = 0.5
+# name -> RadiiProcedure options; "only": the procedure asks about that one radius
 SEQUENTIAL = {
     "seq-certify (mixture)": dict(method="certify", confidence_sequence="mixture"),
     "seq-certify (bonferroni)": dict(method="certify", confidence_sequence="bonferroni"),
     "seq-tcertify (mixture)": dict(method="tcertify", confidence_sequence="mixture"),
+    f"seq-certify (mixture, r = {ONE_RADIUS} only)": dict(
+        method="certify", confidence_sequence="mixture", only=ONE_RADIUS),
 }
 
 
 def extra_arguments(parser) -> None:
     parser.add_argument("--points", type=int, default=100, help="test points per model")
-    parser.add_argument("--skip", type=int, default=20, help="every skip-th MNIST test image")
+    parser.add_argument("--skip", type=int, default=None,
+                        help="every skip-th test image (default: 20 for MNIST, 2 for the "
+                             "CIFAR-10 subset)")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--max-n", type=int, default=100_000)
     parser.add_argument("--n0", type=int, default=100)
@@ -78,7 +91,8 @@ def extra_arguments(parser) -> None:
 
 
 def checkpoint(name: str) -> Path:
-    """The study's checkpoint of `name`, trained first if missing (as mnist_table1.py would)."""
+    """The study's checkpoint of `name`, trained first if missing (as mnist_table1.py or
+    cifar_subset.py would)."""
     sys.path.insert(0, str(ROOT / "experiments"))
     from mnist_table1 import runs
     from study import run_dir
@@ -86,19 +100,34 @@ def checkpoint(name: str) -> Path:
     from smoothcert.presets import resolve_config
     from smoothcert.train import train
 
-    settings = Namespace(lr=0.01, epochs=4, lr_step=3, k=8, single_draw=True,
-                         sigmas=[0.25, 0.5, 1.0], control_sigmas=[], lams=[0.1, 0.2, 0.3])
-    run = next(r for r in runs(settings) if r.name == name)
-    out = run_dir("mnist_table1", name, None)
+    if name == "cifar_basic_s0.25":
+        study, train_options = "cifar_subset", dict(
+            dataset="cifar10", model="cifar_resnet20", data_dir=str(CIFAR_SUBSET), k=2,
+            sigma=0.25, epochs=15, batch=128, lr=0.1, schedule="step", lr_step=10,
+            eval_subset=466, objective="gaussian")
+        out = run_dir(study, "basic", None)
+    else:
+        settings = Namespace(lr=0.01, epochs=4, lr_step=3, k=8, single_draw=True,
+                             sigmas=[0.25, 0.5, 1.0], control_sigmas=[], lams=[0.1, 0.2, 0.3])
+        train_options = next(r for r in runs(settings) if r.name == name).train
+        out = run_dir("mnist_table1", name, None)
     print(f"{name}: {out} (training whatever epochs are missing)", flush=True)
     cfg = resolve_config(seed=0, out=str(out), train_subset=0, amp="bf16", channels_last=True,
-                         **run.train)
+                         **train_options)
     return train(cfg, resume=True, progress=False)
 
 
 def ceiling_radii(sigma: float, max_n: int, alpha: float) -> np.ndarray:
     """The Table-1 radii that n = max_n can certify at all (below sigma Phi^-1(alpha^(1/n)))."""
     return TABLE1[TABLE1 <= sigma * ndtri(alpha ** (1.0 / max_n))]
+
+
+def procedure_radii(radii: np.ndarray, options: dict) -> np.ndarray:
+    return np.array([options["only"]]) if "only" in options else radii
+
+
+def procedure_options(options: dict) -> dict:
+    return {key: value for key, value in options.items() if key != "only"}
 
 
 class Clock:
@@ -121,9 +150,9 @@ def certify_point(smooth: Smooth, x: torch.Tensor, generator: torch.Generator, r
     selection = smooth._sample_noise(x, args.n0, args.batch, generator, name="n0")
     selection_time = time.perf_counter() - started
     label = int(np.argmax(selection))
-    procedures = {name: RadiiProcedure(radii, smooth.sigma, args.alpha, args.max_n,
-                                       num_classes=smooth.num_classes, batch_size=args.batch,
-                                       **options)
+    procedures = {name: RadiiProcedure(procedure_radii(radii, options), smooth.sigma,
+                                       args.alpha, args.max_n, num_classes=smooth.num_classes,
+                                       batch_size=args.batch, **procedure_options(options))
                   for name, options in SEQUENTIAL.items()}
     started = time.perf_counter()
     n_adaptive = {tol: choose_n(selection, args.max_n, smooth.sigma, args.alpha, tol)
@@ -177,8 +206,10 @@ def run_model(name: str, args, tables: dict[str, Table]) -> None:
     model = model.to(memory_format=torch.channels_last)
     sigma = float(config["sigma"])
     smooth = Smooth(model, 10, sigma, amp=None if args.amp == "none" else args.amp)
-    data = get_dataset("mnist", "test", augment=False)
-    indices = list(range(0, len(data), args.skip))[: args.points]
+    dataset = config["dataset"]
+    data = get_dataset(dataset, "test", data_dir=config.get("data_dir"), augment=False)
+    skip = args.skip or DEFAULT_SKIP[dataset]
+    indices = list(range(0, len(data), skip))[: args.points]
     radii = ceiling_radii(sigma, args.max_n, args.alpha)
     rows = []
     for count, idx in enumerate(indices, 1):
@@ -187,7 +218,8 @@ def run_model(name: str, args, tables: dict[str, Table]) -> None:
         rows.append((int(y), certify_point(smooth, x, generator, radii, args)))
         if count % 10 == 0 or count == len(indices):
             print(f"  {name}: {count}/{len(indices)}", flush=True)
-    summarise(MODELS[name], radii, rows, tables)
+    title = f"{MODELS[name]} ({len(rows)} points, every {skip}th test image)"
+    summarise(title, radii, rows, tables)
 
 
 def summarise(title: str, radii, rows, tables: dict[str, Table]) -> None:
@@ -196,17 +228,19 @@ def summarise(title: str, radii, rows, tables: dict[str, Table]) -> None:
                               for rad in radii] for y, r in rows]) for m in ("certify", "tcertify")}
     passes_fixed = np.array([r["fixed"]["passes"] for _, r in rows])
     time_fixed = sum(r["fixed"]["seconds"] for _, r in rows)
-    for name in SEQUENTIAL:
+    for name, options in SEQUENTIAL.items():
         baseline = "tcertify" if "tcertify" in name else "certify"
         certs = [r["seq"][name]["certificate"] for _, r in rows]
-        ok = np.array([[c.label == y and c.certified[i] for i in range(len(radii))]
+        columns = np.searchsorted(radii, procedure_radii(radii, options))
+        ok = np.array([[c.label == y and c.certified[i] for i in range(len(columns))]
                        for c, y in zip(certs, truth, strict=True)])
-        diffs = [paired(fixed_ok[baseline][:, i], ok[:, i]) for i in range(len(radii))]
+        reference = fixed_ok[baseline][:, columns]
+        diffs = [paired(reference[:, i], ok[:, i]) for i in range(len(columns))]
         worst = max(abs(d) / se if se else (0.0 if d == 0 else np.inf) for d, se in diffs)
         tables["accuracy"].add(
             title, f"{name} vs fixed {baseline}",
-            " ".join(f"{fixed_ok[baseline][:, i].mean():.2f}/{ok[:, i].mean():.2f}"
-                     for i in range(len(radii))),
+            " ".join(f"{reference[:, i].mean():.2f}/{ok[:, i].mean():.2f}"
+                     for i in range(len(columns))),
             " ".join(f"{100 * d:+.1f}±{100 * se:.1f}" for d, se in diffs), worst)
         passes = np.array([c.samples_used for c in certs])
         seconds = sum(r["seq"][name]["seconds"] for _, r in rows)
@@ -323,7 +357,7 @@ def main(argv=None) -> list[Table]:
             run_model(name, args, by_key)
         for table in by_key.values():
             table.notes.append(
-                f"{args.points} points per model (every {args.skip}th MNIST test image from 0), "
+                f"up to {args.points} points per model (from test image 0), "
                 f"n0 = {args.n0}, max_n = {args.max_n:,}, alpha = {args.alpha}, batch "
                 f"{args.batch}, autocast {args.amp}, seed {args.seed}")
         tables += list(by_key.values())
