@@ -218,7 +218,7 @@ def run_model(name: str, args, tables: dict[str, Table]) -> None:
         rows.append((int(y), certify_point(smooth, x, generator, radii, args)))
         if count % 10 == 0 or count == len(indices):
             print(f"  {name}: {count}/{len(indices)}", flush=True)
-    title = f"{MODELS[name]} ({len(rows)} points, every {skip}th test image)"
+    title = f"{MODELS[name]} ({len(rows)} points: test images 0, {skip}, {2 * skip}, …)"
     summarise(title, radii, rows, tables)
 
 
