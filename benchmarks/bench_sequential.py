@@ -52,7 +52,6 @@ from smoothcert.train import load_model
 MODELS = {"basic_s0.25": "Basic σ=0.25", "basic_s0.5": "Basic σ=0.5",
           "basic_s1.0": "Basic σ=1.0", "adre_s1.0_l0.2": "ADREREG σ=1.0 λ=0.2",
           "cifar_basic_s0.25": "CIFAR-10 subset ResNet-20 Basic σ=0.25"}
-CIFAR_SUBSET = ROOT.parent / "shared" / "data" / "cifar10-subset" / "cifar10_subset.npz"
 DEFAULT_SKIP = {"mnist": 20, "cifar10": 2}  # as the reproduction's studies certify
 TABLE1 = np.arange(13) * 0.25
 ONE_RADIUS = 0.5
@@ -94,26 +93,25 @@ def checkpoint(name: str) -> Path:
     """The study's checkpoint of `name`, trained first if missing (as mnist_table1.py or
     cifar_subset.py would)."""
     sys.path.insert(0, str(ROOT / "experiments"))
-    from mnist_table1 import runs
+    import cifar_subset
+    import mnist_table1
     from study import run_dir
 
     from smoothcert.presets import resolve_config
     from smoothcert.train import train
 
-    if name == "cifar_basic_s0.25":
-        study, train_options = "cifar_subset", dict(
-            dataset="cifar10", model="cifar_resnet20", data_dir=str(CIFAR_SUBSET), k=2,
-            sigma=0.25, epochs=15, batch=128, lr=0.1, schedule="step", lr_step=10,
-            eval_subset=466, objective="gaussian")
-        out = run_dir(study, "basic", None)
+    if name == "cifar_basic_s0.25":  # cifar_subset.py's defaults: sigma 0.25, ResNet-20
+        study, run_name = cifar_subset.STUDY, "basic"
+        found = cifar_subset.runs(cifar_subset.parser().parse_args([]))
     else:
-        settings = Namespace(lr=0.01, epochs=4, lr_step=3, k=8, single_draw=True,
-                             sigmas=[0.25, 0.5, 1.0], control_sigmas=[], lams=[0.1, 0.2, 0.3])
-        train_options = next(r for r in runs(settings) if r.name == name).train
-        out = run_dir("mnist_table1", name, None)
+        study, run_name = mnist_table1.STUDY, name
+        found = mnist_table1.runs(Namespace(
+            lr=0.01, epochs=4, lr_step=3, k=8, single_draw=True, sigmas=[0.25, 0.5, 1.0],
+            control_sigmas=[], lams=[0.1, 0.2, 0.3]))
+    out = run_dir(study, run_name, None)
     print(f"{name}: {out} (training whatever epochs are missing)", flush=True)
     cfg = resolve_config(seed=0, out=str(out), train_subset=0, amp="bf16", channels_last=True,
-                         **train_options)
+                         **next(r for r in found if r.name == run_name).train)
     return train(cfg, resume=True, progress=False)
 
 

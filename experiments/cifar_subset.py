@@ -15,7 +15,7 @@ STUDY = "cifar_subset"
 DEFAULT_SUBSET = REPO.parent / "shared" / "data" / "cifar10-subset" / "cifar10_subset.npz"
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_arguments(parser)
     parser.set_defaults(skip=2, max=466, batch=500, n=2_000)
@@ -25,17 +25,24 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--model", default="cifar_resnet20")
-    args = parser.parse_args()
+    return parser
+
+
+def runs(args: argparse.Namespace) -> list[Run]:
     common = dict(dataset="cifar10", model=args.model, data_dir=args.data_dir, k=args.k,
                   sigma=args.sigma, epochs=args.epochs, batch=128, lr=0.1, schedule="step",
                   lr_step=max(1, args.epochs * 2 // 3), eval_subset=466)
-    runs = [
+    return [
         Run("basic", dict(common, objective="gaussian"), label="Basic",
             certify={"data_dir": args.data_dir}),
         Run(f"adre_l{args.lam}", dict(common, objective="adre", lam=args.lam),
             label=f"ADREREG λ={args.lam}", certify={"data_dir": args.data_dir}),
     ]
-    files = execute(STUDY, runs, args)
+
+
+def main() -> None:
+    args = parser().parse_args()
+    files = execute(STUDY, runs(args), args)
     notes = (f"A SUBSET of CIFAR-10 (7,897 training and 932 test images, see "
              f"shared/data/README.md), {args.model}, sigma = {args.sigma}, k = {args.k}, "
              f"{args.epochs} epochs, batch 128, lr 0.1 / 10 after 2/3 of the epochs, random crop "

@@ -94,3 +94,21 @@ def test_mnist_baselines_trains_each_baseline_and_reuses_matching_runs(tmp_path:
         assert f"{name}: rows from" in out
         assert (copied / f"{name}.tsv").read_text() == (results / f"{name}.tsv").read_text()
     assert "basic_s0.5: training" not in out and "smoothmix_s0.5: training" in out
+
+
+def test_cifar_subset_runs_are_valid_and_differ_only_in_the_objective(monkeypatch) -> None:
+    # bench_sequential trains its CIFAR-10 model from these runs; no training here.
+    monkeypatch.syspath_prepend(str(EXPERIMENTS))
+    import cifar_subset
+
+    from smoothcert.presets import resolve_config
+
+    basic, adre = cifar_subset.runs(cifar_subset.parser().parse_args(["--lam", "0.3"]))
+    assert (basic.name, adre.name) == ("basic", "adre_l0.3")
+    configs = [resolve_config(**run.train) for run in (basic, adre)]
+    assert [c.objective for c in configs] == ["gaussian", "adre"]
+    assert [c.lam for c in configs] == [0.0, 0.3]
+    shared = [{k: v for k, v in vars(c).items() if k not in ("objective", "lam")}
+              for c in configs]
+    assert shared[0] == shared[1]
+    assert configs[0].model == "cifar_resnet20" and configs[0].lr_step == 10
