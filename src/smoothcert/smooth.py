@@ -86,6 +86,13 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _estimation_stream(
+    generator: torch.Generator | None, estimation_generator: torch.Generator | None
+) -> torch.Generator | None:
+    """The estimation samples' generator: their own, or where the selection samples left off."""
+    return generator if estimation_generator is None else estimation_generator
+
+
 class Smooth:
     """Smoothed classifier over `base_classifier` (any nn.Module mapping [B, *shape] to logits).
 
@@ -205,8 +212,7 @@ class Smooth:
         selection_generator, estimation_generator = generators
         selection = self._sample_noise(x, n0, batch_size, selection_generator, name="n0")
         estimation = self._sample_noise(
-            x, n, batch_size,
-            selection_generator if estimation_generator is None else estimation_generator,
+            x, n, batch_size, _estimation_stream(selection_generator, estimation_generator),
             name="n",
         )
         return selection, estimation
@@ -334,7 +340,7 @@ class Smooth:
         )
         selection = self._sample_noise(x, n0, batch_size, generator, name="n0")
         label = int(np.argmax(selection))
-        estimation_generator = generator if estimation_generator is None else estimation_generator
+        estimation_generator = _estimation_stream(generator, estimation_generator)
         counts = np.zeros(self.num_classes, dtype=np.int64)
         while (size := procedure.next_batch()) > 0:
             counts += self._sample_noise(x, size, batch_size, estimation_generator)
@@ -363,6 +369,5 @@ class Smooth:
         selection = self._sample_noise(x, n0, batch_size, generator, name="n0")
         n = sequential.choose_n(selection, max_n, self.sigma, alpha, tolerance)
         estimation = self._sample_noise(
-            x, n, batch_size, generator if estimation_generator is None else estimation_generator,
-            name="n")
+            x, n, batch_size, _estimation_stream(generator, estimation_generator), name="n")
         return CertifyAllResult.from_counts(selection, estimation, self.sigma, alpha, grid)
