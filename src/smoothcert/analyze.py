@@ -346,7 +346,7 @@ def _notes(tables: list[ResultFile], fmt: str) -> list[str]:
                      f"its provable failure probability is {level}; "
                      f"{METHOD_LABELS['tcertify-strict']} and CERTIFY hold at α exactly")
     if any(meta.get("sampling") for _, meta in metas):
-        notes += [_samples_note(t) for t in tables if _samples_note(t)]
+        notes += [note for note in map(_samples_note, tables) if note]
         notes += [f"{t.label}: certified at the radii {', '.join(map(str, t.meta['radii']))} only "
                   "(sequential, so no ACR); - marks radii it was not asked about"
                   for t, meta in metas if t.kind == "radii" and meta.get("radii")]
