@@ -577,11 +577,16 @@ def _mismatches(value: Mapping[str, Any], expected: Mapping[str, Any]) -> list[s
             if not _close(value[name], want)]
 
 
-def _row_problems(table: ResultFile, i: int, meta: Mapping[str, Any], run: str) -> list[str]:
+def _row_values(table: ResultFile, i: int, run: str) -> tuple[dict[str, Any], list[str]]:
+    """Row i's parsed values, and a problem if its run column is not the sidecar's run."""
     value = {name: column[i] for name, column in table.values.items()}
-    problems = []
-    if value["run"] != run:
-        problems.append(f"run {value['run']}, but the sidecar's settings give {run}")
+    problems = [] if value["run"] == run else [
+        f"run {value['run']}, but the sidecar's settings give {run}"]
+    return value, problems
+
+
+def _row_problems(table: ResultFile, i: int, meta: Mapping[str, Any], run: str) -> list[str]:
+    value, problems = _row_values(table, i, run)
     try:
         selection = _dense(value["selection_counts"], meta["num_classes"])
         estimation = _dense(value["estimation_counts"], meta["num_classes"])
@@ -629,9 +634,7 @@ def _radii_row_problems(table: ResultFile, i: int, meta: Mapping[str, Any], run:
     """What in a radii row does not follow from its counts: the certificate of its largest
     certified radius is recomputed at the look that certified it, the final look's counts must
     certify nothing more, and the columns must agree with the counts and with each other."""
-    value = {name: column[i] for name, column in table.values.items()}
-    problems = [] if value["run"] == run else [
-        f"run {value['run']}, but the sidecar's settings give {run}"]
+    value, problems = _row_values(table, i, run)
     classes = meta["num_classes"]
     try:
         selection, estimation, certifying = (
