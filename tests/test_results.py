@@ -297,3 +297,18 @@ def test_verify_recomputes_a_radii_certificate_at_its_look(tmp_path):
                                 "certifying_counts": per_class(150, 200)})
     _, problems = results.verify(radii_file(tmp_path / "wrong", wrong))
     assert len(problems) == 1 and "radius 0.5 is not certified by certifying_counts" in problems[0]
+    # A row whose run column is not the sidecar's run, its certificate untouched.
+    (tmp_path / "edited").mkdir()
+    path = radii_file(tmp_path / "edited", right)
+    edit_field(path, 0, "run", "0123456789ab")
+    _, problems = results.verify(path)
+    assert problems == [f"{path}, line 2 (idx 0): run 0123456789ab, but the sidecar's settings "
+                        f"give {results.read_sidecar(path)['run']}"]
+
+
+def test_verify_names_a_fixed_n_row_of_another_run(tmp_path):
+    path = write_file(tmp_path)
+    edit_field(path, 3, "run", "0123456789ab")
+    _, problems = results.verify(path)
+    assert len(problems) == 1 and problems[0].startswith(
+        f"{path}, line 5 (idx 3): run 0123456789ab, but the sidecar's settings give ")

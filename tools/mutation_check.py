@@ -114,6 +114,9 @@ MUTANTS = [
            "loss = (radius[:, -1:] - radius).mean(axis=0)", SEQUENTIAL_TESTS),
     Mutant("verify trusts a radii row's certificate without recomputing it", RESULTS,
            "    if not at_look[top]:", "    if False:", ("tests/test_results.py",)),
+    Mutant("verify ignores a row's run column", RESULTS,
+           'problems = [] if value["run"] == run else [', "problems = [] if True else [",
+           ("tests/test_results.py",)),
 ]
 
 
