@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import argparse
 import re
-import shutil
 from pathlib import Path
+
+from smoothcert.io import atomic_write_bytes, atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- demo:start -->", "<!-- demo:end -->"
@@ -70,12 +71,12 @@ def main() -> None:
     report = (args.run / "report.md").read_text(encoding="utf-8")
     note = (f"A fresh run took {args.wall:.1f} minutes of wall time with a peak resident memory "
             f"of {args.peak:.1f} GiB on {args.machine}.")
-    (ROOT / "docs" / "demo.md").write_text(docs_report(report), encoding="utf-8")
-    for name, published in FIGURES.items():
-        shutil.copyfile(args.run / name, ROOT / "docs" / published)
     readme = ROOT / "README.md"
-    readme.write_text(replace_section(readme.read_text(encoding="utf-8"),
-                                      readme_section(report, note)), encoding="utf-8")
+    new_readme = replace_section(readme.read_text(encoding="utf-8"), readme_section(report, note))
+    atomic_write_text(ROOT / "docs" / "demo.md", docs_report(report))
+    for name, published in FIGURES.items():
+        atomic_write_bytes(ROOT / "docs" / published, (args.run / name).read_bytes())
+    atomic_write_text(readme, new_readme)
 
 
 if __name__ == "__main__":
