@@ -6,6 +6,7 @@ dynamic programming (no Monte Carlo), plus closed forms of the mixture martingal
 
 import copy
 
+import mpmath
 import numpy as np
 import pytest
 import torch
@@ -150,6 +151,75 @@ def test_mixture_bounds_sit_below_clopper_pearson():
         assert 0 < low <= stats.clopper_pearson_lower(k, n, 0.001)
         assert cs.reaches(k, n, low, 0.001) and not cs.reaches(k, n, low * (1 + 1e-6), 0.001)
         assert cs.upper(k, n, 0.001)[0] >= stats.clopper_pearson_upper(k, n, 0.001)
+
+
+def exact_log_mixture(t: float, k: int, n: int, weights=(1 / 3, 1 / 3, 1 / 3)) -> mpmath.mpf:
+    """log M_n(t) by 40-digit quadrature of its defining integrals (no beta functions), the
+    integrand divided by its peak and split around the mode k/n, where its mass lies."""
+    with mpmath.workdps(40):
+        t, m = mpmath.mpf(t), n - k
+
+        def log_ratio(q):
+            return k * mpmath.log(q / t) + (m * mpmath.log((1 - q) / (1 - t)) if m else 0)
+
+        mode = max(mpmath.mpf(k) / n, t)
+        width = mpmath.sqrt(mpmath.mpf(max(k, 1)) * max(m, 1) / mpmath.mpf(n) ** 3)
+        cuts = {min(max(mode + j * width, t), 1) for j in (-60, -20, -5, 0, 5, 20, 60)}
+        points = sorted(cuts | {t, mpmath.mpf(1)})
+        peak = log_ratio(mode)
+
+        def ratio(q):
+            return mpmath.exp(log_ratio(q) - peak) if q < 1 or not m else mpmath.mpf(0)
+
+        mixed = (weights[0] * mpmath.quad(ratio, points) / (1 - t)
+                 + weights[1] * mpmath.quad(lambda q: ratio(q) / q, points) / -mpmath.log(t))
+        if not m:  # the point mass at q = 1: t^(-n)
+            mixed += weights[2] * mpmath.exp(-n * mpmath.log(t) - peak)
+        return mpmath.log(mixed) + peak
+
+
+def test_exact_log_mixture_matches_the_closed_form():
+    # the reference's own check, at sizes where mpmath's incomplete beta is quick
+    for k, n, t in [(900, 1000, 0.85), (50, 50, 0.9), (10, 300, 0.01)]:
+        with mpmath.workdps(40):
+            power = k * mpmath.log(t) + (n - k) * mpmath.log(1 - mpmath.mpf(t))
+            uniform = mpmath.betainc(k + 1, n - k + 1, t, 1) / (1 - mpmath.mpf(t))
+            log_uniform = mpmath.betainc(k, n - k + 1, t, 1) / -mpmath.log(t)
+            spike = mpmath.exp(-n * mpmath.log(t) + power) if k == n else 0
+            closed = mpmath.log(uniform + log_uniform + spike) - power
+        assert abs(exact_log_mixture(t, k, n, (1, 1, 1)) - closed) < 1e-30
+
+
+# (n, k, alpha): the issue's case first (n = 1e7, k = 9.9e6, alpha = 1e-10: the 1e-9 margin
+# left its bound 6e-9 short), then mid-range, nearly-all and all-agree counts.
+LARGE_N_CASES = [(10**7, 9_900_000, 1e-10), (10**7, 5_000_000, 1e-3), (10**7, 10**7 - 3, 1e-3),
+                 (10**7, 10**7, 1e-10), (10**7, 20_000, 0.1), (10**6, 990_000, 1e-10),
+                 (10**6, 400_000, 1e-3), (10**6, 10**6, 1e-3)]
+
+
+@pytest.mark.parametrize("n,k,alpha", LARGE_N_CASES)
+def test_mixture_lower_bound_is_valid_and_tight_at_large_n(n, k, alpha):
+    # At the returned bound the exact statistic clears log(1/alpha) (valid), by less than
+    # 1e-3 (tight: rounding costs a shift in t of about 1e-13 here).
+    cs = BetaMixture(max_n=n, first_look=100, step=1000)
+    bound = float(cs.lower(k, n, alpha)[0])
+    assert 0 < bound < k / n
+    excess = exact_log_mixture(bound, k, n) - mpmath.log(1 / mpmath.mpf(alpha))
+    assert 0 <= excess < 1e-3, (bound, float(excess))
+
+
+def test_mixture_union_bound_is_valid_at_large_n():
+    # The smallest s the union test accepts, found by bisection on the test itself: there the
+    # exact sum of 1 / M_c(s) over the other classes is at most alpha.
+    cs = BetaMixture(max_n=10**7, first_look=100, step=1000)
+    n, others, alpha = 10**7, np.array([60_000, 59_000, 0, 0]), 1e-10
+    low, high = 0.001, 0.2
+    for _ in range(60):
+        middle = 0.5 * (low + high)
+        low, high = (low, middle) if cs.union_below(others, n, middle, alpha)[0] else (middle, high)
+    total = mpmath.fsum(mpmath.exp(-exact_log_mixture(1 - high, n - int(c), n)) for c in others)
+    assert total <= alpha
+    assert total > alpha * (1 - 1e-3)  # and tight
 
 
 def test_bonferroni_is_clopper_pearson_at_alpha_over_looks():

@@ -117,6 +117,12 @@ MUTANTS = [
     Mutant("verify ignores a row's run column", RESULTS,
            'problems = [] if value["run"] == run else [', "problems = [] if True else [",
            ("tests/test_results.py",)),
+    Mutant("mixture rounding margin with its sign flipped (rounding may certify)", SEQUENTIAL,
+           "return statistic - _rounding_bound(t, k, n)",
+           "return statistic + _rounding_bound(t, k, n)", SEQUENTIAL_TESTS),
+    Mutant("mixture union test's rounding margin with its sign flipped", SEQUENTIAL,
+           "total * np.exp(rounding) <= alpha", "total * np.exp(-rounding) <= alpha",
+           SEQUENTIAL_TESTS),
 ]
 
 

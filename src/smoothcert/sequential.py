@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 from scipy.optimize import brentq
-from scipy.special import bdtr, bdtrc, betaincc, betaln, expit, logit, ndtr, ndtri
+from scipy.special import bdtr, bdtrc, betaincc, betaln, expit, gammaln, logit, ndtr, ndtri
 
 from . import stats
 from .stats import ABSTAIN
@@ -27,9 +27,11 @@ TABLE1_RADII = np.arange(0, 3.0 + 1e-9, 0.25)  # the radii of the paper's Table 
 SEQUENTIAL_METHODS = ("certify", "tcertify")
 _SMALLEST = 1e-12  # lower bounds below this are reported as 0
 _XTOL = 1e-8  # root-finding tolerance on the log-odds scale
-# A log test statistic must clear log(1/alpha) by this much: floating-point error in the
-# betaln / log-power difference (at most ~1e-11 for n = 1e6) can then never certify.
-_LOG_MARGIN = 1e-9
+# A log test statistic must clear log(1/alpha) by _rounding_bound: the floor covers the
+# relative error of betaincc and of the sums, the units of machine epsilon per unit of the
+# log-gamma and log-power terms the error of their cancelling difference (docs/sequential.md).
+_ROUNDING_FLOOR = 1e-9
+_ROUNDING_UNITS = 8.0
 
 
 # --- confidence sequences --------------------------------------------------------------------
@@ -136,6 +138,17 @@ def _log_mixture(t, k, n: int, weights: tuple[float, float, float]):
     return total - log_power
 
 
+def _rounding_bound(t, k, n: int):
+    """An upper bound on |computed - exact| of _log_mixture(t, k, n): epsilon times the
+    magnitude of the terms whose difference it is (betaln's log-gammas, the log power)."""
+    t, k = np.asarray(t, dtype=np.float64), np.asarray(k, dtype=np.float64)
+    failures = n - k
+    with np.errstate(divide="ignore", invalid="ignore"):
+        power = np.abs(k * np.log(t)) + np.abs(np.where(failures > 0, failures * np.log1p(-t), 0))
+    magnitude = gammaln(n + 2.0) + gammaln(k + 1) + gammaln(failures + 1) + power
+    return _ROUNDING_FLOOR + _ROUNDING_UNITS * np.finfo(np.float64).eps * magnitude
+
+
 class BetaMixture(ConfidenceSequence):
     """Robbins-style mixture confidence sequence, valid at every n (prior weights: uniform,
     log-uniform, point mass at 1): looks double from first_look until they are `step` apart."""
@@ -161,7 +174,8 @@ class BetaMixture(ConfidenceSequence):
 
     def _margin(self, t, k, n: int, alpha: float):
         """log M_n(t) - log(1/alpha): >= 0 where H0: p <= t is rejected."""
-        return _log_mixture(t, k, n, self.weights) - np.log(1.0 / alpha) - _LOG_MARGIN
+        statistic = _log_mixture(t, k, n, self.weights) - np.log(1.0 / alpha)
+        return statistic - _rounding_bound(t, k, n)
 
     def reaches(self, k, n: int, t, alpha: float) -> np.ndarray:
         # The statistic decreases in t on (0, (k-1)/n]: rejecting t there rejects every t' < t.
@@ -196,10 +210,12 @@ class BetaMixture(ConfidenceSequence):
         values, weights = np.unique(np.asarray(other_counts, dtype=np.int64), return_counts=True)
         s = np.atleast_1d(np.asarray(s, dtype=np.float64))
         usable = (s >= (values.max() + 1) / n) & (s < 1.0)
-        log_m = _log_mixture(1.0 - np.where(usable, s, 0.5)[:, None], n - values, n,
-                             self.weights)
+        mirrored = 1.0 - np.where(usable, s, 0.5)[:, None]
+        log_m = _log_mixture(mirrored, n - values, n, self.weights)
         total = (weights * np.exp(-log_m)).sum(axis=1)
-        return usable & (total * np.exp(_LOG_MARGIN) <= alpha)
+        # each term's relative error is at most its own rounding bound, so the sum's is the largest
+        rounding = _rounding_bound(mirrored, n - values, n).max(axis=1)
+        return usable & (total * np.exp(rounding) <= alpha)
 
 
 def make_confidence_sequence(
