@@ -25,7 +25,7 @@ import pytest
 from conftest import true_radius
 from scipy.special import gammaln
 
-from smoothcert.stats import ABSTAIN, alpha_grid, certify_from_counts
+from smoothcert.stats import ABSTAIN, alpha_grid, certify_from_counts, predict_from_counts
 
 # (num_classes, n0, n, alpha, sigma); grid 10 throughout, the paper's.
 CONFIGS = [(3, 12, 40, 0.1, 0.5), (3, 15, 50, 0.05, 0.25), (4, 10, 30, 0.2, 0.5)]
@@ -175,6 +175,45 @@ def test_paper_tcertify_stays_within_its_provable_level(config):
     wrong, failed = failure_probabilities(config)["tcertify"]
     assert failed.max() <= alpha * (2 - 1 / GRID) + TOLERANCE
     assert wrong.max() <= failed.max() + TOLERANCE
+
+
+# --- PREDICT ---------------------------------------------------------------------------------
+
+# (num_classes, n, alpha); the first class is the true top, the runner-up a hair behind it,
+# where a wrong answer is likeliest.
+PREDICT_CONFIGS = [(2, 60, 0.1), (2, 100, 0.01), (3, 30, 0.1), (4, 20, 0.2)]
+
+
+def predict_distributions(num_classes: int) -> np.ndarray:
+    near_ties = [[0.5 + gap, 0.5 - gap] for gap in (1e-9, 0.001, 0.02, 0.1)]
+    if num_classes == 2:
+        return np.array(near_ties)
+    rest = [[0.4 + gap, 0.4 - gap] + [0.2 / (num_classes - 2)] * (num_classes - 2)
+            for gap in (1e-9, 0.02)]
+    return np.vstack([distributions(num_classes), rest])
+
+
+def predict_wrong_probability(probs: np.ndarray, n: int, alpha: float) -> np.ndarray:
+    """Exact P(PREDICT returns a class other than the true top) per row of probs, over every
+    count vector."""
+    counts = outcomes(n, probs.shape[1])
+    answers = np.array([predict_from_counts(c, alpha) for c in counts])
+    wrong = (answers != ABSTAIN) & (answers != np.argmax(probs, axis=1)[:, None])  # [P, M]
+    return (np.exp(log_pmf(counts, probs)) * wrong).sum(axis=1)
+
+
+@pytest.mark.parametrize("config", PREDICT_CONFIGS,
+                         ids=[f"C{c[0]}-n{c[1]}-alpha{c[2]}" for c in PREDICT_CONFIGS])
+def test_predict_returns_a_wrong_class_with_probability_at_most_alpha(config):
+    # Cohen's guarantee is alpha. With two classes the two-sided test at alpha spends alpha/2
+    # on the wrong side (a wrong answer B needs P_1/2(Bin(n_A + n_B) >= n_B) <= alpha / 2,
+    # and n_B is binomial with a rate below 1/2), so there the bound is alpha / 2: a PREDICT
+    # at 2 alpha exceeds it (0.78 alpha at n = 60) while never exceeding alpha itself.
+    num_classes, n, alpha = config
+    worst = predict_wrong_probability(predict_distributions(num_classes), n, alpha).max()
+    assert worst <= alpha + TOLERANCE
+    if num_classes == 2:
+        assert 0.3 * alpha < worst <= alpha / 2 + TOLERANCE
 
 
 def main() -> None:

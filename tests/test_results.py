@@ -218,6 +218,22 @@ def test_verify_catches_a_hand_edited_count(tmp_path):
     assert "count_a" in problems[0] and "pa_lower" in problems[0]
 
 
+@pytest.mark.parametrize("column", ["selection_counts", "estimation_counts"])
+def test_a_class_listed_twice_in_the_counts_is_refused(tmp_path, column):
+    # "3:10,3:5" once read as {3: 5}: verify then recomputed from counts nobody wrote.
+    with pytest.raises(ValueError, match="each class"):
+        results.parse_counts("3:10,3:5")
+    assert results.parse_counts("3:10,5:3") == {3: 10, 5: 3}
+    path = write_file(tmp_path)
+    counts = results.read_results(path).values[column][0]
+    cls, count = next(iter(counts.items()))
+    listed = ",".join(f"{c}:{v}" for c, v in counts.items())
+    edit_field(path, 0, column, f"{listed},{cls}:{count}")
+    with pytest.raises(ValueError, match=rf"both\.tsv, line 2: column '{column}' must list "
+                                         r"class:count pairs, each class \(>= 0\) once"):
+        results.read_results(path)
+
+
 def test_verify_catches_a_changed_alpha_in_the_sidecar(tmp_path):
     path = write_file(tmp_path)
     sidecar = results.sidecar_path(path)

@@ -246,6 +246,17 @@ def test_mixture_union_counts_every_class():
     assert expected.any() and not expected.all()
 
 
+def test_mixture_union_rejects_no_threshold_below_the_lemma_s_region():
+    # Each term decreases in s only above (N_c + 1) / n, so the union test is off below
+    # (max_c N_c + 1) / n, the largest count's region, even where its sum is small there.
+    cs = BetaMixture(max_n=1000, first_look=1, step=1)
+    for n, others in [(2, [1, 0]), (3, [2, 1]), (6, [5, 0]), (7, [6, 1, 0])]:
+        below = np.linspace(0, (max(others) + 1) / n, 400, endpoint=False)[1:]
+        assert not cs.union_below(others, n, below[below < 1], 0.5).any(), (n, others)
+    small = sum(np.exp(-sequential._log_mixture(1 - 0.99875, 2 - c, 2, cs.weights)) for c in (1, 0))
+    assert small < 0.02  # the runner-up's one vote of two, at s = 0.99875
+
+
 def test_tcertify_decisions_use_each_bound_at_its_share_of_alpha():
     # At a Bonferroni look: certified exactly up to T-CERTIFY's radius from Clopper-Pearson at
     # alpha/2/J and the union bound at alpha/2/J (stats, tested on its own).

@@ -123,6 +123,16 @@ MUTANTS = [
     Mutant("mixture union test's rounding margin with its sign flipped", SEQUENTIAL,
            "total * np.exp(rounding) <= alpha", "total * np.exp(-rounding) <= alpha",
            SEQUENTIAL_TESTS),
+    Mutant("PREDICT's binomial test at 2 alpha", STATS,
+           "binomial_test_pvalue(n_a, n_a + n_b) <= alpha",
+           "binomial_test_pvalue(n_a, n_a + n_b) <= 2 * alpha"),
+    Mutant("union bound keyed on the smallest other count, not the largest", STATS,
+           "values.max()", "values.min()"),
+    Mutant("mixture union test's region keyed on the smallest other count", SEQUENTIAL,
+           "usable = (s >= (values.max() + 1) / n)", "usable = (s >= (values.min() + 1) / n)",
+           SEQUENTIAL_TESTS),
+    Mutant("parse_counts accepts a class listed twice", RESULTS,
+           "if c < 0 or v < 1 or c in counts:", "if c < 0 or v < 1:", ("tests/test_results.py",)),
 ]
 
 

@@ -367,13 +367,14 @@ def parse_time(text: str) -> float:
 
 
 def parse_counts(text: str) -> dict[int, int]:
-    """A `class:count` list (nonzero classes) as a dict."""
+    """A `class:count` list (nonzero classes, each once) as a dict."""
     counts = {}
     for item in text.split(","):
         cls, _, count = item.partition(":")
         c, v = int(cls), int(count)
         if c < 0 or v < 1 or c in counts:
-            raise ValueError(text)
+            raise ValueError("must list class:count pairs, each class (>= 0) once, "
+                             "each count >= 1")
         counts[c] = v
     return counts
 
