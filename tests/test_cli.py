@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from smoothcert import train as train_module
-from smoothcert.cli import main
+from smoothcert.cli import build_parser, main
 
 PNG = b"\x89PNG\r\n\x1a\n"
 SMALL_TRAIN = ["--epochs", "1", "--train-subset", "64", "--batch", "64", "--k", "2",
@@ -270,6 +270,24 @@ def test_bad_certify_options_exit_2(capsys, trained_checkpoint, tmp_path, args, 
     code, _, stderr = cli(capsys, "certify", str(trained_checkpoint), "--out", str(out), *args)
     assert code == 2 and message in stderr and "Traceback" not in stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["certify", "predict", "train"])
+def test_an_unknown_dataset_is_an_argparse_error_naming_the_choices(capsys, tmp_path, command):
+    out = tmp_path / "x"
+    where = ["ckpt.pt"] if command != "train" else []
+    code, _, stderr = cli(capsys, command, *where, "--out", str(out), "--dataset", "bogus")
+    assert code == 2 and "Traceback" not in stderr
+    assert f"smoothcert {command}: error: argument --dataset: invalid choice: 'bogus' " \
+           "(choose from 'mnist', 'cifar10', 'imagenet')" in stderr
+    assert not out.exists()
+
+
+def test_certify_accepts_every_dataset_name():
+    for name in ("mnist", "cifar10", "imagenet"):
+        args = build_parser(["certify"]).parse_args(["certify", "c.pt", "--out", "o",
+                                                      "--dataset", name])
+        assert args.dataset == name
 
 
 def test_certify_with_a_bad_checkpoint_exits_2(capsys, tmp_path):

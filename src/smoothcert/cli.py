@@ -108,6 +108,17 @@ def _example_count(text: str) -> int:
     return value
 
 
+def _dataset_name(name: str) -> str:
+    """--dataset of certify/predict, checked as argparse checks choices; smoothcert.data (which
+    imports torch) is read only when the option is given, so `certify --help` never imports it."""
+    from .data import DATASETS
+
+    if name not in DATASETS:
+        accepted = ", ".join(map(repr, DATASETS))
+        raise argparse.ArgumentTypeError(f"invalid choice: {name!r} (choose from {accepted})")
+    return name
+
+
 def _add_run_options(parser: argparse.ArgumentParser, certify: bool) -> None:
     parser.add_argument("checkpoint", help="checkpoint.pt of `smoothcert train`, or a Cohen "
                         "et al./SmoothAdv/Consistency/SmoothMix or MACER checkpoint")
@@ -129,7 +140,8 @@ def _add_run_options(parser: argparse.ArgumentParser, certify: bool) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sigma", type=float, help="noise level: required for Cohen/MACER "
                         "checkpoints, overrides a smoothcert checkpoint's")
-    parser.add_argument("--dataset", help="override the checkpoint's dataset")
+    parser.add_argument("--dataset", type=_dataset_name, metavar="NAME",
+                        help="override the checkpoint's dataset (mnist, cifar10, ...)")
     parser.add_argument("--data-dir", help="dataset folder (or set SMOOTHCERT_DATA)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--amp", choices=AMP)
