@@ -92,6 +92,22 @@ def test_train_with_a_preset_and_overrides(capsys, tmp_path):
     assert code == 2 and "sigma" in stderr and "Traceback" not in stderr
 
 
+@pytest.mark.parametrize("before", ["nothing", "a run stopped before its first checkpoint"])
+def test_train_resume_without_a_checkpoint_is_refused(capsys, tmp_path, before):
+    out = tmp_path / "run"
+    if before != "nothing":
+        out.mkdir()
+        (out / "config.json").write_text('{"dataset": "mnist", "model": "lenet", "sigma": 0.5, '
+                                         '"epochs": 1, "seed": 0, "out": "run"}')
+    files = sorted(tmp_path.rglob("*"))
+    code, _, stderr = cli(capsys, "train", "--out", str(out), *SMALL_TRAIN, "--resume")
+    assert code == 2 and "Traceback" not in stderr
+    assert stderr == (f"smoothcert train: error: resume: '{out}' holds no checkpoint.pt to "
+                      "continue; drop --resume to start a new run there, or give --out the "
+                      "folder of the run to continue\n")
+    assert sorted(tmp_path.rglob("*")) == files  # nothing written
+
+
 @pytest.mark.parametrize(
     "args, name",
     [
