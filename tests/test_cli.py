@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -224,6 +225,12 @@ def test_debug_shows_the_traceback_of_a_usage_error(tmp_path, where):
     argv = ["--debug", *args] if where == "before" else [*args, "--debug"]
     with pytest.raises(ValueError, match="sigma must be"):
         main(argv)
+
+
+def test_the_sigterm_handler_is_the_commands_only(capsys):
+    before = signal.getsignal(signal.SIGTERM)
+    code, _, _ = cli(capsys, "presets")
+    assert code == 0 and signal.getsignal(signal.SIGTERM) is before
 
 
 def test_library_messages_are_logged_to_stderr(capsys, tmp_path):
