@@ -331,7 +331,7 @@ class Trainer:
                 if on_epoch is not None:
                     on_epoch(epoch)
             self.ctx.barrier()
-            self.saved_epoch = epoch + 1
+            self.saved_epoch = epoch + 1  # on every rank, once rank 0 has saved it
 
     def _evaluate(self, epoch: int) -> dict[str, float]:
         cfg = self.cfg
