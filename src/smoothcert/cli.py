@@ -75,7 +75,8 @@ def _add_train_arguments(parser: argparse.ArgumentParser, argv: Sequence[str]) -
     shown = asdict(resolve_config(preset)) if preset else defaults
     parser.add_argument("--preset", choices=sorted(PRESETS),
                         help="the paper's recipes (see `smoothcert presets`)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out (refused if it holds no checkpoint)")
     hints = typing.get_type_hints(TrainConfig)
     accepted = choices()
     for f in fields(TrainConfig):
