@@ -9,6 +9,7 @@ from __future__ import annotations
 import builtins
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -300,6 +301,34 @@ def test_a_cohen_file_that_would_run_code_is_refused(tmp_path, legacy):
     assert not marker.exists()
     torch.load(path, weights_only=False)  # the payload is live: an unsafe load runs it
     assert marker.exists()
+
+
+class SystemCall:
+    """Unpickling this would run a shell command (os.system), as a malicious checkpoint does."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch '{self.marker}'",)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+@pytest.mark.parametrize("payload", [SystemCall, Payload])
+def test_a_refused_pickle_says_what_to_do_without_relaying_torchs_unsafe_advice(
+        tmp_path, legacy, payload):
+    marker = tmp_path / "marker"
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {}, "config": payload(marker)}, path,
+               _use_new_zipfile_serialization=not legacy)
+    with pytest.raises(CheckpointError) as err:
+        sc_io.load_checkpoint(path)
+    message = str(err.value)
+    assert "weights_only" not in message and "will likely succeed" not in message
+    assert "safe_globals" not in message and "\n" not in message
+    assert "Unsupported global: GLOBAL " in message  # names what it would call
+    assert "never runs it" in message and "state_dict()" in message
+    assert not marker.exists()
 
 
 # ---------------------------------------------------------------- smoothcert's checksum

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from smoothcert import train as train_module
-from smoothcert.cli import main
+from smoothcert.cli import build_parser, main
 
 PNG = b"\x89PNG\r\n\x1a\n"
 SMALL_TRAIN = ["--epochs", "1", "--train-subset", "64", "--batch", "64", "--k", "2",
@@ -90,6 +91,22 @@ def test_train_with_a_preset_and_overrides(capsys, tmp_path):
     assert len((out / "log.jsonl").read_text().splitlines()) == 2
     code, _, stderr = cli(capsys, *again, "--resume", "--epochs", "3", "--sigma", "0.25")
     assert code == 2 and "sigma" in stderr and "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("before", ["nothing", "a run stopped before its first checkpoint"])
+def test_train_resume_without_a_checkpoint_is_refused(capsys, tmp_path, before):
+    out = tmp_path / "run"
+    if before != "nothing":
+        out.mkdir()
+        (out / "config.json").write_text('{"dataset": "mnist", "model": "lenet", "sigma": 0.5, '
+                                         '"epochs": 1, "seed": 0, "out": "run"}')
+    files = sorted(tmp_path.rglob("*"))
+    code, _, stderr = cli(capsys, "train", "--out", str(out), *SMALL_TRAIN, "--resume")
+    assert code == 2 and "Traceback" not in stderr
+    assert stderr == (f"smoothcert train: error: resume: '{out}' holds no checkpoint.pt to "
+                      "continue; drop --resume to start a new run there, or give --out the "
+                      "folder of the run to continue\n")
+    assert sorted(tmp_path.rglob("*")) == files  # nothing written
 
 
 @pytest.mark.parametrize(
@@ -210,6 +227,12 @@ def test_debug_shows_the_traceback_of_a_usage_error(tmp_path, where):
         main(argv)
 
 
+def test_the_sigterm_handler_is_the_commands_only(capsys):
+    before = signal.getsignal(signal.SIGTERM)
+    code, _, _ = cli(capsys, "presets")
+    assert code == 0 and signal.getsignal(signal.SIGTERM) is before
+
+
 def test_library_messages_are_logged_to_stderr(capsys, tmp_path):
     out = tmp_path / "run"
     code, _, _ = cli(capsys, "train", "--out", str(out), *SMALL_TRAIN)
@@ -270,6 +293,24 @@ def test_bad_certify_options_exit_2(capsys, trained_checkpoint, tmp_path, args, 
     code, _, stderr = cli(capsys, "certify", str(trained_checkpoint), "--out", str(out), *args)
     assert code == 2 and message in stderr and "Traceback" not in stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["certify", "predict", "train"])
+def test_an_unknown_dataset_is_an_argparse_error_naming_the_choices(capsys, tmp_path, command):
+    out = tmp_path / "x"
+    where = ["ckpt.pt"] if command != "train" else []
+    code, _, stderr = cli(capsys, command, *where, "--out", str(out), "--dataset", "bogus")
+    assert code == 2 and "Traceback" not in stderr
+    assert f"smoothcert {command}: error: argument --dataset: invalid choice: 'bogus' " \
+           "(choose from 'mnist', 'cifar10', 'imagenet')" in stderr
+    assert not out.exists()
+
+
+def test_certify_accepts_every_dataset_name():
+    for name in ("mnist", "cifar10", "imagenet"):
+        args = build_parser(["certify"]).parse_args(["certify", "c.pt", "--out", "o",
+                                                      "--dataset", name])
+        assert args.dataset == name
 
 
 def test_certify_with_a_bad_checkpoint_exits_2(capsys, tmp_path):

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from test_cli import PNG, cli
 
+import smoothcert.data
 from smoothcert.demo import conclusions
+from smoothcert.train import Trainer
 
 TINY = ["--epochs", "1", "--train-subset", "256", "--certify", "6", "--skip", "50", "--n0", "20",
         "--N", "200", "--k", "2", "--amp", "none"]
@@ -81,3 +84,52 @@ def test_conclusions_follow_the_numbers():
     assert "Basic: T-CERTIFY raises the average certified radius by 0.100 ± 0.010" in lines[3]
     assert "(beyond two standard errors)" in lines[3]
     assert "ADREREG: T-CERTIFY" in lines[4] and "(within two standard errors)" in lines[4]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--certify", "0"], "--certify must be an integer in [1, 250] (every 40th of the 10,000 "
+                         "test images), got 0"),
+    (["--certify", "51", "--skip", "200"], "--certify must be an integer in [1, 50]"),
+    (["--skip", "0"], "--skip must be an integer in [1, 10,000], got 0"),
+    (["--train-subset", "-1"], "--train-subset must be an integer in [0, 60,000] (0: all)"),
+    (["--train-subset", "60001"], "--train-subset must be an integer in [0, 60,000]"),
+    (["--lam", "-1"], "lam must be a finite number >= 0, got -1"),
+    (["--lam", "nan"], "lam must be a finite number"),
+    (["--k", "0"], "k must be an integer >= 1, got 0"),
+    (["--sigma", "0"], "sigma must be a finite number > 0"),
+    (["--epochs", "0"], "epochs must be an integer >= 1"),
+    (["--lr", "0"], "lr must be > 0"),
+    (["--n0", "0"], "n0 must be an integer >= 1"),
+    (["--N", "0"], "n must be an integer >= 1"),
+    (["--alpha", "1"], "alpha must be a number in"),
+    (["--batch", "0"], "batch must be an integer >= 1"),
+    (["--seed", "-1"], "seed must be an integer in [0, 2**64)"),
+])
+def test_every_demo_option_is_checked_before_anything_loads(capsys, monkeypatch, tmp_path,
+                                                            args, message):
+    def no_data(*args, **kwargs):
+        raise AssertionError("a dataset was loaded before the options were checked")
+
+    monkeypatch.setattr(smoothcert.data, "get_dataset", no_data)
+    out = tmp_path / "demo"
+    code, _, stderr = cli(capsys, "demo", "--out", str(out), *args)
+    assert code == 2 and "Traceback" not in stderr
+    assert stderr.startswith(f"smoothcert demo: error: {message}")
+    assert not out.exists()
+
+
+def test_an_interrupted_demo_says_what_it_kept(capsys, monkeypatch, tmp_path):
+    train_epoch = Trainer.train_epoch
+
+    def interrupted_in_epoch_2(self, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt  # what Ctrl-C or SIGTERM raises
+        return train_epoch(self, epoch)
+
+    monkeypatch.setattr(Trainer, "train_epoch", interrupted_in_epoch_2)
+    out = tmp_path / "demo"
+    code, _, stderr = cli(capsys, "demo", "--out", str(out), *TINY, "--epochs", "2")
+    assert code == 130 and "Traceback" not in stderr
+    assert stderr.splitlines()[-1] == (
+        f"smoothcert demo: interrupted: checkpoint of epoch 1 kept in "
+        f"'{out / 'basic' / 'checkpoint.pt'}'; run the same command to resume")

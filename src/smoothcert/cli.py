@@ -6,9 +6,11 @@ import argparse
 import contextlib
 import json
 import logging
+import signal
 import sys
+import threading
 import typing
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -73,7 +75,8 @@ def _add_train_arguments(parser: argparse.ArgumentParser, argv: Sequence[str]) -
     shown = asdict(resolve_config(preset)) if preset else defaults
     parser.add_argument("--preset", choices=sorted(PRESETS),
                         help="the paper's recipes (see `smoothcert presets`)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out (refused if it holds no checkpoint)")
     hints = typing.get_type_hints(TrainConfig)
     accepted = choices()
     for f in fields(TrainConfig):
@@ -108,6 +111,17 @@ def _example_count(text: str) -> int:
     return value
 
 
+def _dataset_name(name: str) -> str:
+    """--dataset of certify/predict, checked as argparse checks choices; smoothcert.data (which
+    imports torch) is read only when the option is given, so `certify --help` never imports it."""
+    from .data import DATASETS
+
+    if name not in DATASETS:
+        accepted = ", ".join(map(repr, DATASETS))
+        raise argparse.ArgumentTypeError(f"invalid choice: {name!r} (choose from {accepted})")
+    return name
+
+
 def _add_run_options(parser: argparse.ArgumentParser, certify: bool) -> None:
     parser.add_argument("checkpoint", help="checkpoint.pt of `smoothcert train`, or a Cohen "
                         "et al./SmoothAdv/Consistency/SmoothMix or MACER checkpoint")
@@ -129,7 +143,8 @@ def _add_run_options(parser: argparse.ArgumentParser, certify: bool) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sigma", type=float, help="noise level: required for Cohen/MACER "
                         "checkpoints, overrides a smoothcert checkpoint's")
-    parser.add_argument("--dataset", help="override the checkpoint's dataset")
+    parser.add_argument("--dataset", type=_dataset_name, metavar="NAME",
+                        help="override the checkpoint's dataset (mnist, cifar10, ...)")
     parser.add_argument("--data-dir", help="dataset folder (or set SMOOTHCERT_DATA)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--amp", choices=AMP)
@@ -235,20 +250,41 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+RESUME_HINT = "run the same command to resume"
+
+
+@contextlib.contextmanager
+def _on_interrupt(hint: Callable[[], str]) -> Iterator[None]:
+    """An interrupt's note (what the run kept) gets what running the command again does."""
+    try:
+        yield
+    except KeyboardInterrupt as err:
+        raise KeyboardInterrupt("; ".join(filter(None, (str(err), hint())))) from None
+
+
 def _train(args) -> None:
     from .presets import TrainConfig, resolve_config
-    from .train import train
+    from .train import CHECKPOINT, require_checkpoint, train
 
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "preset"}
     cfg = resolve_config(args.preset, **overrides)
-    path = train(cfg, resume=args.resume, progress=not args.no_progress)
+    if args.resume:
+        require_checkpoint(cfg.out)
+
+    def hint() -> str:
+        kept = (Path(cfg.out) / CHECKPOINT).is_file()
+        return "run it again with --resume to continue" if kept else "run it again to start over"
+
+    with _on_interrupt(hint):
+        path = train(cfg, resume=args.resume, progress=not args.no_progress)
     print(f"checkpoint: {path}")
 
 
 def _demo(args) -> None:
     from .demo import run_demo
 
-    run_demo(args, progress=not args.no_progress)
+    with _on_interrupt(lambda: RESUME_HINT):
+        run_demo(args, progress=not args.no_progress)
 
 
 def _list_presets(args) -> None:
@@ -281,7 +317,8 @@ def _run(args) -> None:
     options = {k: v for k, v in vars(args).items()
                if k not in {"command", "no_progress", "debug"}}
     cfg = RunConfig(mode=args.command, **options)
-    path = run(cfg, progress=not args.no_progress)
+    with _on_interrupt(lambda: RESUME_HINT):
+        path = run(cfg, progress=not args.no_progress)
     print(f"results: {path}")
     if args.command == "predict":
         print(f"abstention rate: {abstention_rate(path):.4f}")
@@ -345,10 +382,42 @@ def _verify(args) -> int:
     return 1 if failed else 0
 
 
+INTERRUPTED = 130  # the shell's exit status of a process stopped by SIGINT (128 + 2)
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (kill, torchrun stopping its ranks) stops the command as Ctrl-C does."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set a handler (main called from a worker thread)
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     with logging_to_stderr():  # a deprecated option's warning
         args = build_parser(argv).parse_args(argv)
+    try:
+        with _sigterm_interrupts():
+            return _execute(args)
+    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: one line, what is kept, no traceback
+        if args.debug:
+            raise
+        note = f": {err}" if str(err) else ""
+        print(f"smoothcert {args.command}: interrupted{note}", file=sys.stderr)
+        return INTERRUPTED
+
+
+def _execute(args: argparse.Namespace) -> int:
     from .perf import tune_allocator
 
     tune_allocator()  # big batches otherwise page-fault heavily (docs/benchmarks.md)

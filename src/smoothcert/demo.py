@@ -14,6 +14,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -29,9 +30,14 @@ from .analyze import (
 )
 from .io import atomic_write_json, atomic_write_text
 
+if TYPE_CHECKING:  # both import torch, which the report's functions do not need
+    from .presets import TrainConfig
+    from .runner import RunConfig
+
 log = logging.getLogger(__name__)
 
 GAIN_RADII = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5)
+MNIST_SIZES = {"train": 60_000, "test": 10_000}  # images of the shipped MNIST
 # Relative cost of one noisy training copy (forward + backward) against one certification
 # sample (forward only under inference mode): measured on LeNet, bf16, 2 threads.
 TRAIN_PASS_COST = 3.0
@@ -58,6 +64,51 @@ def demo_models(args: argparse.Namespace) -> list[DemoModel]:
 
 def _amp(args: argparse.Namespace) -> str | None:
     return None if args.amp == "none" else args.amp
+
+
+@dataclass(frozen=True)
+class DemoStage:
+    """One model's training run and its certification, both validated."""
+
+    model: DemoModel
+    train: TrainConfig
+    certify: RunConfig
+
+
+def plan_demo(args: argparse.Namespace) -> list[DemoStage]:
+    """Every stage's settings, checked before anything loads: a bad option (e.g. --k 0, which
+    only the second model reads) is refused at once, not after minutes of training."""
+    from .presets import resolve_config
+    from .rng import seed_sequence
+    from .runner import RunConfig
+    from .train import CHECKPOINT
+
+    _check_range("--train-subset", args.train_subset, 0, MNIST_SIZES["train"], "(0: all)")
+    _check_range("--skip", args.skip, 1, MNIST_SIZES["test"])
+    most = -(-MNIST_SIZES["test"] // args.skip)
+    _check_range("--certify", args.num_certify, 1, most,
+                 f"(every {args.skip}th of the {MNIST_SIZES['test']:,} test images)")
+    seed_sequence(args.seed, "model-init")  # the seed's range
+    out = Path(args.out)
+    stages = []
+    for model in demo_models(args):
+        folder = out / model.name
+        certify = RunConfig(
+            checkpoint=str(folder / CHECKPOINT), out=str(out / f"{model.name}.tsv"),
+            method="both", n0=args.n0, n=args.n, alpha=args.alpha, batch=args.batch,
+            skip=args.skip, max=args.num_certify, seed=args.seed, amp=_amp(args),
+            # a retrained model or new settings: recompute, never mix
+            restart_if_stale=True, extra={"label": model.label},
+        ).validate()
+        stages.append(DemoStage(model, resolve_config("mnist-lenet", out=str(folder),
+                                                      **model.train), certify))
+    return stages
+
+
+def _check_range(option: str, value: int, low: int, high: int, note: str = "") -> None:
+    if not low <= value <= high:
+        raise ValueError(f"{option} must be an integer in [{low}, {high:,}] {note}".rstrip()
+                         + f", got {value}")
 
 
 class OverallProgress:
@@ -98,39 +149,31 @@ def _training_passes(model: DemoModel, train_size: int) -> float:
 def run_demo(args: argparse.Namespace, progress: bool = True) -> Path:
     """Train, certify and report as the arguments say; return the report's path."""
     from .data import get_dataset
-    from .presets import resolve_config
-    from .runner import RunConfig, run
+    from .runner import run
     from .train import Trainer
 
+    stages = plan_demo(args)
     out = Path(args.out)
     started = time.time()
-    models = demo_models(args)
+    models = [stage.model for stage in stages]
     train_size = args.train_subset or len(get_dataset("mnist", "train"))
     per_example = args.n0 + args.n
     total = sum(_training_passes(m, train_size) for m in models)
     total += len(models) * args.num_certify * per_example
     bar = OverallProgress(total, progress)
-    results = []
     try:
-        for model in models:
-            cfg = resolve_config("mnist-lenet", out=str(out / model.name), **model.train)
-            bar.stage(f"training {model.label}")
-            per_epoch = _training_passes(model, train_size) / cfg.epochs
-            with Trainer(cfg, resume=True, progress=False) as trainer:
+        for stage in stages:
+            bar.stage(f"training {stage.model.label}")
+            per_epoch = _training_passes(stage.model, train_size) / stage.train.epochs
+            with Trainer(stage.train, resume=True, progress=False) as trainer:
                 bar.skip(trainer.start_epoch * per_epoch)
-                checkpoint = trainer.fit(on_epoch=lambda _epoch, e=per_epoch: bar.advance(e))
-            results.append(out / f"{model.name}.tsv")
-            bar.stage(f"certifying {model.label}")
+                trainer.fit(on_epoch=lambda _epoch, e=per_epoch: bar.advance(e))
+            bar.stage(f"certifying {stage.model.label}")
             before = bar.done
-            run(RunConfig(
-                checkpoint=str(checkpoint), out=str(results[-1]), method="both", n0=args.n0,
-                n=args.n, alpha=args.alpha, batch=args.batch, skip=args.skip,
-                max=args.num_certify, seed=args.seed, amp=_amp(args),
-                # a retrained model or new settings: recompute, never mix
-                restart_if_stale=True, extra={"label": model.label},
-            ), progress=False, on_row=lambda: bar.advance(per_example))
+            run(stage.certify, progress=False, on_row=lambda: bar.advance(per_example))
             bar.skip(args.num_certify * per_example - (bar.done - before))
         bar.stage("writing the report")
+        results = [Path(stage.certify.out) for stage in stages]
         report = write_report(args, out, models, results, time.time() - started)
     finally:
         bar.close()

@@ -138,6 +138,9 @@ class CheckpointError(ValueError):
 WEIGHTS_DIGEST = "weights_sha256"  # the key of the weights' checksum in smoothcert's checkpoints
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save since PyTorch 1.6
 _PICKLE_MAGIC = b"\x80"  # the legacy format: a pickle stream (protocol 2 and later)
+# Lines of torch's refusal that advise an unsafe load or allowlisting, and its boilerplate.
+_UNSAFE_ADVICE = ("Weights only load failed", "weights_only", "safe_globals", "trust",
+                  "torch.load")
 
 
 def weights_digest(weights: Mapping[str, Any]) -> str:
@@ -157,13 +160,16 @@ def _first_line(err: BaseException) -> str:
 
 
 def _refusal_reason(err: BaseException) -> str:
-    """What the weights-only unpickler objected to, e.g. 'Unsupported global: GLOBAL os.system'."""
+    """What the weights-only unpickler objected to, e.g. 'Unsupported global: GLOBAL os.system',
+    without torch's advice to load the file unsafely (following it would run the file's code)."""
     text = str(err)
-    marker = "WeightsUnpickler error:"
-    if marker not in text:
-        return _first_line(err)
-    rest = text.split(marker, 1)[1].strip()
-    return rest.split(" was not an allowed global")[0].splitlines()[0].strip()
+    named = re.search(r"GLOBAL ([\w.]+)", text)
+    if named:
+        return f"Unsupported global: GLOBAL {named.group(1)}"
+    rest = text.split("WeightsUnpickler error:", 1)[-1]
+    lines = [line.strip() for line in rest.splitlines()
+             if line.strip() and not any(word in line for word in _UNSAFE_ADVICE)]
+    return lines[0] if lines else "an object the safe loader does not allow"
 
 
 def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
@@ -200,8 +206,12 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
                 f"checkpoint: '{path}' is corrupted; torch.load failed: {reason}"
             ) from None
         raise CheckpointError(
-            f"checkpoint: '{path}' holds objects other than tensors and plain values; refusing "
-            f"to load it, since unpickling them could run code ({reason})"
+            f"checkpoint: '{path}' holds objects other than tensors and plain values "
+            f"({reason}): loading them would run code stored in the file, so smoothcert is "
+            "refusing to load it and never runs it. If you trust the file, load it in the "
+            "environment that made it and save only tensors and plain values (e.g. "
+            "torch.save({'arch': ..., 'state_dict': model.state_dict()}, 'model.pth.tar')); "
+            "otherwise delete it"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, KeyError, ValueError) as err:
         detail = _first_line(err) or type(err).__name__

@@ -176,6 +176,7 @@ class Runner:
         self.indices = selected_indices(len(self.dataset), cfg.skip, cfg.max)
         self.meta = self._sidecar(digest, num_classes)
         self.run_id = self.meta["run"]
+        self.rows_kept: int | None = None  # this run's rows in the files, once it writes
 
     def _sidecar(self, digest: str, num_classes: int) -> dict:
         """The sidecar this run writes: its settings, the checkpoint's sha256, the fingerprint."""
@@ -219,8 +220,20 @@ class Runner:
         """Certify (or predict) what is left; `on_row()` is called after each row written."""
         with output_lock(self.out, holder=self.ctx.is_main):
             self.ctx.barrier()  # rank 0 holds the lock before any rank reads the files
-            self.execute(self.plan(), on_row)
+            try:
+                self.execute(self.plan(), on_row)
+            except KeyboardInterrupt:  # Ctrl-C or SIGTERM: say what a re-run will resume
+                raise KeyboardInterrupt(self.kept()) from None
         return self.out
+
+    def kept(self) -> str:
+        """What an interrupted run leaves: its rows in out (under torchrun: this rank's)."""
+        if self.rows_kept is None:
+            return f"'{self.out}' left as it was"
+        rows = f"{self.rows_kept} row{'' if self.rows_kept == 1 else 's'}"
+        if self.ctx.distributed:
+            return f"{rows} kept by rank {self.ctx.rank} in '{self.out}' and its part files"
+        return f"{rows} kept in '{self.out}'"
 
     # ------------------------------------------------------------ plan: read and decide
 
@@ -313,6 +326,7 @@ class Runner:
                         plan.discarded)
         if ctx.is_main and plan.rewrite:
             self._fold(plan.keep)
+        self.rows_kept = len(plan.keep) if ctx.is_main else 0
         ctx.barrier()
         self._process(plan.todo[ctx.rank :: ctx.world_size], self.part_path(ctx.rank), on_row)
         ctx.barrier()
@@ -361,6 +375,7 @@ class Runner:
                 with batch_memory_guard(self.cfg.batch):
                     row, ok = self._row(idx)
                 writer.write(row)
+                self.rows_kept += 1
                 certified += ok
                 bar.set_postfix(correct=f"{certified}/{count}")
                 if on_row is not None:

@@ -210,6 +210,7 @@ class Trainer:
                     for path in remove_stale_temporaries(self.out / name):
                         logger.info("removed '%s', left by a run killed while writing", path)
             self.start_epoch = self._restore() if resume else self._fresh()
+            self.saved_epoch = self.start_epoch  # the epoch checkpoint.pt holds
             ddp_ids = [device.index] if device.type == "cuda" else None
             self.trained = DistributedDataParallel(model, device_ids=ddp_ids) \
                 if self.ctx.distributed else model
@@ -296,7 +297,21 @@ class Trainer:
         """Train the remaining epochs; return the checkpoint path.
 
         `on_epoch(epoch)` is called on the main process after each epoch's checkpoint is saved.
+        An interrupt (Ctrl-C, or SIGTERM turned into one) is re-raised saying what is kept.
         """
+        try:
+            self._fit(on_epoch)
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(self.kept()) from None
+        return self.out / CHECKPOINT
+
+    def kept(self) -> str:
+        """What an interrupted run leaves in its --out."""
+        if self.saved_epoch == 0:
+            return f"no epoch finished: no checkpoint in '{self.out}'"
+        return f"checkpoint of epoch {self.saved_epoch} kept in '{self.out / CHECKPOINT}'"
+
+    def _fit(self, on_epoch: Callable[[int], None] | None) -> None:
         for epoch in range(self.start_epoch, self.cfg.epochs):
             started = time.time()
             record = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"]}
@@ -312,10 +327,11 @@ class Trainer:
                 with open(self.out / LOG, "a") as log_file:
                     log_file.write(json.dumps(record) + "\n")
                 self._save(epoch + 1)
+                self.saved_epoch = epoch + 1
                 if on_epoch is not None:
                     on_epoch(epoch)
             self.ctx.barrier()
-        return self.out / CHECKPOINT
+            self.saved_epoch = epoch + 1  # on every rank, once rank 0 has saved it
 
     def _evaluate(self, epoch: int) -> dict[str, float]:
         cfg = self.cfg
@@ -373,6 +389,16 @@ class Trainer:
                 "config": asdict(self.cfg),
                 "version": __version__,
             },
+        )
+
+
+def require_checkpoint(out: str | Path) -> None:
+    """`train --resume`: refuse an --out with no checkpoint to continue (the library's
+    resume=True starts a fresh run there, which the demo and the studies rely on)."""
+    if not (Path(out) / CHECKPOINT).is_file():
+        raise ValueError(
+            f"resume: '{out}' holds no {CHECKPOINT} to continue; drop --resume to start a new "
+            "run there, or give --out the folder of the run to continue"
         )
 
 
