@@ -241,8 +241,8 @@ def format_table(
 
 def _check_plot_target(path: Path) -> None:
     """Refuse to replace anything but a plot smoothcert wrote, or a path below a file."""
-    check_output_path(path, "plot")
     if not path.exists():
+        check_output_path(path, "plot")
         return
     data = path.read_bytes() if path.is_file() else b""
     if not (data.startswith(PNG_SIGNATURE) and PLOT_MARK in _png_text(data)):
