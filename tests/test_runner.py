@@ -410,8 +410,9 @@ def test_a_hard_linked_out_is_refused(trained_checkpoint, both_file, tmp_path):
     assert out.read_text() == before
 
 
-@pytest.mark.parametrize("name, message", [(".", "is a folder, but --out names a file"),
-                                           ("r.tsv.part0", "named as the part files")])
+@pytest.mark.parametrize("name, message", [
+    (".", "is a folder, but --out names a file"),
+    ("r.tsv.part0", "has the name of a torchrun part file of 'r.tsv'")])
 def test_an_out_that_cannot_be_a_result_file_is_refused(trained_checkpoint, tmp_path, name,
                                                         message):
     with pytest.raises(ValueError, match=message):

@@ -134,8 +134,9 @@ class RunConfig:
         check_output_path(self.out, "out")
         stem, dot, rank = Path(self.out).name.rpartition(".part")
         if dot and stem and rank.isdigit():  # a run on `stem` would fold it into its rows
-            raise ValueError(f"out: '{self.out}' is named as the part files of a torchrun run "
-                             f"on '{stem}' are: choose another --out")
+            raise ValueError(f"out: '{self.out}' has the name of a torchrun part file of "
+                             f"'{stem}', which a run on '{stem}' would take as its own: choose "
+                             "another --out")
 
 
 def selected_indices(length: int, skip: int, limit: int | None) -> list[int]:
