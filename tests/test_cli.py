@@ -357,3 +357,53 @@ def test_analyze_of_a_missing_file_exits_2(capsys, tmp_path):
     code, _, stderr = cli(capsys, "analyze", str(tmp_path / "none.tsv"))
     assert code == 2
     assert "none.tsv" in stderr and "Traceback" not in stderr
+
+
+# ---------------------------------------------------------------- output paths and files
+
+
+def test_train_out_that_is_a_file_exits_2_naming_it(capsys, tmp_path):
+    file = tmp_path / "notes.txt"
+    file.write_text("mine")
+    code, _, stderr = cli(capsys, "train", "--out", str(file), *SMALL_TRAIN)
+    assert code == 2 and "Traceback" not in stderr
+    assert f"out: '{file}' is a file, but --out names a folder" in stderr
+    assert file.read_text() == "mine"
+
+
+def test_certify_out_that_is_a_folder_exits_2_naming_it(capsys, trained_checkpoint, tmp_path):
+    code, _, stderr = cli(capsys, "certify", str(trained_checkpoint), "--out", str(tmp_path),
+                          *SMALL_CERTIFY)
+    assert code == 2 and "Traceback" not in stderr and "Errno" not in stderr
+    assert f"out: '{tmp_path}' is a folder, but --out names a file" in stderr
+
+
+def test_analyze_plot_below_a_file_exits_2_and_a_missing_folder_is_created(capsys, result_file,
+                                                                           tmp_path):
+    file = tmp_path / "file"
+    file.write_text("mine")
+    code, _, stderr = cli(capsys, "analyze", str(result_file), "--plot", str(file / "x.png"))
+    assert code == 2 and "Errno" not in stderr
+    assert f"plot: '{file}' is a file, so '{file / 'x.png'}' cannot be created" in stderr
+    plot = tmp_path / "missing" / "x.png"
+    code, _, _ = cli(capsys, "analyze", str(result_file), "--plot", str(plot))
+    assert code == 0 and plot.read_bytes().startswith(PNG)
+
+
+def test_analyze_of_one_file_given_twice_exits_2_naming_it(capsys, result_file, tmp_path):
+    alias = tmp_path / "alias.tsv"
+    alias.symlink_to(result_file)
+    for twice in ([result_file, result_file], [result_file, alias]):
+        code, _, stderr = cli(capsys, "analyze", *map(str, twice))
+        assert code == 2 and f"analyze: '{twice[1]}' is given twice" in stderr
+
+
+def test_analyze_reads_a_result_file_and_sidecar_starting_with_a_bom(capsys, result_file,
+                                                                      tmp_path):
+    copy = tmp_path / result_file.name
+    for suffix in ("", ".json"):  # as a Windows editor saves them
+        Path(f"{copy}{suffix}").write_bytes(b"\xef\xbb\xbf" + Path(f"{result_file}{suffix}")
+                                            .read_bytes())
+    code, stdout, stderr = cli(capsys, "analyze", str(copy))
+    assert code == 0, stderr
+    assert stdout == cli(capsys, "analyze", str(result_file))[1]

@@ -21,7 +21,7 @@ import torch
 import smoothcert
 from smoothcert import results
 from smoothcert.data import get_dataset
-from smoothcert.io import CheckpointError, load_checkpoint
+from smoothcert.io import CheckpointError, OutputLockedError, load_checkpoint
 from smoothcert.presets import resolve_config
 from smoothcert.runner import (
     RunConfig,
@@ -243,17 +243,32 @@ def test_a_larger_max_extends_a_run(trained_checkpoint, both_file, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "change, name",
-    [(dict(n=100, batch=100), "n"), (dict(alpha=0.01), "alpha"), (dict(seed=1), "seed"),
-     (dict(sigma=0.25), "sigma"), (dict(n0=20), "n0")],
+    "change, differs",
+    [(dict(n=100, batch=100), "n (was 200, now 100)"), (dict(alpha=0.01), "alpha (was 0.001, "
+     "now 0.01)"), (dict(seed=1), "seed (was 0, now 1)"), (dict(sigma=0.25), "sigma (was 0.5, "
+     "now 0.25)"), (dict(n0=20), "n0 (was 10, now 20)")],
 )
-def test_resuming_with_other_settings_is_refused(
-    trained_checkpoint, both_file, tmp_path, change, name
+def test_resuming_with_other_settings_is_refused_naming_both_values(
+    trained_checkpoint, both_file, tmp_path, change, differs
 ):
     out = copy_result(both_file, tmp_path / "other")
-    with pytest.raises(ValueError, match=rf"\b{name}\b") as err:
+    with pytest.raises(ValueError, match=rf"written with different {re.escape(differs)};") as err:
         certify(trained_checkpoint, out, **change)
     assert "--out" in str(err.value)
+    assert out.read_text() == both_file.read_text()
+
+
+def test_a_sidecar_edited_to_this_runs_settings_is_refused_saying_so(trained_checkpoint,
+                                                                     both_file, tmp_path):
+    out = copy_result(both_file, tmp_path / "edited")
+    sidecar = Path(f"{out}.json")
+    meta = json.loads(sidecar.read_text())
+    recorded = meta["run"]
+    meta.update(n=100)  # the rows are n = 200's; the sidecar now claims n = 100
+    sidecar.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=rf"'{re.escape(str(sidecar))}' was edited: it records "
+                       rf"run {recorded}, but its settings give {results.fingerprint(meta)}"):
+        certify(trained_checkpoint, out, n=100, batch=100)
     assert out.read_text() == both_file.read_text()
 
 
@@ -362,6 +377,59 @@ def test_an_unrelated_json_beside_out_is_not_overwritten(trained_checkpoint, tmp
         assert sidecar.read_text() == text and not out.exists()
 
 
+@pytest.mark.parametrize("first, second", [("r.json", "r"), ("r", "r.json")])
+def test_a_run_whose_sidecar_is_a_running_runs_result_is_refused(trained_checkpoint, tmp_path,
+                                                                 first, second):
+    """`--out r.json` and `--out r` at once: r.json is the first's result and the second's
+    sidecar (or the reverse); the later one is refused, the first keeps its files."""
+    refused = []
+
+    def start_the_other() -> None:
+        if not refused:
+            with pytest.raises(OutputLockedError, match="r.json' is being written"):
+                certify(trained_checkpoint, tmp_path / second, method="certify", max=2)
+            refused.append(second)
+
+    out = run(RunConfig(checkpoint=str(trained_checkpoint), out=str(tmp_path / first), n0=N0,
+                        n=N, batch=N, max=3, device="cpu", method="certify"), progress=False,
+              on_row=start_the_other)
+    assert refused == [second]
+    assert [int(r["idx"]) for r in read_table(out)[1]] == [0, 1, 2]
+    assert results.read_sidecar(out)["run"] == read_table(out)[1][0]["run"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([first, f"{first}.json"])
+
+
+def test_a_hard_linked_out_is_refused(trained_checkpoint, both_file, tmp_path):
+    out = copy_result(both_file, tmp_path / "linked")
+    keep_rows(out, 2)
+    os.link(out, tmp_path / "alias.tsv")
+    before = out.read_text()
+    for name in (out, tmp_path / "alias.tsv"):
+        with pytest.raises(ValueError, match=rf"'{re.escape(str(name))}' has 2 hard links"):
+            certify(trained_checkpoint, name)
+    assert out.read_text() == before
+
+
+@pytest.mark.parametrize("name, message", [
+    (".", "is a folder, but --out names a file"),
+    ("r.tsv.part0", "has the name of a torchrun part file of 'r.tsv'")])
+def test_an_out_that_cannot_be_a_result_file_is_refused(trained_checkpoint, tmp_path, name,
+                                                        message):
+    with pytest.raises(ValueError, match=message):
+        certify(trained_checkpoint, tmp_path / name)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_result_file_and_sidecar_starting_with_a_bom_resume(trained_checkpoint, both_file,
+                                                              tmp_path):
+    out = copy_result(both_file, tmp_path / "bom")
+    keep_rows(out, 2)
+    for path in (out, Path(f"{out}.json")):  # as a Windows editor saves them
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    certify(trained_checkpoint, out)
+    assert without_time(out)[1:] == without_time(both_file)[1:]
+
+
 def test_a_run_that_fails_before_its_first_row_leaves_no_file(trained_checkpoint, tmp_path,
                                                              monkeypatch):
     def reject(*args, **kwargs):
@@ -370,7 +438,7 @@ def test_a_run_that_fails_before_its_first_row_leaves_no_file(trained_checkpoint
     monkeypatch.setattr("smoothcert.smooth.Smooth.certify_all", reject)
     with pytest.raises(ValueError, match="rejected"):
         certify(trained_checkpoint, tmp_path / "failed.tsv")
-    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == []
+    assert list(tmp_path.iterdir()) == []  # not even its lock file
 
 
 @pytest.mark.parametrize(

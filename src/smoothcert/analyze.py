@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import atomic_write_bytes
+from .io import atomic_write_bytes, check_output_path
 from .results import METHOD_LABELS, ResultFile, header_radii, paper_mode_level, read_results
 from .sequential import TABLE1_RADII
 
@@ -240,8 +240,9 @@ def format_table(
 
 
 def _check_plot_target(path: Path) -> None:
-    """Refuse to replace anything but a plot smoothcert wrote."""
+    """Refuse to replace anything but a plot smoothcert wrote, or a path below a file."""
     if not path.exists():
+        check_output_path(path, "plot")
         return
     data = path.read_bytes() if path.is_file() else b""
     if not (data.startswith(PNG_SIGNATURE) and PLOT_MARK in _png_text(data)):
@@ -372,6 +373,22 @@ def _samples_note(table: ResultFile) -> str:
             f"{samples.mean():.0f}, median {np.median(samples):.0f}, max {samples.max()}")
 
 
+def _refuse_repeats(paths: Sequence[str | os.PathLike]) -> None:
+    """Refuse a file named twice (by two spellings, links or the same name): it would be
+    tabled twice, as if it were two runs."""
+    seen: dict[tuple[int, int] | Path, str | os.PathLike] = {}
+    for path in paths:
+        try:
+            stat = os.stat(path)
+            key: tuple[int, int] | Path = (stat.st_dev, stat.st_ino)
+        except OSError:
+            key = Path(path).resolve()  # unreadable: reading it will say why
+        if key in seen:
+            same = "twice" if str(seen[key]) == str(path) else f"twice (also as '{seen[key]}')"
+            raise ValueError(f"analyze: '{path}' is given {same}; name each result file once")
+        seen[key] = path
+
+
 def analyze(
     paths: Sequence[str | os.PathLike],
     radii: np.ndarray = DEFAULT_RADII,
@@ -386,6 +403,7 @@ def analyze(
         raise ValueError(f"fmt must be one of {', '.join(_FORMATS)}, got {fmt!r}")
     if plot is not None:
         _check_plot_target(Path(plot))  # before any work
+    _refuse_repeats(paths)
     tables = [read_certified(p) for p in paths]
     curves = [curve for table in tables for curve in curves_of(table)]
     table = format_table(curves, radii, fmt)

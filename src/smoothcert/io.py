@@ -18,7 +18,7 @@ import pickle
 import re
 import secrets
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,20 +26,48 @@ from typing import Any
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` through a temporary file in the same folder and an atomic rename.
 
-    The file gets the mode a plain `open` would give it (0666 less the umask).
+    The file gets the mode a plain `open` would give it (0666 less the umask). A write error
+    (a full disk, say) is an OSError that names `path`.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _create_temporary(path)
+    with named_write_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = _create_temporary(path)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+@contextlib.contextmanager
+def named_write_errors(path: str | os.PathLike) -> Iterator[None]:
+    """Re-raise an OSError of the block that does not name a file as one that names `path`
+    (os.write and fsync report a full disk as a bare "[Errno 28] No space left on device")."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        yield
+    except OSError as err:
+        if err.filename is not None or err.errno is None:
+            raise
+        raise OSError(err.errno, f"cannot write '{path}': {err.strerror}") from None
+
+
+def check_output_path(path: str | os.PathLike, option: str, folder: bool = False) -> None:
+    """Refuse an output `path` that cannot be written: a folder where a file is expected (or
+    the reverse), or below a file; `option` (e.g. "out") names it in the error."""
+    path = Path(path)
+    want, other = ("a folder", "a file") if folder else ("a file", "a folder")
+    if path.exists() and path.is_dir() != folder:
+        raise ValueError(f"{option}: '{path}' is {other}, but --{option} names {want}: choose "
+                         f"another --{option}")
+    parent = next(p for p in path.absolute().parents if p.exists())
+    if not parent.is_dir():
+        raise ValueError(f"{option}: '{parent}' is a file, so '{path}' cannot be created in "
+                         f"it: choose another --{option}")
 
 
 def _create_temporary(path: Path) -> tuple[int, Path]:
@@ -81,6 +109,10 @@ class OutputLockedError(ValueError):
     """Another live process holds the lock of an output this run would write."""
 
 
+LOCK_MARK = "smoothcert output lock\n"  # the first line of every lock file smoothcert creates
+_LEGACY_LOCK = re.compile(r"\d+\n")  # what earlier versions wrote: the holder's PID only
+
+
 def lock_path(path: str | os.PathLike) -> Path:
     """The lock file guarding output `path` (a file or a run folder): `.NAME.lock` beside it.
 
@@ -91,35 +123,127 @@ def lock_path(path: str | os.PathLike) -> Path:
 
 
 @contextlib.contextmanager
-def output_lock(path: str | os.PathLike, holder: bool = True) -> Iterator[None]:
+def output_lock(path: str | os.PathLike, holder: bool = True,
+                also: Sequence[str | os.PathLike] = ()) -> Iterator[None]:
     """Hold an exclusive lock on output `path` for the block; refuse if another process has it.
 
-    `fcntl.flock` on a lock file beside the output: the kernel drops the lock when the holder
-    dies, so a killed run never leaves a stale lock. `holder=False` (the non-main ranks of a
-    torchrun job, which write only their own part files) yields without locking.
+    `also`: the other files written with `path` (a result file's sidecar), locked with it, so
+    that no other run's output can be one of them. `fcntl.flock` on a lock file beside each:
+    the kernel drops the lock when the holder dies, so a killed run never leaves a stale lock,
+    and the lock file is removed when the block ends. A file with several hard links is
+    refused: a lock keyed on one name cannot see a writer through another. `holder=False`
+    (the non-main ranks of a torchrun job, which write only their own part files) yields
+    without locking.
     """
     if not holder:
         yield
         return
-    lock = lock_path(path)
+    guarded = [Path(p) for p in (path, *also)]
+    with contextlib.ExitStack() as stack:
+        # In one order everywhere, so that two runs sharing two names cannot both be refused.
+        for lock, output in sorted({lock_path(p): p for p in guarded}.items()):
+            stack.enter_context(_locked(lock, output))
+        for output in guarded:
+            _refuse_hard_links(output)
+        yield
+
+
+def _refuse_hard_links(path: Path) -> None:
+    links = path.stat().st_nlink if path.is_file() else 1
+    if links > 1:
+        raise ValueError(f"out: '{path}' has {links} hard links (names); smoothcert writes only "
+                         "a file with one, since two runs through two names would both write "
+                         "it: copy it to a file of its own or choose another --out")
+
+
+@contextlib.contextmanager
+def _locked(lock: Path, output: Path) -> Iterator[None]:
+    """Hold the flock of lock file `lock` (guarding `output`) for the block, then remove it."""
     lock.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    fd = _acquire(lock, output)
     try:
+        content = f"{LOCK_MARK}{os.getpid()}\n".encode()
+        os.pwrite(fd, content, 0)  # over the mark: never a moment without it
+        os.ftruncate(fd, len(content))
+        yield
+    finally:
+        # Removed while still held: a process that opened it meanwhile finds, once it holds
+        # the lock, that the name no longer refers to its file and starts again (_acquire).
+        lock.unlink(missing_ok=True)
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def _acquire(lock: Path, output: Path) -> int:
+    """A descriptor of lock file `lock`, flock'ed by this process, which the name still
+    refers to; a file of that name that smoothcert did not create is refused, untouched."""
+    while True:
+        fd = _open_or_create(lock)
+        if fd is None:
+            continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
+            os.close(fd)
             if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 raise
-            owner = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
             raise OutputLockedError(
-                f"out: '{path}' is being written by another smoothcert process (PID {owner}); "
-                "wait for it to finish or choose another --out"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
+                f"out: '{output}' is being written by another smoothcert process (PID "
+                f"{_holder(lock)}); wait for it to finish or choose another --out") from None
+        if _same_file(fd, lock):
+            break
+        os.close(fd)  # its holder removed it after we opened it: take the new one
+    if not _is_own_lock(os.pread(fd, 256, 0)):
+        os.close(fd)
+        raise ValueError(f"out: '{lock}' exists and is not a lock file smoothcert created; "
+                         "smoothcert uses that name to lock --out and does not overwrite it: "
+                         "move it away or choose another --out")
+    return fd
+
+
+def _open_or_create(lock: Path) -> int | None:
+    """A descriptor of lock file `lock`; None after creating it (or when another process did
+    meanwhile): open it then."""
+    try:
+        return os.open(lock, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        pass
+    except IsADirectoryError:
+        raise ValueError(f"out: '{lock}' is a folder; smoothcert uses that name to lock --out: "
+                         "move it away or choose another --out") from None
+    # Written under a temporary name and linked into place, so that no other process can see
+    # the file without its mark (and take it for someone else's empty file).
+    fd, tmp = _create_temporary(lock)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(LOCK_MARK.encode())
+        with contextlib.suppress(FileExistsError):
+            os.link(tmp, lock)
     finally:
-        os.close(fd)  # closing the descriptor releases the lock
+        tmp.unlink(missing_ok=True)
+    return None
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        named = path.stat()
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino)
+
+
+def _is_own_lock(content: bytes) -> bool:
+    text = content.decode("ascii", "replace")
+    return text.startswith(LOCK_MARK) or bool(_LEGACY_LOCK.fullmatch(text))
+
+
+def _holder(lock: Path) -> str:
+    """The PID the holder of `lock` wrote into it ("unknown" before it has)."""
+    try:
+        lines = lock.read_text("ascii", "replace").splitlines()
+    except OSError:
+        return "unknown"
+    return lines[-1] if lines and lines[-1].isdigit() else "unknown"
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:

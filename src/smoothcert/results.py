@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from . import sequential
-from .io import atomic_write_json, atomic_write_text
+from .io import atomic_write_json, atomic_write_text, named_write_errors
 from .sequential import RadiiCertificate
 from .stats import ABSTAIN, Certificate, certify_from_counts
 
@@ -157,7 +157,7 @@ def read_sidecar(path: str | os.PathLike) -> dict | None:
     if not sidecar.exists():
         return None
     try:
-        meta = json.loads(sidecar.read_bytes().decode("utf-8"))
+        meta = json.loads(sidecar.read_bytes().decode("utf-8-sig"))  # a BOM is not content
     except UnicodeDecodeError as err:
         raise ValueError(f"{sidecar}: not UTF-8 text ({err})") from None
     except json.JSONDecodeError as err:
@@ -263,14 +263,19 @@ class RowWriter:
                 self.before_create()
             self._handle = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
             if fresh:
-                self._handle.write("\t".join(self.header) + "\n")
-        self._handle.write("\t".join(row) + "\n")
-        self._handle.flush()
+                self._append("\t".join(self.header) + "\n")
+        self._append("\t".join(row) + "\n")
+
+    def _append(self, text: str) -> None:
+        with named_write_errors(self.path):
+            self._handle.write(text)
+            self._handle.flush()
 
     def close(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            with named_write_errors(self.path):
+                handle.close()
 
     def __enter__(self) -> RowWriter:
         return self
@@ -487,7 +492,7 @@ def read_results(path: str | os.PathLike, kind: str | None = None,
     """
     path = Path(path)
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = path.read_bytes().decode("utf-8-sig")  # a BOM (Windows editors) is not content
     except UnicodeDecodeError as err:
         raise ValueError(f"{path}: not UTF-8 text ({err})") from None
     lines = text.split("\n")

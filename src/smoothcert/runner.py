@@ -27,7 +27,7 @@ from . import results, sequential
 from .checkpoints import load_for_run
 from .data import dataset_info, get_dataset
 from .distributed import DistContext, batch_memory_guard, init_distributed
-from .io import output_lock
+from .io import check_output_path, output_lock
 from .rng import generator
 from .smooth import Smooth
 from .stats import ABSTAIN, check_alpha, check_positive_int
@@ -127,7 +127,16 @@ class RunConfig:
             self.max = None  # Cohen's -1: no limit
         if self.sigma is not None and not self.sigma > 0:
             raise ValueError(f"sigma must be > 0, got {self.sigma}")
+        self._check_out()
         return self
+
+    def _check_out(self) -> None:
+        check_output_path(self.out, "out")
+        stem, dot, rank = Path(self.out).name.rpartition(".part")
+        if dot and stem and rank.isdigit():  # a run on `stem` would fold it into its rows
+            raise ValueError(f"out: '{self.out}' has the name of a torchrun part file of "
+                             f"'{stem}', which a run on '{stem}' would take as its own: choose "
+                             "another --out")
 
 
 def selected_indices(length: int, skip: int, limit: int | None) -> list[int]:
@@ -218,7 +227,10 @@ class Runner:
 
     def run(self, on_row: Callable[[], None] | None = None) -> Path:
         """Certify (or predict) what is left; `on_row()` is called after each row written."""
-        with output_lock(self.out, holder=self.ctx.is_main):
+        # The sidecar's name is locked too: it can be another run's --out (`--out r.json`
+        # beside `--out r`), and then neither run may write it.
+        with output_lock(self.out, holder=self.ctx.is_main,
+                         also=[results.sidecar_path(self.out)]):
             self.ctx.barrier()  # rank 0 holds the lock before any rank reads the files
             try:
                 self.execute(self.plan(), on_row)
@@ -312,8 +324,14 @@ class Runner:
                 f"{str(saved.get('checkpoint_sha256'))[:12]}… (from '{saved.get('checkpoint')}'),"
                 f" but '{self.cfg.checkpoint}' is {self.meta['checkpoint_sha256'][:12]}…; {_FIX}"
             )
-        differ = [k for k in (*results.IDENTITY_KEYS, *results.SAMPLING_KEYS)
+        differ = [f"{k} (was {saved.get(k)!r}, now {self.meta.get(k)!r})"
+                  for k in (*results.IDENTITY_KEYS, *results.SAMPLING_KEYS)
                   if saved.get(k) != self.meta.get(k)]
+        if not differ:  # its settings are this run's, its fingerprint is not theirs
+            sidecar = results.sidecar_path(self.out)
+            return ValueError(
+                f"out: '{sidecar}' was edited: it records run {saved['run']}, but its settings "
+                f"give {results.fingerprint(saved)}, this run's; {_FIX}")
         return ValueError(f"out: '{path}' was written with different {', '.join(differ)}; {_FIX}")
 
     # ------------------------------------------------------------ execute: write

@@ -34,6 +34,7 @@ from .io import (
     CheckpointError,
     atomic_write_json,
     atomic_write_text,
+    check_output_path,
     load_checkpoint,
     output_lock,
     remove_stale_temporaries,
@@ -170,6 +171,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False, progress: bool = True):
         self.cfg = cfg.validate()
         self.out = Path(cfg.out)
+        check_output_path(self.out, "out", folder=True)
         self.progress = progress
         self.ctx = init_distributed(cfg.device)
         check_global_batch(cfg.batch, self.ctx.world_size)  # before any file is written
