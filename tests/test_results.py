@@ -373,16 +373,17 @@ def test_verify_checks_a_torchrun_part_file_with_its_outs_sidecar(tmp_path):
     header, *lines = path.read_text().splitlines(keepends=True)
     for rank in (0, 1):
         path.with_name(f"{path.name}.part{rank}").write_text(header + "".join(lines[rank::2]))
-    path.write_text(header + "".join(lines[:2]))  # what an earlier run had merged
+    # What an earlier run had merged: a torchrun run's rows need not be a prefix.
+    path.write_text(header + "".join(lines[:2] + lines[5:6]))
     part = path.with_name(f"{path.name}.part1")
     report = results.check_file(part)
     assert (report.rows, report.problems) == (6, [])
     assert report.notes == [f"{part}: a torchrun part file holds one process's rows: the row "
                             f"set is checked on {path} once the same certify command merged "
                             "the parts"]
-    report = results.check_file(path)  # rows after the first two: in the parts, not deleted
+    report = results.check_file(path)  # rows missing: in the parts, not deleted
     assert report.problems == [] and report.notes == [
-        f"{path}: rows missing: 2–11 (10 rows): an unfinished run (torchrun part files beside "
+        f"{path}: rows missing: 2–4, 6–11 (9 rows): an unfinished run (torchrun part files beside "
         f"it: {path.name}.part0, {path.name}.part1); run the same certify command to resume"]
 
 
