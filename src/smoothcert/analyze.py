@@ -9,6 +9,7 @@ matplotlib and smoothcert's numpy-only modules: analysing results must not need 
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import os
 from collections.abc import Sequence
@@ -98,8 +99,19 @@ def read_certified(path: str | os.PathLike) -> ResultFile:
     if runs and recorded is not None and recorded not in runs:
         raise ValueError(f"{table.path}.json describes run {recorded}, but the rows of "
                          f"{table.path} are run {runs[0]}: the sidecar belongs to another file")
-    check_rows(table)
+    _check_rows(table)
     return table
+
+
+@functools.cache
+def _largest_radius(method: str, n: int, sigma: float, alpha: float, grid: int,
+                    num_classes: int) -> float:
+    """The radius of n estimation samples all of one class: no row of n samples exceeds it.
+    Paper-mode T-CERTIFY's also bounds strict mode, which evaluates one alpha' of its grid."""
+    one_class = np.zeros(num_classes, dtype=np.int64)
+    one_class[0] = n
+    bound = "certify" if method == "certify" else "tcertify"
+    return certify_from_counts(one_class, one_class, sigma, alpha, bound, grid).radius
 
 
 def _radius_limits(table: ResultFile) -> tuple[dict[str, np.ndarray], str]:
@@ -114,20 +126,13 @@ def _radius_limits(table: ResultFile) -> tuple[dict[str, np.ndarray], str]:
         return {m: np.full(rows, GENEROUS_RADIUS) for m in table.methods}, (
             "sigma, alpha or n not recorded: a generous bound, as any CERTIFY radius is below "
             "8.3 sigma")
-    limits: dict[tuple[str, int], float] = {}
-    for method in table.methods:
-        bound = "certify" if method == "certify" else "tcertify"  # strict: at most paper mode
-        for n in set(table.values["n"]):
-            one_class = np.zeros(meta["num_classes"], dtype=np.int64)
-            one_class[0] = n
-            limits[bound, n] = certify_from_counts(one_class, one_class, meta["sigma"],
-                                                   meta["alpha"], bound, meta["grid"]).radius
-    return {m: np.array([limits["certify" if m == "certify" else "tcertify", n]
-                         for n in table.values["n"]]) for m in table.methods}, (
+    settings = (meta["sigma"], meta["alpha"], meta["grid"], meta["num_classes"])
+    return {m: np.array([_largest_radius(m, n, *settings) for n in table.values["n"]])
+            for m in table.methods}, (
         f"what n samples allow at sigma {meta['sigma']:g}, alpha {meta['alpha']:g}")
 
 
-def check_rows(table: ResultFile) -> None:
+def _check_rows(table: ResultFile) -> None:
     """Refuse a row whose radius exceeds what its n allows or whose label is outside the
     sidecar's classes: either would distort the table, and neither is a real certificate."""
     classes = (table.meta or {}).get("num_classes")
