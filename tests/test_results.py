@@ -353,6 +353,15 @@ def test_verify_says_what_it_checked_and_what_it_could_not(tmp_path, capsys):
     assert "(idx 0..11 step 1)" in err  # the row set from the protocol's count of examples
 
 
+def test_verify_refuses_a_data_dir_that_does_not_exist(tmp_path, capsys):
+    from smoothcert.cli import main
+
+    path = write_file(tmp_path)
+    assert main(["verify", str(path), "--data-dir", str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err == (f"smoothcert verify: error: data_dir: "
+                                       f"'{tmp_path / 'nowhere'}' does not exist\n")
+
+
 def test_verify_checks_cifar_labels_from_the_data_dir(tmp_path, capsys):
     from smoothcert.cli import main
 

@@ -91,6 +91,8 @@ def split_labels(dataset: str, split: str,
     Raises LabelsUnavailable (saying why) when they cannot be read. Only MNIST is read
     without `data_dir` (smoothcert ships it); the others import `smoothcert.data`.
     """
+    if data_dir is not None and not Path(data_dir).expanduser().exists():
+        raise ValueError(f"data_dir: '{data_dir}' does not exist")
     if dataset == "mnist":
         return _mnist_labels(split, data_dir)
     if data_dir is None:
