@@ -767,7 +767,7 @@ def _check_row_set(path: Path, idx: Sequence[int], meta: Mapping[str, Any], size
     parts = sorted(p.name for p in path.parent.iterdir()
                    if re.fullmatch(re.escape(path.name) + r"\.part\d+", p.name))
     deleted = [] if parts else [i for i in missing if i < last]
-    unfinished = [i for i in missing if i not in deleted]
+    unfinished = missing if parts else [i for i in missing if i > last]
     if deleted:
         report.problems.append(
             f"{path}: rows missing: {_ranges(deleted, skip)} ({len(deleted)} rows) while later "
@@ -778,7 +778,7 @@ def _check_row_set(path: Path, idx: Sequence[int], meta: Mapping[str, Any], size
             f"{path}: rows missing: {_ranges(unfinished, skip)} ({len(unfinished)} rows): an "
             f"unfinished run{held}; run the same certify command to resume")
     report.checked.append(f"row set complete ({where})" if not missing else
-                          f"row set: {len(present)} of {count} rows ({where})")
+                          f"row set: {count - len(missing)} of {count} rows ({where})")
 
 
 def _label_problem(label: int, i: int, labels: np.ndarray | None, source: str) -> list[str]:
