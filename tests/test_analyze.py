@@ -3,6 +3,7 @@
 import csv
 import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -397,4 +398,65 @@ def test_sidecar_and_encoding_errors_name_the_file(tmp_path):
 def test_a_sidecar_of_another_run_is_refused(tmp_path):
     path = write_runner(tmp_path, sidecar={**SIDECAR, "run": "ba9876543210"})
     with pytest.raises(ValueError, match=r"run1\.tsv\.json describes run ba9876543210"):
+        an.analyze([path])
+
+
+# The runner rows' settings: n = 1000, and sigma, alpha so that every radius in them is possible.
+EXACT = {**SIDECAR, "sigma": 1.0, "alpha": 0.001, "grid": 10, "num_classes": 10}
+
+
+def test_a_radius_beyond_what_n_samples_allow_is_refused(tmp_path):
+    from scipy.stats import norm
+
+    # All 1000 samples of one class: pA_lower = alpha^(1/n) (Clopper-Pearson at k = n).
+    largest = float(norm.ppf(0.001 ** (1 / 1000)))  # sigma 1
+    assert 1.4 < largest < 2.5
+    path = write_runner(tmp_path, sidecar=EXACT)
+    text = path.read_text()
+    an.analyze([path])  # radius 1.1 (CERTIFY) and 1.4 (T-CERTIFY) are possible
+    path.write_text(text.replace("\t1.1\t", f"\t{largest * 0.999!r}\t"))
+    an.analyze([path])
+    for radius in (largest * 1.001, 1e308):
+        path.write_text(text.replace("\t1.1\t", f"\t{radius!r}\t"))
+        text_radius = re.escape(repr(radius))
+        with pytest.raises(ValueError, match=rf"run1\.tsv, line 5: column 'radius' {text_radius} "
+                           rf"exceeds the largest radius {largest:.6g} \(what n samples allow "
+                           r"at sigma 1, alpha 0.001, n = 1000\)"):
+            an.analyze([path])
+
+
+def test_a_label_outside_the_classes_is_refused(tmp_path):
+    path = write_runner(tmp_path, sidecar=EXACT)
+    path.write_text(path.read_text().replace("\n80\t7\t7\t", "\n80\t9999\t7\t"))
+    with pytest.raises(ValueError, match=r"run1\.tsv, line 6: label 9999 is outside the classes "
+                       r"0-9 \(num_classes in the sidecar\)"):
+        an.analyze([path])
+
+
+def test_without_sigma_and_n_a_generous_radius_bound_is_used(tmp_path):
+    path = tmp_path / "cohen.tsv"
+    path.write_text(COHEN_TEXT.replace("\t1.03\t", "\t99.0\t"))
+    an.analyze([path])  # 99 is far-fetched but below the bound, which must allow sigma up to 12
+    path.write_text(COHEN_TEXT.replace("\t1.03\t", "\t1e+308\t"))
+    with pytest.raises(ValueError, match=r"cohen\.tsv, line 5: column 'radius' 1e\+308 exceeds "
+                       r"the largest radius 100 \(sigma, alpha or n not recorded: a generous "
+                       r"bound"):
+        an.analyze([path])
+
+
+def test_a_radii_row_beyond_the_files_largest_radius_is_refused(tmp_path):
+    from smoothcert.sequential import RadiiCertificate
+
+    counts = (0, 0, 0, 200, 0, 0, 0, 0, 0, 0)
+    cert = RadiiCertificate(
+        label=3, radii=(0.0, 0.25, 0.5), certified=(True, True, True), samples_used=300, n=200,
+        count_a=200, decided_at=(100, 200, 200), selection_counts=counts,
+        estimation_counts=counts, certifying_counts=counts)
+    path = tmp_path / "radii.tsv"
+    row = results.radii_row(0, 3, 1.0, cert, "certify", RUN)
+    path.write_text("\t".join(results.radii_columns(cert.radii)) + "\n" + "\t".join(row) + "\n")
+    an.analyze([path], radii=np.array([0.5]))
+    path.write_text(path.read_text().replace("\t0.5\t", "\t0.75\t", 1))
+    with pytest.raises(ValueError, match=r"radii\.tsv, line 2: column 'radius' 0.75 exceeds the "
+                       r"largest radius 0.5 \(the file's largest radius"):
         an.analyze([path])

@@ -7,6 +7,7 @@ on sampled counts), so no torch is needed; the runner's own files are tested in 
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import subprocess
 import sys
@@ -21,13 +22,16 @@ from smoothcert.stats import METHODS, certify_from_counts
 
 SIGMA, ALPHA, GRID, N0, N = 0.5, 0.001, 10, 100, 1000
 RADII = np.arange(0, 2.01, 0.25)
+SHIPPED_LABELS = Path(results.__file__).parent / "_data/MNIST/raw/t10k-labels-idx1-ubyte.gz"
+# The MNIST test labels, read as the IDX format says: an 8-byte header, then one byte each.
+MNIST_TEST_LABELS = np.frombuffer(gzip.open(SHIPPED_LABELS).read()[8:], np.uint8)
 
 
 def settings(**changes) -> dict:
     meta = {
         "format": results.FORMAT, "mode": "certify", "method": "certify", "layout": "both",
         "split": "test", "n0": N0, "n": N, "alpha": ALPHA, "grid": GRID, "skip": 1,
-        "max": None, "seed": 0, "sigma": SIGMA, "dataset": "mnist", "amp": None,
+        "max": 12, "seed": 0, "sigma": SIGMA, "dataset": "mnist", "amp": None,
         "num_classes": 10, "checkpoint": "run/checkpoint.pt", "checkpoint_sha256": "ab" * 32,
         "protocol": "test split, every 1th example from index 0, 12 examples",
     }
@@ -35,23 +39,25 @@ def settings(**changes) -> dict:
     return {**meta, "run": results.fingerprint(meta)}
 
 
-def write_file(folder: Path, layout: str = "both", rows: int = 12, seed: int = 0) -> Path:
-    """A result file as the runner writes it, from counts sampled around a peaked class."""
+def write_file(folder: Path, layout: str = "both", rows: int = 12, seed: int = 0,
+               labels: np.ndarray = MNIST_TEST_LABELS, **changes) -> Path:
+    """A result file as the runner writes it (the first `rows` examples of the MNIST test set,
+    or of `labels`), from counts sampled around a peaked class."""
     rng = np.random.default_rng(seed)
     main = results.LAYOUTS[layout][0]
-    meta = settings(method=main, layout=layout)
+    meta = settings(method=main, layout=layout, **changes)
     path = folder / f"{layout}.tsv"
     results.write_sidecar(path, meta)
     with results.RowWriter(path, results.columns("certify", layout)) as writer:
         for idx in range(rows):
-            top = int(rng.integers(10))
+            label = int(labels[idx])
+            top = label if idx % 4 else (label + 1) % 10  # every 4th one misclassified
             p = rng.dirichlet(np.full(10, 0.5))
             p[top] += rng.uniform(0.5, 30)
             p /= p.sum()
             selection, estimation = rng.multinomial(N0, p), rng.multinomial(N, p)
             certificates = {m: certify_from_counts(selection, estimation, SIGMA, ALPHA, m, GRID)
                             for m in METHODS}
-            label = top if idx % 4 else (top + 1) % 10  # every 4th one misclassified
             writer.write(results.certify_row(idx, label, 0.25 * idx, certificates, selection,
                                              estimation, layout, meta["run"]))
     return path
@@ -270,6 +276,153 @@ def test_smoothcert_verify_exits_0_when_all_match_and_1_otherwise(tmp_path, caps
     assert main(["verify", str(tmp_path / "missing.tsv")]) == 2
 
 
+def rewrite_rows(path: Path, change) -> None:
+    """Replace the rows of `path` by `change(rows)` (each row a list of fields)."""
+    header, *lines = path.read_text().splitlines()
+    rows = change([line.split("\t") for line in lines])
+    path.write_text("\n".join([header, *("\t".join(row) for row in rows)]) + "\n")
+
+
+def column(name: str) -> int:
+    return results.columns("certify", "both").index(name)
+
+
+def test_verify_reports_a_row_deleted_in_the_middle(tmp_path):
+    path = write_file(tmp_path)
+    rewrite_rows(path, lambda rows: rows[:5] + rows[8:])
+    report = results.check_file(path)
+    assert report.rows == 9 and report.notes == []
+    assert report.problems == [f"{path}: rows missing: 5–7 (3 rows) while later rows are "
+                               "present: rows were deleted; run the same certify command to "
+                               "recompute them"]
+
+
+def test_verify_reports_missing_last_rows_as_an_unfinished_run(tmp_path, capsys):
+    from smoothcert.cli import main
+
+    path = write_file(tmp_path)
+    rewrite_rows(path, lambda rows: rows[:9])
+    assert main(["verify", str(path)]) == 0  # not an error: re-running certify resumes
+    err = capsys.readouterr().err
+    assert (f"{path}: rows missing: 9–11 (3 rows): an unfinished run; run the same certify "
+            "command to resume") in err
+    assert "row set: 9 of 12 rows (idx 0..11 step 1)" in err
+
+
+def test_verify_catches_swapped_indices_and_a_relabelled_wrong_row(tmp_path):
+    path = write_file(tmp_path)
+    table = results.read_results(path)
+    assert MNIST_TEST_LABELS[0] != MNIST_TEST_LABELS[1]
+    predict, label = table.values["predict"], table.values["label"]
+    wrong = next(i for i in range(2, 12) if predict[i] not in (-1, label[i]))  # certified, wrong
+
+    def tamper(rows):
+        rows[0][0], rows[1][0] = rows[1][0], rows[0][0]
+        rows[wrong][column("label")] = str(predict[wrong])
+        for prefix in ("", "tcertify_", "strict_"):  # correct = 1 wherever predict = label
+            rows[wrong][column(prefix + "correct")] = str(int(
+                rows[wrong][column(prefix + "predict")] == str(predict[wrong])))
+        return rows
+
+    rewrite_rows(path, tamper)
+    source = "MNIST test (the shipped copy)"
+    assert results.check_file(path).problems == [
+        f"{path}, line 2 (idx 1): label {label[0]}, but {source} labels example 1 as {label[1]}",
+        f"{path}, line 3 (idx 0): label {label[1]}, but {source} labels example 0 as {label[0]}",
+        f"{path}, line {wrong + 2} (idx {wrong}): label {predict[wrong]}, but {source} labels "
+        f"example {wrong} as {label[wrong]}"]
+
+
+def test_verify_refuses_a_row_outside_the_protocol(tmp_path):
+    path = write_file(tmp_path, skip=2, max=6, rows=6,
+                      protocol="test split, every 2th example from index 0, 6 examples")
+    # write_file numbers its rows 0..5: with skip 2 the protocol's are 0, 2, ..., 10.
+    rewrite_rows(path, lambda rows: [[str(2 * int(r[0])), *r[1:]] for r in rows[:5]]
+                 + [[str(3), *rows[1][1:]], [str(12), *rows[2][1:]]])
+    problems = results.check_file(path).problems
+    assert f"{path}: idx 3, 12 not in the protocol (idx 0..10 step 2, 6 examples)" in problems
+    # a copy of a row under another idx: the idx outside the protocol, or its label wrong.
+    duplicate = tmp_path / "dup"
+    duplicate.mkdir()
+    path = write_file(duplicate)
+    rewrite_rows(path, lambda rows: [*rows, [str(12), *rows[3][1:]]])
+    problems = results.check_file(path).problems
+    assert f"{path}: idx 12 not in the protocol (idx 0..11 step 1, 12 examples)" in problems
+
+
+def test_verify_says_what_it_checked_and_what_it_could_not(tmp_path, capsys):
+    from smoothcert.cli import main
+
+    path = write_file(tmp_path)
+    assert main(["verify", str(path)]) == 0
+    assert capsys.readouterr().err == (
+        f"{path}: 12 rows recomputed from their counts and sidecar: every certificate matches; "
+        "labels checked against MNIST test (the shipped copy), no duplicates, row set complete "
+        "(idx 0..11 step 1)\n")
+    cifar = tmp_path / "cifar"
+    cifar.mkdir()
+    path = write_file(cifar, dataset="cifar10")
+    assert main(["verify", str(path)]) == 0
+    err = capsys.readouterr().err
+    assert (f"{path}: labels not checked: the cifar10 labels need --data-dir (the dataset's "
+            "folder)") in err
+    assert "(idx 0..11 step 1)" in err  # the row set from the protocol's count of examples
+
+
+def test_verify_refuses_a_data_dir_that_does_not_exist(tmp_path, capsys):
+    from smoothcert.cli import main
+
+    path = write_file(tmp_path)
+    assert main(["verify", str(path), "--data-dir", str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err == (f"smoothcert verify: error: data_dir: "
+                                       f"'{tmp_path / 'nowhere'}' does not exist\n")
+
+
+def test_verify_checks_cifar_labels_from_the_data_dir(tmp_path, capsys):
+    from smoothcert.cli import main
+
+    npz = Path(__file__).resolve().parents[2] / "shared/data/cifar10-subset/cifar10_subset.npz"
+    assert npz.is_file(), f"the CIFAR-10 subset is missing: expected {npz}"
+    labels = np.load(npz)["y_test"]
+    path = write_file(tmp_path, dataset="cifar10", labels=labels)
+    assert main(["verify", str(path), "--data-dir", str(npz)]) == 0
+    assert f"labels checked against cifar10 test ({npz})" in capsys.readouterr().err
+    edit_field(path, 3, "label", str((labels[3] + 1) % 10))
+    edit_field(path, 3, "correct", "0")
+    assert main(["verify", str(path), "--data-dir", str(npz)]) == 1
+    assert f"labels example 3 as {labels[3]}" in capsys.readouterr().out
+
+
+def test_verify_checks_a_torchrun_part_file_with_its_outs_sidecar(tmp_path):
+    path = write_file(tmp_path)
+    header, *lines = path.read_text().splitlines(keepends=True)
+    for rank in (0, 1):
+        path.with_name(f"{path.name}.part{rank}").write_text(header + "".join(lines[rank::2]))
+    # What an earlier run had merged: a torchrun run's rows need not be a prefix.
+    path.write_text(header + "".join(lines[:2] + lines[5:6]))
+    part = path.with_name(f"{path.name}.part1")
+    report = results.check_file(part)
+    assert (report.rows, report.problems) == (6, [])
+    assert report.notes == [f"{part}: a torchrun part file holds one process's rows: the row "
+                            f"set is checked on {path} once the same certify command merged "
+                            "the parts"]
+    report = results.check_file(path)  # rows missing: in the parts, not deleted
+    assert report.problems == [] and report.notes == [
+        f"{path}: rows missing: 2–4, 6–11 (9 rows): an unfinished run (torchrun part files beside "
+        f"it: {path.name}.part0, {path.name}.part1); run the same certify command to resume"]
+
+
+def test_verify_reads_mnist_labels_without_torch(tmp_path):
+    path = write_file(tmp_path)
+    source = str(Path(results.__file__).resolve().parents[1])
+    code = ("import sys; from smoothcert.cli import main; assert main(['verify', sys.argv[1]]) "
+            "== 0; assert 'torch' not in sys.modules")
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
+                          text=True, env={"PYTHONPATH": source})
+    assert done.returncode == 0, done.stderr
+    assert "labels checked against MNIST test" in done.stderr
+
+
 def test_sampling_settings_join_the_fingerprint_only_when_set():
     base = settings()
     assert base["run"] == settings(sampling=None, radii=None, tolerance=None)["run"]
@@ -280,11 +433,13 @@ def test_sampling_settings_join_the_fingerprint_only_when_set():
         assert settings(**{key: value})["run"] != base["run"], key
 
 
-def radii_file(folder: Path, cert, label: int = 3) -> Path:
-    """A radii file of one row holding `cert`, with the sidecar of its settings."""
+def radii_file(folder: Path, cert, label: int = int(MNIST_TEST_LABELS[0])) -> Path:
+    """A radii file of one row (MNIST's first test example) holding `cert`, with the sidecar of
+    its settings."""
     meta = settings(method="certify", layout="radii", n=None, grid=None, sampling="sequential",
                     radii=list(cert.radii), max_n=1000, confidence_sequence="mixture",
-                    batch=200)
+                    batch=200, max=1, protocol="test split, every 1th example from index 0, "
+                    "1 examples")
     path = folder / "radii.tsv"
     results.write_sidecar(path, meta)
     with results.RowWriter(path, results.radii_columns(cert.radii)) as writer:

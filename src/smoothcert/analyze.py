@@ -9,6 +9,7 @@ matplotlib and smoothcert's numpy-only modules: analysing results must not need 
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import os
 from collections.abc import Sequence
@@ -18,13 +19,25 @@ from pathlib import Path
 import numpy as np
 
 from .io import atomic_write_bytes, check_output_path
-from .results import METHOD_LABELS, ResultFile, header_radii, paper_mode_level, read_results
+from .results import (
+    METHOD_LABELS,
+    PREFIXES,
+    ResultFile,
+    header_radii,
+    paper_mode_level,
+    read_results,
+)
 from .sequential import TABLE1_RADII
+from .stats import certify_from_counts
 
 DEFAULT_RADII = TABLE1_RADII
 # How tables name the method of a sequential (radii) file: T-CERTIFY's holds at alpha exactly.
 SEQUENTIAL_LABELS = {"certify": "CERTIFY, sequential", "tcertify": "T-CERTIFY, sequential"}
 _FORMATS = ("markdown", "latex", "csv")
+# The largest radius accepted where sigma, alpha or n are not recorded (Cohen's files): a
+# CERTIFY radius is sigma * Phi^-1(pA_lower) < 8.3 sigma whatever n (pA_lower is a double
+# below 1), so this allows sigma up to 12 (the field's files use at most 1).
+GENEROUS_RADIUS = 100.0
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # A tEXt chunk every plot carries, so that --plot replaces only plots smoothcert wrote.
 PLOT_MARK = ("smoothcert", "analyze plot")
@@ -86,7 +99,61 @@ def read_certified(path: str | os.PathLike) -> ResultFile:
     if runs and recorded is not None and recorded not in runs:
         raise ValueError(f"{table.path}.json describes run {recorded}, but the rows of "
                          f"{table.path} are run {runs[0]}: the sidecar belongs to another file")
+    _check_rows(table)
     return table
+
+
+@functools.cache
+def _largest_radius(method: str, n: int, sigma: float, alpha: float, grid: int,
+                    num_classes: int) -> float:
+    """The radius of n estimation samples all of one class: no row of n samples exceeds it.
+    Paper-mode T-CERTIFY's also bounds strict mode, which evaluates one alpha' of its grid."""
+    one_class = np.zeros(num_classes, dtype=np.int64)
+    one_class[0] = n
+    bound = "certify" if method == "certify" else "tcertify"
+    return certify_from_counts(one_class, one_class, sigma, alpha, bound, grid).radius
+
+
+def _radius_limits(table: ResultFile) -> tuple[dict[str, np.ndarray], str]:
+    """The largest radius each method's column can hold in each row, and how it was found:
+    the certificate of counts all of one class, at the row's n and the sidecar's sigma and
+    alpha; a radii file's largest radius; GENEROUS_RADIUS where the file records too little."""
+    meta, rows = table.meta or {}, len(table.lines)
+    if table.kind == "radii":
+        return {m: np.full(rows, max(header_radii(table.header), default=0.0))
+                for m in table.methods}, "the file's largest radius"
+    if "n" not in table.values or not {"sigma", "alpha", "grid", "num_classes"} <= set(meta):
+        return {m: np.full(rows, GENEROUS_RADIUS) for m in table.methods}, (
+            "sigma, alpha or n not recorded: a generous bound, as any CERTIFY radius is below "
+            "8.3 sigma")
+    settings = (meta["sigma"], meta["alpha"], meta["grid"], meta["num_classes"])
+    return {m: np.array([_largest_radius(m, n, *settings) for n in table.values["n"]])
+            for m in table.methods}, (
+        f"what n samples allow at sigma {meta['sigma']:g}, alpha {meta['alpha']:g}")
+
+
+def _check_rows(table: ResultFile) -> None:
+    """Refuse a row whose radius exceeds what its n allows or whose label is outside the
+    sidecar's classes: either would distort the table, and neither is a real certificate."""
+    classes = (table.meta or {}).get("num_classes")
+    if classes is not None:
+        labels = table.column("label")
+        bad = np.flatnonzero(labels >= classes)
+        if bad.size:
+            raise ValueError(f"{table.path}, line {table.line_numbers[bad[0]]}: label "
+                             f"{labels[bad[0]]} is outside the classes 0-{classes - 1} "
+                             "(num_classes in the sidecar)")
+    limits, how = _radius_limits(table)
+    for method, limit in limits.items():
+        column = ("" if method == table.main else PREFIXES[method] + "_") + "radius"
+        radius = table.column(column)
+        bad = np.flatnonzero(radius > limit * (1 + 1e-9))
+        if bad.size:
+            i = bad[0]
+            n = f", n = {table.values['n'][i]}" if "n" in table.values else ""
+            raise ValueError(f"{table.path}, line {table.line_numbers[i]}: column '{column}' "
+                             f"{float(radius[i])!r} exceeds the largest radius {limit[i]:.6g} "
+                             f"({how}{n}): the row was edited or corrupted")
 
 
 def load_results(path: str | os.PathLike) -> list[ResultCurve]:

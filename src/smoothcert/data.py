@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import os
 import zipfile
 import zlib
@@ -16,8 +15,10 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 
+from .labels import SHIPPED_DIR as SHIPPED_DIR  # the shipped MNIST, where it always was
+from .labels import DatasetFileError, find_mnist, mnist_folders, read_idx
+
 ENV_VAR = "SMOOTHCERT_DATA"
-SHIPPED_DIR = Path(__file__).resolve().parent / "_data"
 _CIFAR_FOLDER = "cifar-10-batches-py"
 _CIFAR_FILES = ("batches.meta", *(f"data_batch_{i}" for i in range(1, 6)), "test_batch")
 
@@ -40,10 +41,6 @@ DATASETS: dict[str, DatasetInfo] = {
 
 class MissingDatasetError(FileNotFoundError):
     """The dataset is not where smoothcert looked; the message says where and how to provide it."""
-
-
-class DatasetFileError(ValueError):
-    """A dataset file that is truncated, corrupted or not what its dataset holds; names the file."""
 
 
 def _check_labels(labels: np.ndarray, num_classes: int, where: Path) -> None:
@@ -119,7 +116,7 @@ class IdxMnist(Dataset):
 
     def __init__(self, images: Path, labels: Path) -> None:
         info = DATASETS["mnist"]
-        data, targets = _read_idx(images), _read_idx(labels)
+        data, targets = read_idx(images), read_idx(labels)
         if data.shape[1:] != (info.image_size, info.image_size):
             raise DatasetFileError(
                 f"{images}: MNIST images are {info.image_size}x{info.image_size}, but its IDX "
@@ -147,49 +144,15 @@ class IdxMnist(Dataset):
         return self.data[index].unsqueeze(0).float().div(255), int(self.targets[index])
 
 
-def _read_idx(path: Path) -> np.ndarray:
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rb") as f:
-            raw = f.read()
-    except (EOFError, gzip.BadGzipFile, zlib.error) as err:
-        raise DatasetFileError(f"{path} is truncated or not a gzip file ({err})") from None
-    # IDX header: two zero bytes, a type code (0x08 = unsigned byte), the number of dimensions,
-    # then each dimension as a big-endian uint32.
-    if len(raw) < 4 or raw[:3] != b"\x00\x00\x08" or len(raw) < 4 + 4 * raw[3]:
-        raise DatasetFileError(f"{path} is not an unsigned-byte IDX file")
-    ndim = raw[3]
-    shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", ndim, offset=4))
-    data = raw[4 + 4 * ndim :]
-    expected = int(np.prod(shape, dtype=np.int64))
-    if len(data) != expected:
-        raise DatasetFileError(
-            f"{path}: its IDX header describes {expected} bytes of data ({list(shape)}), but the "
-            f"file holds {len(data)}; it is truncated or corrupted"
-        )
-    return np.frombuffer(data, np.uint8).reshape(shape).copy()
-
-
-def _find_mnist(raw: Path, train: bool) -> tuple[Path, Path] | None:
-    prefix = "train" if train else "t10k"
-    found = []
-    for stem in (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"):
-        path = next((p for p in (raw / stem, raw / f"{stem}.gz") if p.is_file()), None)
-        if path is None:
-            return None
-        found.append(path)
-    return found[0], found[1]
-
-
 def _mnist(train: bool, data_dir: str | os.PathLike | None, download: bool) -> Dataset:
-    root = SHIPPED_DIR if data_dir is None else Path(data_dir).expanduser()
-    candidates = [root / "MNIST" / "raw", root]
+    candidates = mnist_folders(data_dir)
+    root = candidates[1]
     for raw in candidates:
-        if files := _find_mnist(raw, train):
+        if files := find_mnist(raw, train):
             return IdxMnist(*files)
     if download:
         datasets.MNIST(root, train=train, download=True)
-        if files := _find_mnist(candidates[0], train):
+        if files := find_mnist(candidates[0], train):
             return IdxMnist(*files)
     raise _missing("MNIST (its IDX files, gzipped or not)", candidates, env=False, download=True)
 

@@ -40,6 +40,7 @@ import numpy as np
 
 from . import sequential
 from .io import atomic_write_json, atomic_write_text, named_write_errors
+from .labels import LabelsUnavailable, split_labels
 from .sequential import RadiiCertificate
 from .stats import ABSTAIN, Certificate, certify_from_counts
 
@@ -687,44 +688,161 @@ def _radii_row_problems(table: ResultFile, i: int, meta: Mapping[str, Any], run:
     return problems
 
 
-def verify(path: str | os.PathLike) -> tuple[int, list[str]]:
-    """Recompute every certificate of a result file from its counts and sidecar.
+@dataclass
+class Verification:
+    """What `check_file` found in one result file."""
 
-    Returns the number of rows checked and one message per row that does not match. A radii
-    file's rows are checked as `_radii_row_problems` says.
-    """
-    path = Path(path)
-    table = read_results(path, kind="certify")
+    rows: int  # rows whose certificates were recomputed
+    problems: list[str] = field(default_factory=list)  # what does not match: exit 1
+    notes: list[str] = field(default_factory=list)  # an unfinished run, what was not checked
+    checked: list[str] = field(default_factory=list)  # beyond the certificates, for the summary
+
+
+def _part_of(path: Path) -> Path | None:
+    """The result file a torchrun part file (`<out>.part<rank>`) belongs to, None otherwise."""
+    match = re.fullmatch(r"(.+)\.part\d+", path.name)
+    return path.with_name(match.group(1)) if match and not sidecar_path(path).exists() else None
+
+
+def _checked_sidecar(path: Path, table: ResultFile, out: Path) -> dict:
+    """The sidecar that describes `table` (`out`'s), refused unless verify can use it."""
     if not table.native:
         raise ValueError(
             f"{path}: cannot be verified: it has no selection counts (written by Cohen's "
             "certify.py, a fork, or smoothcert before the method/run columns)"
         )
-    meta = table.meta
+    meta = read_sidecar(out)
     if meta is None:
         raise ValueError(f"{path}: cannot be verified without its sidecar "
-                         f"{sidecar_path(path)} (sigma, alpha and grid are recorded there)")
+                         f"{sidecar_path(out)} (sigma, alpha and grid are recorded there)")
     missing = [k for k in (*IDENTITY_KEYS, "num_classes") if k not in meta]
     if table.kind == "radii":
         missing += [k for k in ("radii", "max_n", "confidence_sequence", "batch")
                     if meta.get(k) is None]
     if missing or not is_own_sidecar(meta):
-        raise ValueError(f"{sidecar_path(path)}: not a smoothcert sidecar of this version "
+        raise ValueError(f"{sidecar_path(out)}: not a smoothcert sidecar of this version "
                          f"(lacks {', '.join(missing) or 'format'})")
+    return meta
+
+
+def _ranges(indices: Sequence[int], skip: int) -> str:
+    """Protocol indices as ranges of consecutive ones: "40–59, 80"."""
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and i == runs[-1][-1] + skip:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}–{r[-1]}" for r in runs)
+
+
+def _protocol_count(meta: Mapping[str, Any], size: int | None) -> int | None:
+    """How many examples the protocol selects (every skip-th from 0, at most max): from the
+    dataset's size when known, else from the sidecar's protocol ("..., 20 examples")."""
+    if size is not None:
+        count = len(range(0, size, meta["skip"]))
+        return count if meta.get("max") is None else min(count, meta["max"])
+    match = re.search(r"(\d+) examples$", str(meta.get("protocol", "")))
+    return int(match.group(1)) if match else None
+
+
+def _check_row_set(path: Path, idx: Sequence[int], meta: Mapping[str, Any], size: int | None,
+                   part_of: Path | None, report: Verification) -> None:
+    """The rows' indices against the protocol's: none outside it, none deleted; rows missing
+    only after the last one present are an unfinished run."""
+    skip, count = meta["skip"], _protocol_count(meta, size)
+    report.checked.append("no duplicates")  # read_results refuses a repeated idx
+    if count is None:
+        report.notes.append(f"{path}: row set not checked: the dataset's size is unknown "
+                            "(labels not read) and the sidecar's protocol gives no count")
+        return
+    where = f"idx 0..{(count - 1) * skip} step {skip}"
+    present = set(idx)
+    outside = sorted(i for i in present if i % skip or i >= count * skip)
+    if outside:
+        report.problems.append(f"{path}: idx {_ranges(outside, 1)} not in the protocol "
+                               f"({where}, {count} examples)")
+    if part_of is not None:
+        report.notes.append(f"{path}: a torchrun part file holds one process's rows: the row "
+                            f"set is checked on {part_of} once the same certify command "
+                            "merged the parts")
+        report.checked.append(f"indices within the protocol ({where})")
+        return
+    missing = [i for i in range(0, count * skip, skip) if i not in present]
+    last = max(present, default=-1)
+    parts = sorted(p.name for p in path.parent.iterdir()
+                   if re.fullmatch(re.escape(path.name) + r"\.part\d+", p.name))
+    deleted = [] if parts else [i for i in missing if i < last]
+    unfinished = missing if parts else [i for i in missing if i > last]
+    if deleted:
+        report.problems.append(
+            f"{path}: rows missing: {_ranges(deleted, skip)} ({len(deleted)} rows) while later "
+            "rows are present: rows were deleted; run the same certify command to recompute them")
+    if unfinished:
+        held = f" (torchrun part files beside it: {', '.join(parts)})" * bool(parts)
+        report.notes.append(
+            f"{path}: rows missing: {_ranges(unfinished, skip)} ({len(unfinished)} rows): an "
+            f"unfinished run{held}; run the same certify command to resume")
+    report.checked.append(f"row set complete ({where})" if not missing else
+                          f"row set: {count - len(missing)} of {count} rows ({where})")
+
+
+def _label_problem(label: int, i: int, labels: np.ndarray | None, source: str) -> list[str]:
+    if labels is None or i >= len(labels) or labels[i] == label:
+        return []
+    return [f"label {label}, but {source} labels example {i} as {int(labels[i])}"]
+
+
+def _dataset_labels(path: Path, meta: Mapping[str, Any], data_dir: str | os.PathLike | None,
+                    report: Verification) -> tuple[np.ndarray | None, str]:
+    """The labels of the sidecar's dataset split, or None with a note saying why not."""
+    try:
+        labels, source = split_labels(meta["dataset"], meta["split"], data_dir)
+    except LabelsUnavailable as err:
+        report.notes.append(f"{path}: labels not checked: {err}")
+        return None, ""
+    report.checked.append(f"labels checked against {source}")
+    return labels, source
+
+
+def check_file(path: str | os.PathLike,
+               data_dir: str | os.PathLike | None = None) -> Verification:
+    """Verify a result file: recompute every certificate from its counts and sidecar (a radii
+    file's rows as `_radii_row_problems` says), check its row set against the protocol and
+    each row's label against the dataset (read from `data_dir`; MNIST's shipped copy without).
+
+    A torchrun part file `<out>.part<rank>` is checked with out's sidecar.
+    """
+    path = Path(path)
+    table = read_results(path, kind="certify")
+    part_of = _part_of(path)
+    meta = _checked_sidecar(path, table, part_of or path)
     run = fingerprint(meta)
-    problems = []
+    report = Verification(len(table.lines))
     if meta.get("run") != run:
-        problems.append(f"{sidecar_path(path)}: records run {meta.get('run')}, but its "
-                        f"settings give {run} (edited?)")
+        report.problems.append(f"{sidecar_path(part_of or path)}: records run "
+                               f"{meta.get('run')}, but its settings give {run} (edited?)")
     procedure = radii_procedure(meta) if table.kind == "radii" else None
     if procedure is not None and list(procedure.radii) != header_radii(table.header):
-        problems.append(f"{path}: the header's radii are not the sidecar's {meta['radii']}")
+        report.problems.append(f"{path}: the header's radii are not the sidecar's "
+                               f"{meta['radii']}")
         procedure = None
+    labels, source = _dataset_labels(path, meta, data_dir, report)
+    _check_row_set(path, table.values["idx"], meta, None if labels is None else len(labels),
+                   part_of, report)
     for i, lineno in enumerate(table.line_numbers):
+        idx = table.values["idx"][i]
         found = (_row_problems(table, i, meta, run) if table.kind != "radii" else
                  ["not checked: the radii do not match"] if procedure is None else
                  _radii_row_problems(table, i, meta, run, procedure))
+        found += _label_problem(table.values["label"][i], idx, labels, source)
         if found:
-            problems.append(f"{path}, line {lineno} (idx {table.values['idx'][i]}): "
-                            + "; ".join(found))
-    return len(table.lines), problems
+            report.problems.append(f"{path}, line {lineno} (idx {idx}): " + "; ".join(found))
+    return report
+
+
+def verify(path: str | os.PathLike,
+           data_dir: str | os.PathLike | None = None) -> tuple[int, list[str]]:
+    """`check_file`'s rows recomputed and problems (its notes left out)."""
+    report = check_file(path, data_dir)
+    return report.rows, report.problems
