@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CIFAR_NPZ, CIFAR_SUBSET, INTEROP, needs_interop
 from test_cli import cli
 from torch import nn
 from torchvision.models import resnet50
@@ -30,10 +31,6 @@ from smoothcert.io import WEIGHTS_DIGEST, CheckpointError, weights_digest
 from smoothcert.models import Standardize
 from smoothcert.models.lenet_20_50 import lenet_20_50
 from smoothcert.train import CHECKPOINT, load_model, train
-
-INTEROP = Path(__file__).resolve().parents[2] / "shared" / "interop"
-CIFAR_SUBSET = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-subset"
-needs_interop = pytest.mark.skipif(not INTEROP.is_dir(), reason="../shared/interop is absent")
 
 COHEN_CIFAR = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
 # (file, format auto must find, arch to give, dataset, mean/std of the first layer)
@@ -383,8 +380,8 @@ def test_resume_from_a_checkpoint_without_optimizer_state(tmp_path):
     ],
 )
 def test_certify_and_predict_a_published_checkpoint(capsys, tmp_path, name, extra, dataset):
-    if dataset == "cifar10" and not CIFAR_SUBSET.is_dir():
-        pytest.skip("../shared/data is absent")
+    if dataset == "cifar10" and not CIFAR_NPZ.is_file():
+        pytest.skip(f"{CIFAR_NPZ} is absent")
     out = tmp_path / "res.tsv"
     code, _, err = cli(capsys, "certify", str(INTEROP / name), "--sigma", "0.25", *extra,
                        "--out", str(out), "--n0", "10", "--N", "100", "--batch", "100",
