@@ -99,6 +99,13 @@ def test_load_checkpoint_is_exported_lazily():
     assert "load_checkpoint" in smoothcert.__all__
 
 
+def test_one_name_per_checkpoint_reader():
+    """load_checkpoint is the model of any checkpoint; io's verified state dict has its own name."""
+    assert not hasattr(sc_io, "load_checkpoint")
+    assert load_checkpoint.__module__ == "smoothcert.checkpoints"
+    assert callable(sc_io.read_checkpoint_state)
+
+
 class CohenNormalize(nn.Module):
     """Cohen et al.'s NormalizeLayer as published: (x - mean) / std, with no state."""
 
@@ -218,7 +225,7 @@ def test_an_unknown_layout_lists_the_formats_and_the_flag(tmp_path):
 def test_files_that_are_no_checkpoint_at_all(tmp_path, content, expected, wrong):
     path = tmp_path / "model.pt"
     path.write_bytes(content)
-    for load in (sc_io.load_checkpoint, load_checkpoint):
+    for load in (sc_io.read_checkpoint_state, load_checkpoint):
         with pytest.raises(CheckpointError) as err:
             load(path)
         text = str(err.value)
@@ -252,7 +259,7 @@ def test_a_permission_error_is_not_called_truncated(tmp_path, monkeypatch, where
     else:
         monkeypatch.setattr(torch, "load", lambda file, **_: refuse(file))
     with pytest.raises(CheckpointError) as err:
-        sc_io.load_checkpoint(path)
+        sc_io.read_checkpoint_state(path)
     assert f"cannot read '{path}': Permission denied" in str(err.value)
     assert "truncated" not in str(err.value)
 
@@ -265,7 +272,7 @@ def test_a_damaged_pickle_stream_is_corrupt_not_a_refusal(tmp_path):
     data[stream + 2] = 0xFF  # no pickle opcode
     path.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=f"'{path}' is corrupted") as err:
-        sc_io.load_checkpoint(path)
+        sc_io.read_checkpoint_state(path)
     assert "refusing" not in str(err.value)
 
 
@@ -333,7 +340,7 @@ def test_flipped_weight_bytes_are_caught(trained_checkpoint, tmp_path):
     path = tmp_path / "flipped.pt"
     path.write_bytes(bytes(data))
     torch.load(path, weights_only=True)  # torch itself notices nothing
-    for load in (sc_io.load_checkpoint, load_model, load_checkpoint):
+    for load in (sc_io.read_checkpoint_state, load_model, load_checkpoint):
         with pytest.raises(CheckpointError, match=f"'{path}' is corrupted or was modified.*"
                            "do not match the weights_sha256 checksum"):
             load(path)

@@ -24,7 +24,7 @@ import torch.distributed as dist
 import smoothcert
 from smoothcert.cli import build_parser
 from smoothcert.cli import main as cli_main
-from smoothcert.io import load_checkpoint
+from smoothcert.io import read_checkpoint_state
 from smoothcert.presets import TrainConfig
 from smoothcert.results import verify
 from smoothcert.runner import RunConfig, Runner
@@ -127,7 +127,7 @@ def in_process(args: list[str]) -> None:
 
 def assert_same_weights(a: Path, b: Path, atol: float = 1e-5) -> None:
     # The gradient all-reduce averages per-rank means: the same sum in another order.
-    state_a, state_b = load_checkpoint(a), load_checkpoint(b)
+    state_a, state_b = read_checkpoint_state(a), read_checkpoint_state(b)
     assert state_a["epoch"] == state_b["epoch"]
     assert state_a["model"].keys() == state_b["model"].keys()
     for name, tensor in state_a["model"].items():

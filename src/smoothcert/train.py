@@ -34,8 +34,8 @@ from .io import (
     CheckpointError,
     atomic_write_json,
     atomic_write_text,
-    load_checkpoint,
     output_lock,
+    read_checkpoint_state,
     remove_stale_temporaries,
     save_checkpoint,
     weights_digest,
@@ -253,7 +253,7 @@ class Trainer:
         path = self.out / CHECKPOINT
         if not path.exists():
             return self._fresh()
-        state = load_checkpoint(path, map_location=self.ctx.device)
+        state = read_checkpoint_state(path, map_location=self.ctx.device)
         missing = [key for key in ("optimizer", "scheduler", "scaler", "epoch") if key not in state]
         if missing:
             raise CheckpointError(
@@ -365,7 +365,7 @@ class Trainer:
             self.out / CHECKPOINT,
             {
                 "model": weights,
-                WEIGHTS_DIGEST: weights_digest(weights),  # verified by io.load_checkpoint
+                WEIGHTS_DIGEST: weights_digest(weights),  # verified by io.read_checkpoint_state
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(),
