@@ -42,7 +42,7 @@ from .io import (
 )
 from .models import build_model
 from .objectives import get_objective
-from .presets import TrainConfig, lr_factor, upgrade_config
+from .presets import TrainConfig, eps_at, lr_factor, upgrade_config
 from .smooth import autocast
 
 CHECKPOINT = "checkpoint.pt"
@@ -357,7 +357,7 @@ class Trainer:
         means = dict(zip(keys, (totals / steps).tolist(), strict=True))
         if "acc" in means:
             means["train_acc"] = means.pop("acc")
-        return {**means, "eps": objective_cfg.eps, "steps": steps}
+        return {**means, "eps": eps_at(cfg, epoch), "steps": steps}
 
     def _save(self, epoch: int) -> None:
         weights = self.model.state_dict()
