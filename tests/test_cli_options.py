@@ -11,7 +11,7 @@ import pytest
 from test_cli import cli as run
 
 from smoothcert.cli import TRAIN_COMMAND_OPTIONS, build_parser
-from smoothcert.io import load_checkpoint, save_checkpoint
+from smoothcert.io import read_checkpoint_state, save_checkpoint
 from smoothcert.models import MODELS
 from smoothcert.objectives import OBJECTIVES
 from smoothcert.presets import PRESETS, TrainConfig, choices, resolve_config
@@ -118,7 +118,7 @@ def test_a_run_written_with_the_old_method_key_loads_and_resumes(tmp_path):
     options = dict(sigma=0.25, k=2, batch=64, lr=0.05, train_subset=64, eval_subset=0,
                    device="cpu", out=str(out), objective="adre", lam=0.1)
     train(resolve_config("mnist-lenet", epochs=1, **options), progress=False)
-    state = load_checkpoint(out / CHECKPOINT)
+    state = read_checkpoint_state(out / CHECKPOINT)
     config = state["config"]
     config["method"] = config.pop("objective")
     save_checkpoint(out / CHECKPOINT, state)
@@ -129,7 +129,7 @@ def test_a_run_written_with_the_old_method_key_loads_and_resumes(tmp_path):
     with pytest.raises(ValueError, match="different objective"):
         train(resolve_config("mnist-lenet", epochs=2, **other), resume=True, progress=False)
     train(resolve_config("mnist-lenet", epochs=2, **options), resume=True, progress=False)
-    assert load_checkpoint(out / CHECKPOINT)["epoch"] == 2
+    assert read_checkpoint_state(out / CHECKPOINT)["epoch"] == 2
 
 
 def test_resolve_config_names_the_new_spelling_of_an_old_key():

@@ -16,7 +16,7 @@ from torch import nn
 import smoothcert
 from smoothcert.attacks import smooth_pgd_l2, smoothed_log_probs
 from smoothcert.cli import main as cli_main
-from smoothcert.io import load_checkpoint
+from smoothcert.io import read_checkpoint_state
 from smoothcert.objectives import (
     OBJECTIVES,
     ObjectiveConfig,
@@ -814,7 +814,7 @@ def test_each_baseline_trains_under_torchrun(tmp_path, method):
                          "--out", str(tmp_path / "one")]) == 0
     finally:
         torch.set_num_threads(threads)
-    one = load_checkpoint(tmp_path / "one" / "checkpoint.pt")["model"]
-    two = load_checkpoint(tmp_path / "two" / "checkpoint.pt")["model"]
+    one = read_checkpoint_state(tmp_path / "one" / "checkpoint.pt")["model"]
+    two = read_checkpoint_state(tmp_path / "two" / "checkpoint.pt")["model"]
     for name, tensor in one.items():
         torch.testing.assert_close(two[name], tensor, rtol=0, atol=1e-5, msg=name)
