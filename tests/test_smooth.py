@@ -320,3 +320,61 @@ def test_a_model_on_the_meta_device_is_refused():
         model = nn.Linear(2, 3)
     with pytest.raises(ValueError, match="^base_classifier is on the meta device"):
         Smooth(model, 3, sigma=0.5).certify(torch.zeros(2), 10, 100, 0.01, 10)
+
+
+# --- the base classifier is untrusted: one row of num_classes logits per input ------------------
+
+
+def votes_for_7(rows=lambda b: b, columns=10, wrong_from_call=1):
+    """Logits voting for class 7 with rows(b) rows and `columns` columns for a batch of b, from
+    the `wrong_from_call`-th call on (one row per input and 10 columns before it)."""
+    calls = []
+
+    def output(b):
+        calls.append(b)
+        wrong = len(calls) >= wrong_from_call
+        logits = torch.zeros(rows(b) if wrong else b, columns if wrong else 10)
+        logits[:, 7] = 1.0
+        return logits
+
+    return output
+
+
+ENTRY_POINTS = {
+    "predict": lambda s, x: s.predict(x, 100, 1e-3, 50),
+    "certify": lambda s, x: s.certify(x, 10, 100, 1e-3, 50),
+    "tcertify": lambda s, x: s.tcertify(x, 10, 100, 1e-3, 50),
+    "certify_all": lambda s, x: s.certify_all(x, 10, 100, 1e-3, 50),
+    "certify_radii": lambda s, x: s.certify_radii(x, [0.1], 1e-3, 1_000, 50, n0=10),
+    "certify_adaptive": lambda s, x: s.certify_adaptive(x, 10, 1_000, 1e-3, 50),
+}
+HOSTILE = {  # fresh models: the last one counts its calls
+    "twice the rows": lambda: votes_for_7(rows=lambda b: 2 * b),
+    "a row short": lambda: votes_for_7(rows=lambda b: b - 1),
+    "12 classes": lambda: votes_for_7(columns=12),
+    "flattened": lambda: lambda b: votes_for_7()(b).flatten(),
+    "twice the rows from the second call": lambda: votes_for_7(rows=lambda b: 2 * b,
+                                                               wrong_from_call=2),
+}
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+@pytest.mark.parametrize("hostile", HOSTILE)
+def test_logits_of_the_wrong_shape_are_refused_at_every_entry_point(entry, hostile):
+    smooth = Smooth(Constant(HOSTILE[hostile]()), 10, sigma=0.25)
+    with pytest.raises(ValueError, match=r"^the base classifier returned logits of shape "
+                                         r"\([\d, ]+\) for a batch of (\d+) inputs; expected "
+                                         r"\(\1, 10\)"):
+        ENTRY_POINTS[entry](smooth, torch.zeros(10))
+
+
+def test_twice_the_rows_cannot_inflate_a_certificate():
+    """200 votes from n = 100 samples certified 0.456; the most n = 100 allows is ~0.375."""
+    smooth = Smooth(Constant(votes_for_7(rows=lambda b: 2 * b)), 10, 0.25)
+    message = (r"^the base classifier returned logits of shape \(20, 10\) for a batch of 10 "
+               r"inputs; expected \(10, 10\)")
+    with pytest.raises(ValueError, match=message):
+        smooth.certify(torch.zeros(10), 10, 100, 1e-3, 100)
+    honest = Smooth(Constant(votes_for_7()), 10, 0.25).certify(torch.zeros(10), 10, 100, 1e-3, 100)
+    assert honest[0] == 7 and honest[1] < 0.376
+
