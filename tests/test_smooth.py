@@ -378,3 +378,12 @@ def test_twice_the_rows_cannot_inflate_a_certificate():
     honest = Smooth(Constant(votes_for_7()), 10, 0.25).certify(torch.zeros(10), 10, 100, 1e-3, 100)
     assert honest[0] == 7 and honest[1] < 0.376
 
+
+@pytest.mark.parametrize("shape", [(0,), (0, 3), (3, 0, 2)])
+@pytest.mark.parametrize("input_range", [(0.0, 1.0), None])
+def test_an_empty_input_is_refused(threshold_classifier, shape, input_range):
+    smooth = Smooth(threshold_classifier, 4, sigma=0.5, input_range=input_range)
+    with pytest.raises(ValueError, match=rf"^x must hold at least one value, got shape "
+                                         rf"\({', '.join(map(str, shape))},?\)"):
+        smooth.certify(torch.zeros(shape), 10, 100, 0.01, 10)
+

@@ -294,6 +294,8 @@ class Smooth:
                 f"x must be a floating-point tensor in the range the noise is calibrated to, "
                 f"got dtype {x.dtype} (an integer 0..255 image needs x.float() / 255)"
             )
+        if x.numel() == 0:
+            raise ValueError(f"x must hold at least one value, got shape {tuple(x.shape)}")
         x = x.to(device=device, dtype=torch.float32)
         if not bool(torch.isfinite(x).all()):
             raise ValueError("x must hold only finite values (found NaN or inf)")
