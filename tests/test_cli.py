@@ -259,7 +259,8 @@ def test_predict_prints_the_abstention_rate(capsys, trained_checkpoint, tmp_path
 
 @pytest.mark.parametrize(
     "args, message",
-    [(["--n", "0"], "error: n must be"), (["--alpha", "2"], "error: alpha must be"),
+    [(["--n", "0"], "argument --N/--n: must be an integer in [1, "),
+     (["--alpha", "2"], "error: alpha must be"),
      (["--method", "foo"], "argument --method: invalid choice"),
      (["--sigma", "-1"], "error: sigma must be"),
      (["--max-examples", "-5"], "argument --max-examples/--max: must be a count >= 0"),

@@ -5,6 +5,7 @@ from conftest import InputRecorder, LinearTwoClass, ThresholdClassifier, true_ra
 from torch import nn
 
 from smoothcert import ABSTAIN, Smooth
+from smoothcert.stats import MAX_SAMPLES, check_sample_count
 
 
 def test_linear_classifier_radius_approaches_the_exact_radius_from_below():
@@ -115,9 +116,9 @@ def test_monte_carlo_coverage_through_the_smoothed_classifier():
         (None, lambda s, x: s.certify(x, 10, 100, 1.5, 10), r"^alpha must be a number in \["),
         (None, lambda s, x: s.certify(x, 10, 100, 1e-101, 10), r"^alpha must be .* got 1e-101"),
         (None, lambda s, x: s.tcertify(x, 10, 100, 5e-100, 10), r"^alpha / grid .* >= 1e-100"),
-        (None, lambda s, x: s.certify(x, 0, 100, 0.01, 10), "^n0 must be an integer >= 1"),
-        (None, lambda s, x: s.certify(x, 10, 0, 0.01, 10), "^n must be an integer >= 1"),
-        (None, lambda s, x: s.predict(x, 0, 0.01, 10), "^n must be an integer >= 1"),
+        (None, lambda s, x: s.certify(x, 0, 100, 0.01, 10), r"^n0 must be an integer in \[1, "),
+        (None, lambda s, x: s.certify(x, 10, 0, 0.01, 10), r"^n must be an integer in \[1, "),
+        (None, lambda s, x: s.predict(x, 0, 0.01, 10), r"^n must be an integer in \[1, "),
         (None, lambda s, x: s.predict(x, 100, 0.01, 0), "^batch_size must be an integer >= 1"),
         (None, lambda s, x: s.tcertify(x, 10, 100, 0.01, 10, grid=0), "^grid must be an integer"),
         (
@@ -387,3 +388,82 @@ def test_an_empty_input_is_refused(threshold_classifier, shape, input_range):
                                          rf"\({', '.join(map(str, shape))},?\)"):
         smooth.certify(torch.zeros(shape), 10, 100, 0.01, 10)
 
+
+# --- refused before the first forward pass --------------------------------------------------
+
+
+class CallCounter(nn.Module):
+    """Wraps a model and counts its calls."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.model(x)
+
+
+TOO_MANY = MAX_SAMPLES + 1
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda s, x: s.predict(x, TOO_MANY, 0.01, 100), "n"),
+        (lambda s, x: s.certify(x, TOO_MANY, 100, 0.01, 100), "n0"),
+        (lambda s, x: s.certify(x, 10, TOO_MANY, 0.01, 100), "n"),
+        (lambda s, x: s.tcertify(x, 10, TOO_MANY, 0.01, 100), "n"),
+        (lambda s, x: s.certify_all(x, 10, TOO_MANY, 0.01, 100), "n"),
+        (lambda s, x: s.certify_radii(x, [0.1], 0.01, TOO_MANY, 100), "max_n"),
+        (lambda s, x: s.certify_radii(x, [0.1], 0.01, 1_000, 100, n0=TOO_MANY), "n0"),
+        (lambda s, x: s.certify_adaptive(x, 10, TOO_MANY, 0.01, 100), "max_n"),
+        (lambda s, x: s.certify_adaptive(x, TOO_MANY, 1_000, 0.01, 100), "n0"),
+    ],
+    ids=["predict", "certify-n0", "certify-n", "tcertify", "certify_all", "radii-max_n",
+         "radii-n0", "adaptive-max_n", "adaptive-n0"],
+)
+def test_more_samples_than_the_statistics_are_validated_for_are_refused_up_front(
+        threshold_classifier, call, message):
+    model = CallCounter(threshold_classifier)
+    with pytest.raises(ValueError, match=rf"^{message} must be an integer in \[1, 10000000\], "
+                                         rf"got {TOO_MANY}$"):
+        call(Smooth(model, 4, sigma=0.5), torch.zeros(2))
+    assert model.calls == 0
+
+
+def test_the_sample_limit_is_the_validated_ten_million():
+    assert MAX_SAMPLES == 10_000_000 == check_sample_count(MAX_SAMPLES, "n")
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda s, x: s.certify_radii(x, [0.1], 3e-100, 10_000, 100,
+                                      confidence_sequence="bonferroni"),
+         r"^alpha must be >= 8e-100 for certify with the bonferroni confidence sequence, got "
+         r"3e-100: it bounds at level alpha / 8 at each of its 8 looks up to max_n 10000"),
+        (lambda s, x: s.certify_radii(x, [0.1], 1e-99, 10_000, 100, method="tcertify",
+                                      confidence_sequence="bonferroni"),
+         r"^alpha must be >= 1.6e-99 for tcertify with the bonferroni"),
+        (lambda s, x: s.certify_adaptive(x, 10, 1_000, 5e-100, 100),
+         r"^alpha / grid .* must be >= 1e-100, got 5e-100 / 10"),
+    ],
+    ids=["bonferroni-certify", "bonferroni-tcertify", "adaptive-grid"],
+)
+def test_an_alpha_too_small_for_its_looks_is_refused_before_any_sample(
+        threshold_classifier, call, message):
+    model = CallCounter(threshold_classifier)
+    with pytest.raises(ValueError, match=message):
+        call(Smooth(model, 4, sigma=0.5), torch.zeros(2))
+    assert model.calls == 0
+
+
+def test_the_mixture_and_enough_alpha_still_certify_at_tiny_alpha(threshold_classifier):
+    smooth = Smooth(threshold_classifier, 4, sigma=0.5, input_range=None)
+    x = torch.tensor([2.5, 0.0])  # deep inside class 3
+    for options in ({}, {"method": "tcertify"}, {"confidence_sequence": "bonferroni"}):
+        alpha = 8e-100 if options else 3e-100
+        cert = smooth.certify_radii(x, [0.1], alpha, 10_000, 100, **options)
+        assert cert.label == 3 and cert.certified == (True,)

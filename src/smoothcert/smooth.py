@@ -234,6 +234,7 @@ class Smooth:
 
     def _selection_and_estimation(self, x, n0, n, alpha, batch_size, grid, generators):
         stats.check_alpha_grid(alpha, grid)
+        stats.check_sample_count(n, "n")  # before the n0 selection samples are drawn
         selection_generator, estimation_generator = generators
         selection = self._sample_noise(x, n0, batch_size, selection_generator, name="n0")
         estimation = self._sample_noise(
@@ -251,7 +252,7 @@ class Smooth:
         name: str = "num",
     ) -> np.ndarray:
         """Counts of the base classifier's predictions on `num` noisy copies of x."""
-        num = stats.check_positive_int(num, name)
+        num = stats.check_sample_count(num, name)
         batch_size = stats.check_positive_int(batch_size, "batch_size")
         device = model_device(self.base_classifier)
         x = self._checked_input(x, device)
@@ -376,9 +377,8 @@ class Smooth:
         """certify_all with each input's n chosen from its n0 selection counts alone
         (sequential.choose_n: expected radius loss against max_n <= tolerance), then drawn fresh
         (generators as in `certify`); the estimation counts record the n used."""
-        stats.check_alpha(alpha)
-        stats.check_positive_int(grid, "grid")
-        stats.check_positive_int(max_n, "max_n")
+        stats.check_alpha_grid(alpha, grid)
+        stats.check_sample_count(max_n, "max_n")
         sequential.check_tolerance(tolerance)
         selection = self._sample_noise(x, n0, batch_size, generator, name="n0")
         n = sequential.choose_n(selection, max_n, self.sigma, alpha, tolerance)
