@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from smoothcert import Smooth
 from smoothcert import train as train_module
 from smoothcert.cli import main
 
@@ -157,14 +158,17 @@ def test_a_batch_too_large_for_memory_exits_2_naming_a_smaller_one(capsys, tmp_p
 
 
 def test_a_certify_batch_too_large_for_memory_exits_2_naming_a_smaller_one(
-        capsys, tmp_path, trained_checkpoint):
-    # A buffer of 2**40 noisy 28x28 images needs 3.4 PB: the allocation fails at once.
+        capsys, monkeypatch, tmp_path, trained_checkpoint):
+    # --N is at most 10^7, so each noisy image is made 2**40 pixels: a buffer of 10,000 of
+    # them needs 44 PB, and the allocation fails at once.
+    monkeypatch.setattr(Smooth, "_noise_buffer", staticmethod(
+        lambda x, size, device: torch.empty((size, 2**40), device=device)))
     code, _, stderr = cli(capsys, "certify", str(trained_checkpoint), "--out",
-                          str(tmp_path / "r.tsv"), "--max-examples", "1", "--N", str(2**40),
-                          "--batch", str(2**40))
+                          str(tmp_path / "r.tsv"), "--max-examples", "1", "--N", "10000",
+                          "--batch", "10000")
     assert code == 2 and "Traceback" not in stderr
-    assert f"error: batch: a batch of {2**40} does not fit in memory" in stderr
-    assert f"try --batch {2**39} or smaller" in stderr
+    assert "error: batch: a batch of 10000 does not fit in memory" in stderr
+    assert "try --batch 5000 or smaller" in stderr
 
 
 @pytest.mark.parametrize("command", ["train", "certify"])
