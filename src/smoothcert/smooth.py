@@ -86,7 +86,7 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def check_logits(logits, batch: int, num_classes: int | None = None) -> torch.Tensor:
+def check_logits(logits: object, batch: int, num_classes: int | None = None) -> torch.Tensor:
     """`logits` if a base classifier's output for `batch` inputs is real logits [batch,
     num_classes] (any number of columns for None). The output is untrusted: a row too many
     would be a vote too many, and a certificate inflated with it."""
