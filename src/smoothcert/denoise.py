@@ -169,7 +169,7 @@ class DiffusionDenoiser(nn.Module):
                 f"denoiser: '{folder}' predicts {prediction!r}; one-shot denoising reads a "
                 "noise prediction (prediction_type 'epsilon')"
             )
-        return cls(unet.eval(), scheduler.alphas_cumprod, sigma, unet.config.sample_size)
+        return cls(unet, scheduler.alphas_cumprod, sigma, unet.config.sample_size).eval()
 
 
 def _import_diffusers() -> Any:

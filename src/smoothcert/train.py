@@ -42,7 +42,7 @@ from .io import (
     weights_digest,
 )
 from .models import build_model
-from .objectives import get_objective
+from .objectives import get_objective, trains_denoiser
 from .presets import TrainConfig, eps_at, lr_factor, upgrade_config
 from .smooth import autocast
 
@@ -142,23 +142,59 @@ def draw_noise(
     return noise[ctx.rank :: ctx.world_size].mul_(cfg.sigma)
 
 
+Score = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, int]]
+
+
 @torch.inference_mode()
-def evaluate(
-    model: nn.Module, dataset: Dataset, sigma: float, device: torch.device, batch: int, seed: int
-) -> dict[str, float]:
-    """Clean accuracy and accuracy under one Gaussian draw per example."""
+def _clean_and_noisy(
+    model: nn.Module, dataset: Dataset, sigma: float, device: torch.device, batch: int,
+    seed: int, score: Score,
+) -> tuple[float, float]:
+    """The mean of `score(output, x, y)` (a sum and its count) on clean inputs and under one
+    Gaussian draw per example."""
     model.eval()
     generator = torch.Generator(device=device).manual_seed(seed)
-    correct = torch.zeros(2, device=device)
+    sums = torch.zeros(2, device=device)
     total = 0
     for x, y in DataLoader(dataset, batch_size=batch):
         x, y = x.to(device), y.to(device)
         noisy = x + sigma * torch.randn(x.shape, generator=generator, device=device)
-        correct[0] += (model(x).argmax(1) == y).sum()
-        correct[1] += (model(noisy).argmax(1) == y).sum()
-        total += len(y)
-    clean, noisy = (correct / max(total, 1)).tolist()
+        (clean_sum, count), (noisy_sum, _) = score(model(x), x, y), score(model(noisy), x, y)
+        sums += torch.stack([clean_sum, noisy_sum])
+        total += count
+    clean, noisy = (sums / max(total, 1)).tolist()
+    return clean, noisy
+
+
+def evaluate(
+    model: nn.Module, dataset: Dataset, sigma: float, device: torch.device, batch: int, seed: int
+) -> dict[str, float]:
+    """Clean accuracy and accuracy under one Gaussian draw per example."""
+    clean, noisy = _clean_and_noisy(model, dataset, sigma, device, batch, seed,
+                                    lambda out, x, y: ((out.argmax(1) == y).sum(), len(y)))
     return {"test_clean_acc": clean, "test_noisy_acc": noisy}
+
+
+def evaluate_denoiser(
+    model: nn.Module, dataset: Dataset, sigma: float, device: torch.device, batch: int, seed: int
+) -> dict[str, float]:
+    """A denoiser's mean squared error per pixel (it has no accuracy), on clean inputs and under
+    one Gaussian draw per example."""
+    clean, noisy = _clean_and_noisy(model, dataset, sigma, device, batch, seed,
+                                    lambda out, x, y: ((out - x).square().sum(), x.numel()))
+    return {"test_clean_mse": clean, "test_noisy_mse": noisy}
+
+
+def check_model_fits_objective(model: str, objective: str, network: nn.Module) -> None:
+    """Refuse a classifier trained as a denoiser or a denoiser trained as a classifier."""
+    outputs_images = getattr(network, "outputs_images", False)
+    if trains_denoiser(objective) != outputs_images:
+        wanted = "a denoiser (a model that outputs images" if trains_denoiser(objective) else \
+            "a classifier (not a denoiser"
+        raise ValueError(
+            f"model: objective {objective} trains {wanted}), and {model} is not one; choose "
+            "another --model or --objective"
+        )
 
 
 class Trainer:
@@ -180,6 +216,7 @@ class Trainer:
         # process): a run is reproducible, and 1 and N processes start from the same weights.
         rng.seed_torch(cfg.seed, "model-init")
         model = build_model(cfg.model, cfg.dataset).to(device)
+        check_model_fits_objective(cfg.model, cfg.objective, model[-1])
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
@@ -337,7 +374,8 @@ class Trainer:
 
     def _evaluate(self, epoch: int) -> dict[str, float]:
         cfg = self.cfg
-        return evaluate(
+        measure = evaluate_denoiser if trains_denoiser(cfg.objective) else evaluate
+        return measure(
             self.model, self.eval_set, cfg.sigma, self.ctx.device, 500,
             rng.int_seed(cfg.seed, "eval-noise", epoch),
         )
