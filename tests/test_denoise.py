@@ -95,7 +95,8 @@ def test_bad_timestep_arguments_are_refused_by_name(alphas, sigma, match):
 
 
 class ConstantNoise(nn.Module):
-    """A noise predictor returning `value` everywhere; records the timesteps it was given."""
+    """A noise predictor returning `value` (and 9 in any further channels); records the
+    timesteps and shapes it was given."""
 
     def __init__(self, value: float, channels_factor: int = 1):
         super().__init__()
@@ -104,7 +105,9 @@ class ConstantNoise(nn.Module):
     def forward(self, x, t):
         self.timesteps.append(t)
         self.shapes.append(tuple(x.shape))
-        return torch.full((x.shape[0], x.shape[1] * self.factor, *x.shape[2:]), self.value)
+        out = torch.full((x.shape[0], x.shape[1] * self.factor, *x.shape[2:]), self.value)
+        out[:, x.shape[1]:] = 9.0  # a learned variance's channels, after the noise's
+        return out
 
 
 def test_one_shot_denoising_scales_in_and_out_as_the_equations_say():
