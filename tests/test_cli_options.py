@@ -95,6 +95,9 @@ def test_models_and_objectives_list_their_registries(capsys):
     rows = [line.split(None, 1) for line in out.splitlines()]
     assert code == 0 and [name for name, _ in rows] == list(OBJECTIVES)
     assert dict(rows)["adre"] == "ADREREG (Feng 2020, Algorithm 1)."
+    summaries = {line.index(summary) for line, (_, summary) in zip(out.splitlines(), rows,
+                                                                     strict=True)}
+    assert len(summaries) == 1  # one column, also after the longest name (denoiser-stability)
 
 
 def test_the_old_method_option_still_trains_and_warns(capsys, tmp_path):

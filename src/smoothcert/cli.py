@@ -332,9 +332,10 @@ def _list_objectives(args) -> None:
 
     from .objectives import get_objective, list_objectives
 
+    width = max(map(len, list_objectives()))
     for name in list_objectives():
         summary = inspect.getdoc(get_objective(name)).split("\n\n")[0].replace("\n", " ")
-        print(f"{name:12} {summary}")
+        print(f"{name:{width}} {summary}")
 
 
 def _run(args) -> None:
