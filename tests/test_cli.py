@@ -285,8 +285,8 @@ def test_predict_prints_the_abstention_rate(capsys, trained_checkpoint, tmp_path
     [(["--n", "0"], "error: n must be"), (["--alpha", "2"], "error: alpha must be"),
      (["--method", "foo"], "argument --method: invalid choice"),
      (["--sigma", "-1"], "error: sigma must be"),
-     (["--max-examples", "-5"], "argument --max-examples/--max: must be a count >= 0"),
-     (["--max", "two"], "argument --max-examples/--max: expected a count of examples")],
+     (["--max-examples", "-5"], "argument --max-examples: must be a count >= 0"),
+     (["--max", "two"], "argument --max: expected a count of examples")],
 )
 def test_bad_certify_options_exit_2(capsys, trained_checkpoint, tmp_path, args, message):
     out = tmp_path / "x.tsv"

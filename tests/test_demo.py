@@ -9,7 +9,8 @@ import pytest
 from test_cli import PNG, cli
 
 import smoothcert.data
-from smoothcert.demo import conclusions
+from smoothcert.cli import build_parser
+from smoothcert.demo import conclusions, render_report
 from smoothcert.train import Trainer
 
 TINY = ["--epochs", "1", "--train-subset", "256", "--certify", "6", "--skip", "50", "--n0", "20",
@@ -133,3 +134,14 @@ def test_an_interrupted_demo_says_what_it_kept(capsys, monkeypatch, tmp_path):
     assert stderr.splitlines()[-1] == (
         f"smoothcert demo: interrupted: checkpoint of epoch 1 kept in "
         f"'{out / 'basic' / 'checkpoint.pt'}'; run the same command to resume")
+
+
+@pytest.mark.parametrize("amp, said", [("bf16", "bf16 autocast"), ("fp16", "fp16 autocast"),
+                                       ("none", "Fast paths used: float32"),
+                                       (None, "Fast paths used: float32")])
+def test_the_report_names_the_autocast_dtype_the_demo_ran_with(amp, said):
+    args = build_parser(["demo"]).parse_args(["demo"])
+    args.amp = amp
+    report = render_report(args, [], {}, np.array([0.5]), (np.zeros(1), np.zeros(1)), {}, {},
+                           [], 60.0)
+    assert said in " ".join(report.split())

@@ -20,6 +20,7 @@ _PACKAGE_DIR = Path(__file__).resolve().parent
 
 DEBUG_HELP = "show the full traceback of any error (and debug log messages)"
 PROGRESS_HELP = "no progress bars"
+AMP_HELP = f"autocast dtype: {', '.join(AMP)} or none (float32)"
 TRAIN_HELP = {
     "objective": "training objective (see `smoothcert objectives`; `train --objective NAME "
                  "--help` lists its options)",
@@ -29,7 +30,7 @@ TRAIN_HELP = {
     "train_subset": "train on the first N examples only (0: all)",
     "eval_subset": "examples of the test split evaluated after each epoch (0: none)",
     "out": "run directory: config.json, checkpoint.pt, log.jsonl",
-    "amp": "autocast dtype (none: float32)",
+    "amp": AMP_HELP,
 }
 # train's options that are not TrainConfig fields: they steer the command, not the run.
 TRAIN_COMMAND_OPTIONS = {"resume"}
@@ -104,11 +105,37 @@ def _add_train_option(parser, name: str, kind, accepted: dict, text: str) -> Non
     flag = "--" + name.replace("_", "-")
     if kind is bool:
         parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+    elif name == "amp":
+        parser.add_argument(flag, type=_amp, metavar="{none,bf16,fp16}", default=None, help=text)
     elif name in accepted:
         parser.add_argument(flag, choices=accepted[name], default=None, help=text)
     else:
         scalar = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
         parser.add_argument(flag, type=scalar, default=None, help=text)
+
+
+def _add_aliased(parser: argparse.ArgumentParser, flag: str, *aliases: str, help: str,
+                 **options) -> None:
+    """`flag`, the one name of its concept (docs/CONTRIBUTING.md, "Vocabulary"), shown with its
+    old spellings noted; each alias is accepted for scripts written before, hidden from --help."""
+    dest = options.pop("dest", flag[2:].replace("-", "_"))
+    if "choices" not in options:
+        options.setdefault("metavar", flag[2:].upper().replace("-", "_"))
+    note = ", ".join(aliases)
+    parser.add_argument(flag, dest=dest, help=f"{help} (alias: {note})", **options)
+    hidden = {**options, "default": argparse.SUPPRESS}
+    for alias in aliases:
+        parser.add_argument(alias, dest=dest, help=argparse.SUPPRESS, **hidden)
+
+
+def _amp(text: str) -> str | None:
+    """--amp: an autocast dtype, or none (float32)."""
+    if text == "none":
+        return None
+    if text not in AMP:
+        accepted = ", ".join(map(repr, ("none", *AMP)))
+        raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {accepted})")
+    return text
 
 
 def _example_count(text: str) -> int:
@@ -136,21 +163,23 @@ def _dataset_name(name: str) -> str:
 def _add_run_options(parser: argparse.ArgumentParser, certify: bool) -> None:
     parser.add_argument("checkpoint", help="checkpoint.pt of `smoothcert train`, or a Cohen "
                         "et al./SmoothAdv/Consistency/SmoothMix or MACER checkpoint")
-    parser.add_argument("--format", choices=["auto", "smoothcert", "cohen", "macer"],
-                        default="auto", help="the checkpoint's format (default: from its keys)")
-    parser.add_argument("--arch", help="a MACER checkpoint's architecture: resnet110 or lenet")
+    _add_aliased(parser, "--checkpoint-format", "--format", dest="format", default="auto",
+                 choices=["auto", "smoothcert", "cohen", "macer"],
+                 help="the checkpoint's format (default: from its keys)")
+    _add_aliased(parser, "--model", "--arch", dest="arch",
+                 help="a MACER checkpoint's architecture: resnet110 or lenet")
     parser.add_argument("--out", required=True, help="result TSV (re-running resumes it)")
     parser.add_argument("--split", default="test")
     # --N / --max-examples: torchrun swallows --n and --max as abbreviations of its own
     # options (pytorch/pytorch#120601), so every option needs a spelling it passes through.
-    parser.add_argument("--N", "--n", dest="n", type=int, default=100_000,
-                        help="estimation samples (use --N under torchrun)")
+    _add_aliased(parser, "--N", "--n", dest="n", type=int, default=100_000,
+                 help="estimation samples")
     parser.add_argument("--alpha", type=float, default=0.001, help="failure probability")
     parser.add_argument("--batch", type=int, default=1000, help="noisy samples per forward")
     parser.add_argument("--skip", type=int, default=1, help="certify every skip-th example")
-    parser.add_argument("--max-examples", "--max", dest="max", type=_example_count, default=None,
-                        help="at most this many examples (a COUNT; Cohen's --max is an index; "
-                        "use --max-examples under torchrun)")
+    _add_aliased(parser, "--max-examples", "--max", dest="max", type=_example_count,
+                 default=None, help="at most this many examples (a COUNT; Cohen's --max is an "
+                 "index)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sigma", type=float, help="noise level: required for Cohen/MACER "
                         "checkpoints, overrides a smoothcert checkpoint's")
@@ -158,7 +187,7 @@ def _add_run_options(parser: argparse.ArgumentParser, certify: bool) -> None:
                         help="override the checkpoint's dataset (mnist, cifar10, ...)")
     parser.add_argument("--data-dir", help="dataset folder (or set SMOOTHCERT_DATA)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--amp", choices=AMP)
+    parser.add_argument("--amp", type=_amp, metavar="{none,bf16,fp16}", help=AMP_HELP)
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                         help="run the model in channels_last memory format (default on)")
     parser.add_argument("--restart-stale", dest="restart_if_stale", action="store_true",
@@ -166,8 +195,11 @@ def _add_run_options(parser: argparse.ArgumentParser, certify: bool) -> None:
                         "checkpoint content) and recompute them, instead of refusing")
     if certify:
         parser.add_argument("--n0", type=int, default=100, help="selection samples")
-        parser.add_argument("--method", choices=["certify", "tcertify", "both"],
-                            help="default: both; certify with --radii/--max-n")
+        _add_aliased(parser, "--layout", "--method", dest="method",
+                     choices=["certify", "tcertify", "both"],
+                     help="the methods in the result's columns, the main one first: both "
+                     "(default: CERTIFY, T-CERTIFY, strict T-CERTIFY), tcertify, certify; with "
+                     "--radii certify (default) or tcertify")
         parser.add_argument("--grid", type=int, default=10, help="T-CERTIFY alpha' grid size")
         _add_sequential_options(parser)
 
@@ -210,12 +242,12 @@ def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip", type=int, default=40,
                         help="certify every skip-th test image (default 40)")
     parser.add_argument("--n0", type=int, default=100, help="selection samples (default 100)")
-    parser.add_argument("--N", "--n", dest="n", type=int, default=5_000,
-                        help="estimation samples (default 5,000)")
+    _add_aliased(parser, "--N", "--n", dest="n", type=int, default=5_000,
+                 help="estimation samples (default 5,000)")
     parser.add_argument("--alpha", type=float, default=0.001)
     parser.add_argument("--batch", type=int, default=1_000, help="certification batch")
-    parser.add_argument("--amp", choices=["bf16", "none"], default="bf16",
-                        help="autocast for training and certification (default bf16)")
+    parser.add_argument("--amp", type=_amp, metavar="{none,bf16,fp16}", default="bf16",
+                        help=f"{AMP_HELP}, for training and certification (default bf16)")
     parser.add_argument("--seed", type=int, default=0)
 
 

@@ -314,7 +314,7 @@ only its own work).
 def _setting(args: argparse.Namespace) -> str:
     """The report's section on what was trained and certified, and how."""
     ceiling = args.sigma * _norm_ppf(args.alpha ** (1 / args.n))
-    amp = "bf16 autocast (noise drawn in float32)" if args.amp == "bf16" else "float32"
+    amp = f"{args.amp} autocast (noise drawn in float32)" if _amp(args) else "float32"
     data = f"the first {args.train_subset}" if args.train_subset else "all 60,000"
     return f"""## Setting
 
