@@ -160,6 +160,18 @@ def _dataset_name(name: str) -> str:
     return name
 
 
+def _sample_count(text: str) -> int:
+    """--n0, --N, --max-n: a number of samples, refused above stats.MAX_SAMPLES (the counts the
+    statistics are validated for) while parsing, before torch or the model is loaded."""
+    from .stats import MAX_SAMPLES, check_sample_count
+
+    try:
+        return check_sample_count(int(text), "samples")
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be an integer in [1, {MAX_SAMPLES}], got {text!r}") from None
+
+
 def _add_run_options(parser: argparse.ArgumentParser, certify: bool) -> None:
     parser.add_argument("checkpoint", help="checkpoint.pt of `smoothcert train`, or a Cohen "
                         "et al./SmoothAdv/Consistency/SmoothMix or MACER checkpoint")
@@ -172,7 +184,7 @@ def _add_run_options(parser: argparse.ArgumentParser, certify: bool) -> None:
     parser.add_argument("--split", default="test")
     # --N / --max-examples: torchrun swallows --n and --max as abbreviations of its own
     # options (pytorch/pytorch#120601), so every option needs a spelling it passes through.
-    _add_aliased(parser, "--N", "--n", dest="n", type=int, default=100_000,
+    _add_aliased(parser, "--N", "--n", dest="n", type=_sample_count, default=100_000,
                  help="estimation samples")
     parser.add_argument("--alpha", type=float, default=0.001, help="failure probability")
     parser.add_argument("--batch", type=int, default=1000, help="noisy samples per forward")
@@ -194,7 +206,7 @@ def _add_run_options(parser: argparse.ArgumentParser, certify: bool) -> None:
                         help="discard rows in --out that another run wrote (other settings or "
                         "checkpoint content) and recompute them, instead of refusing")
     if certify:
-        parser.add_argument("--n0", type=int, default=100, help="selection samples")
+        parser.add_argument("--n0", type=_sample_count, default=100, help="selection samples")
         _add_aliased(parser, "--layout", "--method", dest="method",
                      choices=["certify", "tcertify", "both"],
                      help="the methods in the result's columns, the main one first: both "
@@ -217,8 +229,8 @@ def _add_sequential_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--radii", type=_radii, help="certify at these radii only, sampling "
                         "sequentially until each is decided (default with --max-n: the "
                         "Table-1 radii max-n can reach)")
-    parser.add_argument("--max-n", type=int, help="at most this many estimation samples per "
-                        "input, with --radii or --adaptive-n (default: --N)")
+    parser.add_argument("--max-n", type=_sample_count, help="at most this many estimation "
+                        "samples per input, with --radii or --adaptive-n (default: --N)")
     parser.add_argument("--confidence-sequence", choices=["mixture", "bonferroni"],
                         help="anytime-valid bound of sequential certification (default mixture)")
     parser.add_argument("--adaptive-n", action="store_true", help="choose each input's n from "
@@ -241,8 +253,9 @@ def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
                         help="number of test images certified (default 250)")
     parser.add_argument("--skip", type=int, default=40,
                         help="certify every skip-th test image (default 40)")
-    parser.add_argument("--n0", type=int, default=100, help="selection samples (default 100)")
-    _add_aliased(parser, "--N", "--n", dest="n", type=int, default=5_000,
+    parser.add_argument("--n0", type=_sample_count, default=100,
+                        help="selection samples (default 100)")
+    _add_aliased(parser, "--N", "--n", dest="n", type=_sample_count, default=5_000,
                  help="estimation samples (default 5,000)")
     parser.add_argument("--alpha", type=float, default=0.001)
     parser.add_argument("--batch", type=int, default=1_000, help="certification batch")

@@ -30,7 +30,7 @@ from .distributed import DistContext, batch_memory_guard, init_distributed
 from .io import check_output_path, output_lock
 from .rng import generator
 from .smooth import Smooth
-from .stats import ABSTAIN, check_alpha, check_positive_int
+from .stats import ABSTAIN, check_alpha, check_positive_int, check_sample_count
 
 log = logging.getLogger(__name__)
 _KINDS = {"certify": "certify (radius per input)", "radii": "certify at given radii (sequential)",
@@ -116,10 +116,12 @@ class RunConfig:
             self.tolerance = sequential.check_tolerance(
                 0.02 if self.tolerance is None else self.tolerance)
         check_alpha(self.alpha)
-        for name in ("n0", "n", "batch", "grid", "skip"):
+        for name in ("n0", "n"):
+            check_sample_count(getattr(self, name), name)
+        for name in ("batch", "grid", "skip"):
             check_positive_int(getattr(self, name), name)
         if sampling != "fixed":
-            self.max_n = check_positive_int(self.n if self.max_n is None else self.max_n,
+            self.max_n = check_sample_count(self.n if self.max_n is None else self.max_n,
                                             "max_n")
             if self.batch > self.max_n and sampling == "sequential":
                 raise ValueError(f"max_n must be >= batch ({self.batch}), got {self.max_n}")
