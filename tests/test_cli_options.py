@@ -11,10 +11,11 @@ import pytest
 from test_cli import cli as run
 from test_imports import imported
 
-from smoothcert.cli import TRAIN_COMMAND_OPTIONS, build_parser
+from smoothcert.cli import build_parser
 from smoothcert.io import read_checkpoint_state, save_checkpoint
 from smoothcert.models import MODELS
 from smoothcert.objectives import OBJECTIVES
+from smoothcert.options import TRAIN_COMMAND_OPTIONS
 from smoothcert.presets import PRESETS, TrainConfig, choices, resolve_config
 from smoothcert.runner import RunConfig
 from smoothcert.stats import MAX_SAMPLES
