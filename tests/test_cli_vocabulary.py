@@ -65,3 +65,9 @@ def test_an_unknown_amp_is_a_usage_error_naming_the_choices(capsys, command):
 
 def test_the_demo_still_defaults_to_bf16():
     assert parse("demo").amp == "bf16"
+
+
+def test_the_demo_counts_its_examples_with_certifys_name_and_keeps_its_old_one():
+    assert parse("demo", "--max-examples", "6").num_certify == 6
+    assert parse("demo", "--certify", "6").num_certify == 6
+    assert parse("demo").num_certify == 250

@@ -88,9 +88,9 @@ def test_conclusions_follow_the_numbers():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--certify", "0"], "--certify must be an integer in [1, 250] (every 40th of the 10,000 "
+    (["--certify", "0"], "--max-examples must be an integer in [1, 250] (every 40th of the 10,000 "
                          "test images), got 0"),
-    (["--certify", "51", "--skip", "200"], "--certify must be an integer in [1, 50]"),
+    (["--max-examples", "51", "--skip", "200"], "--max-examples must be an integer in [1, 50]"),
     (["--skip", "0"], "--skip must be an integer in [1, 10,000], got 0"),
     (["--train-subset", "-1"], "--train-subset must be an integer in [0, 60,000] (0: all)"),
     (["--train-subset", "60001"], "--train-subset must be an integer in [0, 60,000]"),

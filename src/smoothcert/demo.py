@@ -87,7 +87,7 @@ def plan_demo(args: argparse.Namespace) -> list[DemoStage]:
     _check_range("--train-subset", args.train_subset, 0, MNIST_SIZES["train"], "(0: all)")
     _check_range("--skip", args.skip, 1, MNIST_SIZES["test"])
     most = -(-MNIST_SIZES["test"] // args.skip)
-    _check_range("--certify", args.num_certify, 1, most,
+    _check_range("--max-examples", args.num_certify, 1, most,
                  f"(every {args.skip}th of the {MNIST_SIZES['test']:,} test images)")
     seed_sequence(args.seed, "model-init")  # the seed's range
     out = Path(args.out)

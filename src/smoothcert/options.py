@@ -240,8 +240,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=0.01, help="learning rate (default 0.01)")
     parser.add_argument("--train-subset", type=int, default=0,
                         help="train on the first N MNIST images (default 0: all 60,000)")
-    parser.add_argument("--certify", type=int, default=250, dest="num_certify",
-                        help="number of test images certified (default 250)")
+    _add_aliased(parser, "--max-examples", "--certify", type=int, default=250,
+                 dest="num_certify", help="number of test images certified (default 250)")
     parser.add_argument("--skip", type=int, default=40,
                         help="certify every skip-th test image (default 40)")
     parser.add_argument("--n0", type=_sample_count, default=100,
