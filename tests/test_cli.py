@@ -284,6 +284,20 @@ def test_predict_prints_the_abstention_rate(capsys, trained_checkpoint, tmp_path
     assert len(rows) == 3 and all(row[2:4] == ["-1", "0"] for row in rows)
 
 
+def test_a_file_written_with_the_old_spellings_is_resumed_with_the_new_ones(
+        capsys, trained_checkpoint, result_file, tmp_path):
+    copy = tmp_path / result_file.name
+    for suffix in ("", ".json"):
+        shutil.copy(f"{result_file}{suffix}", f"{copy}{suffix}")
+    before = copy.read_text()
+    code, _, stderr = cli(capsys, "certify", str(trained_checkpoint), "--out", str(copy),
+                          "--max-examples", "4", "--n0", "10", "--N", "100", "--batch", "100",
+                          "--device", "cpu", "--layout", "both", "--checkpoint-format", "auto",
+                          "--amp", "none")
+    assert code == 0, stderr
+    assert copy.read_text() == before  # the same run: finished, nothing recomputed
+
+
 @pytest.mark.parametrize(
     "args, message",
     [(["--n", "0"], "argument --n: must be an integer in [1, "),
