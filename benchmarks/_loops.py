@@ -64,7 +64,7 @@ class ChannelsLastNoiseSampler(NoiseSampler):
 def smooth_for(model: nn.Module, num_classes: int, buffer_cl: bool, amp: str | None) -> Smooth:
     smooth = Smooth(model, num_classes, SIGMA, amp=amp)
     if buffer_cl:
-        smooth.sampler = ChannelsLastNoiseSampler(model, num_classes, SIGMA, amp)
+        smooth.sampler = ChannelsLastNoiseSampler(model, num_classes, SIGMA, amp=amp)
     return smooth
 
 

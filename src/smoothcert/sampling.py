@@ -115,6 +115,7 @@ class NoiseSampler:
         base_classifier: nn.Module,
         num_classes: int,
         sigma: float,
+        *,
         amp: str | None = None,
         input_range: tuple[float, float] | None = (0.0, 1.0),
     ):

@@ -42,16 +42,10 @@ class Smooth:
 
     ABSTAIN = ABSTAIN
 
-    def __init__(
-        self,
-        base_classifier: nn.Module,
-        num_classes: int,
-        sigma: float,
-        *,
-        amp: str | None = None,
-        input_range: tuple[float, float] | None = (0.0, 1.0),
-    ):
-        self.sampler = NoiseSampler(base_classifier, num_classes, sigma, amp, input_range)
+    def __init__(self, base_classifier: nn.Module, num_classes: int, sigma: float,
+                 **sampler_options: Any):
+        """sampler_options: `NoiseSampler`'s amp (None, "bf16" or "fp16") and input_range."""
+        self.sampler = NoiseSampler(base_classifier, num_classes, sigma, **sampler_options)
 
     @property
     def base_classifier(self) -> nn.Module:
