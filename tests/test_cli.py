@@ -14,9 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from smoothcert import Smooth
 from smoothcert import train as train_module
 from smoothcert.cli import build_parser, main
+from smoothcert.sampling import NoiseSampler
 
 PNG = b"\x89PNG\r\n\x1a\n"
 SMALL_TRAIN = ["--epochs", "1", "--train-subset", "64", "--batch", "64", "--k", "2",
@@ -178,7 +178,7 @@ def test_a_certify_batch_too_large_for_memory_exits_2_naming_a_smaller_one(
         capsys, monkeypatch, tmp_path, trained_checkpoint):
     # --N is at most 10^7, so each noisy image is made 2**40 pixels: a buffer of 10,000 of
     # them needs 44 PB, and the allocation fails at once.
-    monkeypatch.setattr(Smooth, "_noise_buffer", staticmethod(
+    monkeypatch.setattr(NoiseSampler, "_noise_buffer", staticmethod(
         lambda x, size, device: torch.empty((size, 2**40), device=device)))
     code, _, stderr = cli(capsys, "certify", str(trained_checkpoint), "--out",
                           str(tmp_path / "r.tsv"), "--max-examples", "1", "--N", "10000",

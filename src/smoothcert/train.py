@@ -44,7 +44,7 @@ from .io import (
 from .models import build_model
 from .objectives import get_objective
 from .presets import TrainConfig, eps_at, lr_factor, upgrade_config
-from .smooth import autocast
+from .sampling import autocast
 
 CHECKPOINT = "checkpoint.pt"
 CONFIG = "config.json"
