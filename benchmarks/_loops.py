@@ -10,7 +10,8 @@ from torch import nn
 
 from smoothcert import Smooth, stats
 from smoothcert.models import build_model
-from smoothcert.smooth import autocast as smooth_autocast
+from smoothcert.sampling import NoiseSampler
+from smoothcert.sampling import autocast as smooth_autocast
 
 SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32), "imagenet": (3, 224, 224)}
 CLASSES = {"mnist": 10, "cifar10": 10, "imagenet": 1000}
@@ -51,18 +52,20 @@ def autocast(amp: str | None):
     return smooth_autocast(torch.device("cpu"), amp)
 
 
-class ChannelsLastNoiseSmooth(Smooth):
-    """Smooth with its noise drawn into a channels_last buffer: measured, not shipped."""
+class ChannelsLastNoiseSampler(NoiseSampler):
+    """A sampler drawing its noise into a channels_last buffer: measured, not shipped."""
 
     @staticmethod
     def _noise_buffer(x: torch.Tensor, size: int, device: torch.device) -> torch.Tensor:
-        buffer = Smooth._noise_buffer(x, size, device)
+        buffer = NoiseSampler._noise_buffer(x, size, device)
         return buffer.contiguous(memory_format=torch.channels_last) if x.dim() == 3 else buffer
 
 
 def smooth_for(model: nn.Module, num_classes: int, buffer_cl: bool, amp: str | None) -> Smooth:
-    kind = ChannelsLastNoiseSmooth if buffer_cl else Smooth
-    return kind(model, num_classes, SIGMA, amp=amp)
+    smooth = Smooth(model, num_classes, SIGMA, amp=amp)
+    if buffer_cl:
+        smooth.sampler = ChannelsLastNoiseSampler(model, num_classes, SIGMA, amp=amp)
+    return smooth
 
 
 def make_smooth(model: nn.Module, dataset: str, config: str) -> Smooth:

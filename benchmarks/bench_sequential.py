@@ -145,7 +145,7 @@ class Clock:
 def certify_point(smooth: Smooth, x: torch.Tensor, generator: torch.Generator, radii,
                   args) -> dict:
     started = time.perf_counter()
-    selection = smooth._sample_noise(x, args.n0, args.batch, generator, name="n0")
+    selection = smooth.sampler.counts(x, args.n0, args.batch, generator, name="n0")
     selection_time = time.perf_counter() - started
     label = int(np.argmax(selection))
     procedures = {name: RadiiProcedure(procedure_radii(radii, options), smooth.sigma,
@@ -163,7 +163,7 @@ def certify_point(smooth: Smooth, x: torch.Tensor, generator: torch.Generator, r
     out = {"label": label, "seq": {}, "adaptive": {}}
     for end in sorted(ends):
         started = time.perf_counter()
-        counts += smooth._sample_noise(x, end - clock.ends[-1], args.batch, generator)
+        counts += smooth.sampler.counts(x, end - clock.ends[-1], args.batch, generator)
         clock.add(end, time.perf_counter() - started)
         for name, procedure in procedures.items():
             if not procedure.done and procedure.n + procedure.next_batch() == end:

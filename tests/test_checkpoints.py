@@ -145,7 +145,7 @@ def test_a_cohen_file_without_arch_loads_with_format_and_arch(tmp_path):
     state = {f"1.{k}": v for k, v in net.state_dict().items()}
     path = tmp_path / "no_arch.pth.tar"
     torch.save({"state_dict": state}, path)
-    with pytest.raises(CheckpointError, match="--format cohen --arch"):
+    with pytest.raises(CheckpointError, match="--checkpoint-format cohen --model"):
         load_checkpoint(path)
     model = load_checkpoint(path, format="cohen", arch="lenet")
     x = torch.rand(3, 1, 28, 28)
@@ -160,7 +160,7 @@ def test_a_cohen_file_without_arch_loads_with_format_and_arch(tmp_path):
 @pytest.mark.parametrize(
     ("name", "options", "error", "message"),
     [
-        ("macer_lenet.pth", {}, ValueError, r"arch: .*give --arch, one of resnet110, lenet"),
+        ("macer_lenet.pth", {}, ValueError, r"arch: .*give --model, one of resnet110, lenet"),
         ("macer_lenet.pth", {"arch": "vgg"}, ValueError, r"arch: .*resnet110, lenet; got 'vgg'"),
         ("macer_resnet110.pth", {"arch": "lenet"}, CheckpointError,
          r"do not fit macer architecture 'lenet': missing 'conv1.bias'.*unexpected 'bn1"),
@@ -211,7 +211,7 @@ def test_an_unknown_layout_lists_the_formats_and_the_flag(tmp_path):
     assert str(path) in text and "keys 'weights', 'step'" in text
     for fmt in FORMATS:
         assert fmt in text
-    assert "--format" in text
+    assert "--checkpoint-format" in text
 
 
 @pytest.mark.parametrize(

@@ -14,9 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from smoothcert import Smooth
 from smoothcert import train as train_module
 from smoothcert.cli import build_parser, main
+from smoothcert.sampling import NoiseSampler
 
 PNG = b"\x89PNG\r\n\x1a\n"
 SMALL_TRAIN = ["--epochs", "1", "--train-subset", "64", "--batch", "64", "--k", "2",
@@ -178,7 +178,7 @@ def test_a_certify_batch_too_large_for_memory_exits_2_naming_a_smaller_one(
         capsys, monkeypatch, tmp_path, trained_checkpoint):
     # --N is at most 10^7, so each noisy image is made 2**40 pixels: a buffer of 10,000 of
     # them needs 44 PB, and the allocation fails at once.
-    monkeypatch.setattr(Smooth, "_noise_buffer", staticmethod(
+    monkeypatch.setattr(NoiseSampler, "_noise_buffer", staticmethod(
         lambda x, size, device: torch.empty((size, 2**40), device=device)))
     code, _, stderr = cli(capsys, "certify", str(trained_checkpoint), "--out",
                           str(tmp_path / "r.tsv"), "--max-examples", "1", "--N", "10000",
@@ -284,14 +284,28 @@ def test_predict_prints_the_abstention_rate(capsys, trained_checkpoint, tmp_path
     assert len(rows) == 3 and all(row[2:4] == ["-1", "0"] for row in rows)
 
 
+def test_a_file_written_with_the_old_spellings_is_resumed_with_the_new_ones(
+        capsys, trained_checkpoint, result_file, tmp_path):
+    copy = tmp_path / result_file.name
+    for suffix in ("", ".json"):
+        shutil.copy(f"{result_file}{suffix}", f"{copy}{suffix}")
+    before = copy.read_text()
+    code, _, stderr = cli(capsys, "certify", str(trained_checkpoint), "--out", str(copy),
+                          "--max-examples", "4", "--n0", "10", "--N", "100", "--batch", "100",
+                          "--device", "cpu", "--layout", "both", "--checkpoint-format", "auto",
+                          "--amp", "none")
+    assert code == 0, stderr
+    assert copy.read_text() == before  # the same run: finished, nothing recomputed
+
+
 @pytest.mark.parametrize(
     "args, message",
-    [(["--n", "0"], "argument --N/--n: must be an integer in [1, "),
+    [(["--n", "0"], "argument --n: must be an integer in [1, "),
      (["--alpha", "2"], "error: alpha must be"),
      (["--method", "foo"], "argument --method: invalid choice"),
      (["--sigma", "-1"], "error: sigma must be"),
-     (["--max-examples", "-5"], "argument --max-examples/--max: must be a count >= 0"),
-     (["--max", "two"], "argument --max-examples/--max: expected a count of examples")],
+     (["--max-examples", "-5"], "argument --max-examples: must be a count >= 0"),
+     (["--max", "two"], "argument --max: expected a count of examples")],
 )
 def test_bad_certify_options_exit_2(capsys, trained_checkpoint, tmp_path, args, message):
     out = tmp_path / "x.tsv"

@@ -9,7 +9,8 @@ import pytest
 from test_cli import PNG, cli
 
 import smoothcert.data
-from smoothcert.demo import conclusions
+from smoothcert.cli import build_parser
+from smoothcert.demo import conclusions, render_report
 from smoothcert.train import Trainer
 
 TINY = ["--epochs", "1", "--train-subset", "256", "--certify", "6", "--skip", "50", "--n0", "20",
@@ -87,9 +88,9 @@ def test_conclusions_follow_the_numbers():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--certify", "0"], "--certify must be an integer in [1, 250] (every 40th of the 10,000 "
+    (["--certify", "0"], "--max-examples must be an integer in [1, 250] (every 40th of the 10,000 "
                          "test images), got 0"),
-    (["--certify", "51", "--skip", "200"], "--certify must be an integer in [1, 50]"),
+    (["--max-examples", "51", "--skip", "200"], "--max-examples must be an integer in [1, 50]"),
     (["--skip", "0"], "--skip must be an integer in [1, 10,000], got 0"),
     (["--train-subset", "-1"], "--train-subset must be an integer in [0, 60,000] (0: all)"),
     (["--train-subset", "60001"], "--train-subset must be an integer in [0, 60,000]"),
@@ -100,7 +101,7 @@ def test_conclusions_follow_the_numbers():
     (["--epochs", "0"], "epochs must be an integer >= 1"),
     (["--lr", "0"], "lr must be > 0"),
     (["--n0", "0"], "argument --n0: must be an integer in [1, 10000000]"),
-    (["--N", "0"], "argument --N/--n: must be an integer in [1, 10000000]"),
+    (["--N", "0"], "argument --N: must be an integer in [1, 10000000]"),
     (["--alpha", "1"], "alpha must be a number in"),
     (["--batch", "0"], "batch must be an integer >= 1"),
     (["--seed", "-1"], "seed must be an integer in [0, 2**64)"),
@@ -133,3 +134,14 @@ def test_an_interrupted_demo_says_what_it_kept(capsys, monkeypatch, tmp_path):
     assert stderr.splitlines()[-1] == (
         f"smoothcert demo: interrupted: checkpoint of epoch 1 kept in "
         f"'{out / 'basic' / 'checkpoint.pt'}'; run the same command to resume")
+
+
+@pytest.mark.parametrize("amp, said", [("bf16", "bf16 autocast"), ("fp16", "fp16 autocast"),
+                                       ("none", "Fast paths used: float32"),
+                                       (None, "Fast paths used: float32")])
+def test_the_report_names_the_autocast_dtype_the_demo_ran_with(amp, said):
+    args = build_parser(["demo"]).parse_args(["demo"])
+    args.amp = amp
+    report = render_report(args, [], {}, np.array([0.5]), (np.zeros(1), np.zeros(1)), {}, {},
+                           [], 60.0)
+    assert said in " ".join(report.split())

@@ -22,13 +22,10 @@ from smoothcert.denoise import (
 from smoothcert.io import WEIGHTS_DIGEST, save_checkpoint, weights_digest
 from smoothcert.models import build_model
 from smoothcert.models.dncnn import DnCNN
-from smoothcert.objectives import (
-    ObjectiveConfig,
-    StabilityConfig,
-    frozen_classifier,
-    get_objective,
-    trains_denoiser,
-)
+from smoothcert.objectives import ObjectiveConfig, get_objective, trains_denoiser
+
+# isort: split
+from smoothcert.denoiser_objectives import StabilityConfig, frozen_classifier
 from smoothcert.presets import resolve_config
 from smoothcert.smooth import Smooth
 from smoothcert.train import train

@@ -3,6 +3,7 @@ parser (parse only, nothing runs), so the documentation cannot drift from the op
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import re
@@ -86,3 +87,25 @@ def test_every_documented_command_line_parses(where, argv):
             build_parser(argv).parse_args(argv)
         except SystemExit as exit_:
             assert exit_.code == 0, f"{where}\n{stderr.getvalue()}"
+
+
+def old_spellings(parser: argparse.ArgumentParser, command: str) -> set[str]:
+    """The options of `command` hidden from --help that fill another, shown option's field."""
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    actions = commands.choices[command]._actions
+    shown = {a.dest for a in actions if a.help != argparse.SUPPRESS}
+    return {flag for a in actions if a.help == argparse.SUPPRESS and a.dest in shown
+            for flag in a.option_strings}
+
+
+def test_the_old_spellings_are_known_to_the_test():
+    parser = build_parser(["train"])
+    assert old_spellings(parser, "certify") == {"--method", "--format", "--arch", "--n", "--max"}
+    assert old_spellings(parser, "demo") == {"--n", "--certify"}
+    assert old_spellings(parser, "train") == {"--method"}
+
+
+@pytest.mark.parametrize("where, argv", documented(), ids=[w for w, _ in documented()])
+def test_documented_command_lines_use_the_one_name_of_each_option(where, argv):
+    old = old_spellings(build_parser(argv), argv[0])
+    assert not old & {token.split("=")[0] for token in argv}, where

@@ -77,7 +77,8 @@ def test_radii_rows_are_the_api_s_certificates_on_the_run_s_streams(trained_chec
     for row in rows(radii_file):
         idx = int(row["idx"])
         cert = smooth.certify_radii(
-            data[idx][0], RADII, 0.001, MAX_N, BATCH, N0, "tcertify",
+            data[idx][0], radii=RADII, alpha=0.001, max_n=MAX_N, batch_size=BATCH, n0=N0,
+            method="tcertify",
             generator=generator(0, "selection", idx), estimation_generator=generator(
                 0, "estimation", idx))
         assert [int(row[f"certified_{r!r}"]) for r in RADII] == list(cert.certified)

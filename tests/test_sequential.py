@@ -21,6 +21,7 @@ from smoothcert.sequential import (
     BonferroniCP,
     RadiiProcedure,
     choose_n,
+    confidence,
     make_confidence_sequence,
 )
 from smoothcert.smooth import Smooth
@@ -94,7 +95,7 @@ def test_mixture_matches_numerical_integration(weights):
         log_uniform /= np.log(1 / t)
         spike = ratio(1.0) if k == n else 0.0
         expected = weights[0] * uniform + weights[1] * log_uniform + weights[2] * spike
-        got = np.exp(sequential._log_mixture(t, k, n, weights))
+        got = np.exp(confidence._log_mixture(t, k, n, weights))
         assert got == pytest.approx(expected, rel=1e-9)
 
 
@@ -107,14 +108,14 @@ def test_mixture_is_a_martingale_with_mean_one():
         n = int(rng.integers(10, 5000))
         k = int(rng.integers(2, n + 1))
         t = float(rng.uniform(0.001, (k - 1) / (n + 1)))
-        now = sequential._log_mixture(t, k, n, weights)
-        up = sequential._log_mixture(t, k + 1, n + 1, weights)
-        same = sequential._log_mixture(t, k, n + 1, weights)
+        now = confidence._log_mixture(t, k, n, weights)
+        up = confidence._log_mixture(t, k + 1, n + 1, weights)
+        same = confidence._log_mixture(t, k, n + 1, weights)
         # on the log scale: M itself overflows (inf == inf would pass) for large k
         assert np.logaddexp(np.log(t) + up, np.log1p(-t) + same) == pytest.approx(now, abs=1e-9)
     for t in (0.1, 0.5, 0.97):  # one trial: success (k = 1) or failure (k = 0, log-uniform 0)
-        success = np.exp(sequential._log_mixture(t, 1, 1, (0.5, 0, 0.5)))
-        failure = np.exp(sequential._log_mixture(t, 0, 1, (0.5, 0, 0.5)))
+        success = np.exp(confidence._log_mixture(t, 1, 1, (0.5, 0, 0.5)))
+        failure = np.exp(confidence._log_mixture(t, 0, 1, (0.5, 0, 0.5)))
         assert t * success + (1 - t) * failure == pytest.approx(1.0, rel=1e-12)
 
 
@@ -126,7 +127,7 @@ def test_mixture_decreases_in_t_below_k_minus_one_over_n():
             for weights in [(1, 0, 0), (0, 1, 0), (0, 0, 1), (1 / 3, 1 / 3, 1 / 3)]:
                 if weights[2] and k < n:
                     continue  # the point mass is zero unless every trial succeeded
-                log_m = sequential._log_mixture(t, k, n, weights)
+                log_m = confidence._log_mixture(t, k, n, weights)
                 assert np.all(np.diff(log_m) <= 1e-9 * np.abs(log_m[1:]) + 1e-12), (n, k)
 
 
@@ -139,7 +140,7 @@ def test_mixture_rejects_no_threshold_beyond_the_lemma_s_region():
             above = np.linspace((k - 1) / n, 1.0, 200)[1:-1]
             assert not cs.reaches(k, n, above, 0.5).any(), (n, k)
             assert cs.lower(k, n, 0.5)[0] <= (k - 1) / n
-    assert sequential._log_mixture(0.1, 1, 1, cs.weights) > np.log(2)  # large there
+    assert confidence._log_mixture(0.1, 1, 1, cs.weights) > np.log(2)  # large there
 
 
 def test_mixture_bounds_sit_below_clopper_pearson():
@@ -239,7 +240,7 @@ def test_mixture_union_counts_every_class():
     cs = mixture()
     others, n, alpha = np.array([5, 5, 0, 0, 0, 2, 0]), 1000, 0.01
     s = np.linspace(0.004, 0.05, 400)
-    total = sum(np.exp(-sequential._log_mixture(1 - s, n - c, n, cs.weights)) for c in others)
+    total = sum(np.exp(-confidence._log_mixture(1 - s, n - c, n, cs.weights)) for c in others)
     expected = (s >= (others.max() + 1) / n) & (total <= alpha)
     near = np.abs(np.log(total / alpha)) < 1e-6
     assert np.array_equal(cs.union_below(others, n, s, alpha)[~near], expected[~near])
@@ -253,7 +254,7 @@ def test_mixture_union_rejects_no_threshold_below_the_lemma_s_region():
     for n, others in [(2, [1, 0]), (3, [2, 1]), (6, [5, 0]), (7, [6, 1, 0])]:
         below = np.linspace(0, (max(others) + 1) / n, 400, endpoint=False)[1:]
         assert not cs.union_below(others, n, below[below < 1], 0.5).any(), (n, others)
-    small = sum(np.exp(-sequential._log_mixture(1 - 0.99875, 2 - c, 2, cs.weights)) for c in (1, 0))
+    small = sum(np.exp(-confidence._log_mixture(1 - 0.99875, 2 - c, 2, cs.weights)) for c in (1, 0))
     assert small < 0.02  # the runner-up's one vote of two, at s = 0.99875
 
 
@@ -437,7 +438,8 @@ def test_smooth_certify_radii_coverage(method):
     radii = [0.25, 0.5, 0.75]
     runs, wrong, right = 150, 0, 0
     for seed in range(runs):
-        cert = smooth.certify_radii(x, radii, alpha, 2000, 200, n0=50, method=method,
+        cert = smooth.certify_radii(x, radii=radii, alpha=alpha, max_n=2000, batch_size=200, n0=50,
+                                    method=method,
                                     generator=torch.Generator().manual_seed(seed))
         assert cert.label in (3, -1)
         wrong += cert.certified[1] or cert.certified[2]
@@ -453,13 +455,15 @@ def test_smooth_certify_radii_coverage(method):
 def test_stops_early_for_certain_and_for_hopeless_inputs(threshold_classifier, cs_name):
     smooth = Smooth(threshold_classifier, 4, 0.5, input_range=None)
     radii = [0.0, 0.25, 0.5, 0.75, 1.0]
-    certain = smooth.certify_radii(torch.tensor([3.0]), radii, 0.001, 100_000, 100,
+    certain = smooth.certify_radii(torch.tensor([3.0]), radii=radii, alpha=0.001, max_n=100_000,
+                                   batch_size=100,
                                    confidence_sequence=cs_name,
                                    generator=torch.Generator().manual_seed(0))
     assert certain.label == 3 and all(certain.certified)
     assert certain.samples_used <= 1000
     # pA = 0.464 for the top class: nothing can be certified, and that is clear quickly.
-    hopeless = smooth.certify_radii(torch.tensor([0.5]), radii, 0.001, 100_000, 100,
+    hopeless = smooth.certify_radii(torch.tensor([0.5]), radii=radii, alpha=0.001, max_n=100_000,
+                                    batch_size=100,
                                     confidence_sequence=cs_name,
                                     generator=torch.Generator().manual_seed(0))
     assert hopeless.label == -1 and not any(hopeless.certified)
@@ -470,16 +474,17 @@ def test_stops_early_for_certain_and_for_hopeless_inputs(threshold_classifier, c
 def test_certify_radii_matches_the_procedure_on_the_same_stream(threshold_classifier):
     smooth = Smooth(threshold_classifier, 4, 0.5, input_range=None)
     x, radii = torch.tensor([1.8]), [0.25, 0.5, 0.75]
-    cert = smooth.certify_radii(x, radii, 0.01, 20_000, 500, n0=100, method="tcertify",
+    cert = smooth.certify_radii(x, radii=radii, alpha=0.01, max_n=20_000, batch_size=500, n0=100,
+                                method="tcertify",
                                 generator=torch.Generator().manual_seed(1))
     generator = torch.Generator().manual_seed(1)
-    selection = smooth._sample_noise(x, 100, 500, generator)
+    selection = smooth.sampler.counts(x, 100, 500, generator)
     label = int(np.argmax(selection))
     procedure = RadiiProcedure(radii, 0.5, 0.01, 20_000, method="tcertify", num_classes=4,
                                batch_size=500)
     counts = np.zeros(4, dtype=np.int64)
     while (size := procedure.next_batch()) > 0:
-        counts += smooth._sample_noise(x, size, 500, generator)
+        counts += smooth.sampler.counts(x, size, 500, generator)
         procedure.update(counts[label], int(counts.sum()), np.delete(counts, label))
     assert cert == procedure.certificate(label, selection_counts=selection)
     assert cert.count_a == counts[label] and cert.n == counts.sum()
@@ -573,9 +578,9 @@ def test_smooth_certify_radii_checks_arguments_before_sampling(threshold_classif
     smooth = Smooth(threshold_classifier, 4, 0.5, input_range=None)
     x = torch.tensor([1.0])
     with pytest.raises(ValueError, match="max_n must be >= batch_size"):
-        smooth.certify_radii(x, [0.25], 0.001, 100, 1000)
+        smooth.certify_radii(x, radii=[0.25], alpha=0.001, max_n=100, batch_size=1000)
     with pytest.raises(ValueError, match="radii must be strictly increasing"):
-        smooth.certify_radii(x, [0.5, 0.25], 0.001, 10_000, 1000)
+        smooth.certify_radii(x, radii=[0.5, 0.25], alpha=0.001, max_n=10_000, batch_size=1000)
     with pytest.raises(ValueError, match="confidence_sequence"):
         make_confidence_sequence("hoeffding", 1000)
 
@@ -646,13 +651,13 @@ def test_certify_adaptive_checks_arguments_before_sampling():
 def test_certify_adaptive_runs_certify_all_on_fresh_samples(threshold_classifier):
     smooth = Smooth(threshold_classifier, 4, 0.5, input_range=None)
     x = torch.tensor([1.6])
-    result = smooth.certify_adaptive(x, 100, 50_000, 0.001, 1000,
+    result = smooth.certify_adaptive(x, n0=100, max_n=50_000, alpha=0.001, batch_size=1000,
                                      generator=torch.Generator().manual_seed(2))
     n = int(result.estimation_counts.sum())
     assert n == choose_n(result.selection_counts, 50_000, 0.5, 0.001, 0.02) < 50_000
     generator = torch.Generator().manual_seed(2)
-    selection = smooth._sample_noise(x, 100, 1000, generator)
-    estimation = smooth._sample_noise(x, n, 1000, generator)
+    selection = smooth.sampler.counts(x, 100, 1000, generator)
+    estimation = smooth.sampler.counts(x, n, 1000, generator)
     assert np.array_equal(selection, result.selection_counts)
     assert np.array_equal(estimation, result.estimation_counts)
     for method, cert in [("certify", result.certify), ("tcertify", result.tcertify),

@@ -346,8 +346,10 @@ ENTRY_POINTS = {
     "certify": lambda s, x: s.certify(x, 10, 100, 1e-3, 50),
     "tcertify": lambda s, x: s.tcertify(x, 10, 100, 1e-3, 50),
     "certify_all": lambda s, x: s.certify_all(x, 10, 100, 1e-3, 50),
-    "certify_radii": lambda s, x: s.certify_radii(x, [0.1], 1e-3, 1_000, 50, n0=10),
-    "certify_adaptive": lambda s, x: s.certify_adaptive(x, 10, 1_000, 1e-3, 50),
+    "certify_radii": lambda s, x: s.certify_radii(x, radii=[0.1], alpha=1e-3, max_n=1_000,
+                                                  batch_size=50, n0=10),
+    "certify_adaptive": lambda s, x: s.certify_adaptive(x, n0=10, max_n=1_000, alpha=1e-3,
+                                                        batch_size=50),
 }
 HOSTILE = {  # fresh models: the last one counts its calls
     "twice the rows": lambda: votes_for_7(rows=lambda b: 2 * b),
@@ -416,10 +418,14 @@ TOO_MANY = MAX_SAMPLES + 1
         (lambda s, x: s.certify(x, 10, TOO_MANY, 0.01, 100), "n"),
         (lambda s, x: s.tcertify(x, 10, TOO_MANY, 0.01, 100), "n"),
         (lambda s, x: s.certify_all(x, 10, TOO_MANY, 0.01, 100), "n"),
-        (lambda s, x: s.certify_radii(x, [0.1], 0.01, TOO_MANY, 100), "max_n"),
-        (lambda s, x: s.certify_radii(x, [0.1], 0.01, 1_000, 100, n0=TOO_MANY), "n0"),
-        (lambda s, x: s.certify_adaptive(x, 10, TOO_MANY, 0.01, 100), "max_n"),
-        (lambda s, x: s.certify_adaptive(x, TOO_MANY, 1_000, 0.01, 100), "n0"),
+        (lambda s, x: s.certify_radii(x, radii=[0.1], alpha=0.01, max_n=TOO_MANY,
+                                      batch_size=100), "max_n"),
+        (lambda s, x: s.certify_radii(x, radii=[0.1], alpha=0.01, max_n=1_000, batch_size=100,
+                                      n0=TOO_MANY), "n0"),
+        (lambda s, x: s.certify_adaptive(x, n0=10, max_n=TOO_MANY, alpha=0.01,
+                                         batch_size=100), "max_n"),
+        (lambda s, x: s.certify_adaptive(x, n0=TOO_MANY, max_n=1_000, alpha=0.01,
+                                         batch_size=100), "n0"),
     ],
     ids=["predict", "certify-n0", "certify-n", "tcertify", "certify_all", "radii-max_n",
          "radii-n0", "adaptive-max_n", "adaptive-n0"],
@@ -440,14 +446,15 @@ def test_the_sample_limit_is_the_validated_ten_million():
 @pytest.mark.parametrize(
     ("call", "message"),
     [
-        (lambda s, x: s.certify_radii(x, [0.1], 3e-100, 10_000, 100,
+        (lambda s, x: s.certify_radii(x, radii=[0.1], alpha=3e-100, max_n=10_000, batch_size=100,
                                       confidence_sequence="bonferroni"),
          r"^alpha must be >= 8e-100 for certify with the bonferroni confidence sequence, got "
          r"3e-100: it bounds at level alpha / 8 at each of its 8 looks up to max_n 10000"),
-        (lambda s, x: s.certify_radii(x, [0.1], 1e-99, 10_000, 100, method="tcertify",
+        (lambda s, x: s.certify_radii(x, radii=[0.1], alpha=1e-99, max_n=10_000, batch_size=100,
+                                      method="tcertify",
                                       confidence_sequence="bonferroni"),
          r"^alpha must be >= 1.6e-99 for tcertify with the bonferroni"),
-        (lambda s, x: s.certify_adaptive(x, 10, 1_000, 5e-100, 100),
+        (lambda s, x: s.certify_adaptive(x, n0=10, max_n=1_000, alpha=5e-100, batch_size=100),
          r"^alpha / grid .* must be >= 1e-100, got 5e-100 / 10"),
     ],
     ids=["bonferroni-certify", "bonferroni-tcertify", "adaptive-grid"],
@@ -465,5 +472,52 @@ def test_the_mixture_and_enough_alpha_still_certify_at_tiny_alpha(threshold_clas
     x = torch.tensor([2.5, 0.0])  # deep inside class 3
     for options in ({}, {"method": "tcertify"}, {"confidence_sequence": "bonferroni"}):
         alpha = 8e-100 if options else 3e-100
-        cert = smooth.certify_radii(x, [0.1], alpha, 10_000, 100, **options)
+        cert = smooth.certify_radii(x, radii=[0.1], alpha=alpha, max_n=10_000, batch_size=100,
+                                    **options)
         assert cert.label == 3 and cert.certified == (True,)
+
+
+# --- Cohen's arguments by position, every other one by keyword ----------------------------------
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        # certify_radii takes alpha before max_n, certify_adaptive max_n before alpha
+        lambda s, x: s.certify_radii(x, [0.1], 1_000, 0.01, 100),
+        lambda s, x: s.certify_radii(x, [0.1], 0.01, 1_000, 100),
+        lambda s, x: s.certify_adaptive(x, 10, 0.01, 1_000, 100),
+        lambda s, x: s.certify_adaptive(x, 10, 1_000, 0.01, 100),
+        lambda s, x: s.certify_all(x, 10, 100, 0.01, 100, 5),
+        lambda s, x: s.tcertify(x, 10, 100, 0.01, 100, 5, True),
+        lambda s, x: s.certify(x, 10, 100, 0.01, 100, torch.Generator()),
+        lambda s, x: s.predict(x, 100, 0.01, 100, torch.Generator()),
+        lambda s, x: Smooth(s.base_classifier, 4, 0.5, "bf16"),
+    ],
+    ids=["radii-swapped", "radii", "adaptive-swapped", "adaptive", "certify_all-grid",
+         "tcertify-grid-strict", "certify-generator", "predict-generator", "Smooth-amp"],
+)
+def test_arguments_beyond_cohens_must_be_given_by_keyword(threshold_classifier, call):
+    model = CallCounter(threshold_classifier)
+    with pytest.raises(TypeError, match="positional argument"):
+        call(Smooth(model, 4, sigma=0.5), torch.zeros(2))
+    assert model.calls == 0
+
+
+def test_cohens_positional_calls_and_the_keyword_only_variants_agree(threshold_classifier):
+    smooth = Smooth(threshold_classifier, 4, 0.5)
+    x = torch.tensor([0.2, 0.0])
+
+    def seeded() -> dict:
+        return {"generator": torch.Generator().manual_seed(4)}
+
+    every = smooth.certify_all(x, 20, 400, 0.01, 64, grid=5, **seeded())
+    assert smooth.certify(x, 20, 400, 0.01, 64, **seeded()) == (every.certify.label,
+                                                               every.certify.radius)
+    assert smooth.tcertify(x, 20, 400, 0.01, 64, grid=5, strict=True, **seeded()) == (
+        every.strict.label, every.strict.radius)
+    adaptive = smooth.certify_adaptive(x, n0=20, max_n=400, alpha=0.01, batch_size=64,
+                                       tolerance=0.0, grid=5, **seeded())
+    assert adaptive.estimation_counts.sum() == 400  # tolerance 0: n = max_n, the same samples
+    for field in ("certify", "tcertify", "strict", "selection_counts", "estimation_counts"):
+        assert np.array_equal(getattr(adaptive, field), getattr(every, field)), field

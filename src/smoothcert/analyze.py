@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import atomic_write_bytes, check_output_path
+from .plotfile import PNG_SIGNATURE as PNG_SIGNATURE
+from .plotfile import check_plot_target, save_figure
 from .results import (
     METHOD_LABELS,
     PREFIXES,
@@ -38,9 +39,6 @@ _FORMATS = ("markdown", "latex", "csv")
 # CERTIFY radius is sigma * Phi^-1(pA_lower) < 8.3 sigma whatever n (pA_lower is a double
 # below 1), so this allows sigma up to 12 (the field's files use at most 1).
 GENEROUS_RADIUS = 100.0
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# A tEXt chunk every plot carries, so that --plot replaces only plots smoothcert wrote.
-PLOT_MARK = ("smoothcert", "analyze plot")
 
 
 @dataclass
@@ -306,34 +304,6 @@ def format_table(
 # ---------------------------------------------------------------- plots
 
 
-def _check_plot_target(path: Path) -> None:
-    """Refuse to replace anything but a plot smoothcert wrote, or a path below a file."""
-    if not path.exists():
-        check_output_path(path, "plot")
-        return
-    data = path.read_bytes() if path.is_file() else b""
-    if not (data.startswith(PNG_SIGNATURE) and PLOT_MARK in _png_text(data)):
-        raise ValueError(
-            f"plot: '{path}' exists and is not a plot smoothcert wrote; smoothcert does not "
-            "overwrite it: choose another --plot"
-        )
-
-
-def _png_text(data: bytes) -> set[tuple[str, str]]:
-    """The (keyword, text) pairs of a PNG's tEXt chunks."""
-    found, pos = set(), len(PNG_SIGNATURE)
-    while pos + 8 <= len(data):
-        length = int.from_bytes(data[pos : pos + 4], "big")
-        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
-        if kind == b"tEXt" and b"\0" in body:
-            key, _, text = body.partition(b"\0")
-            found.add((key.decode("latin-1"), text.decode("latin-1")))
-        if kind == b"IEND":
-            break
-        pos += 12 + length  # length, type, data, crc
-    return found
-
-
 def _line_style(method: str) -> str:
     # As the paper's Figure 2: dashed CERTIFY, solid T-CERTIFY; dash-dot tells strict apart.
     return {"certify": "--", "tcertify-strict": "-."}.get(method, "-")
@@ -378,16 +348,6 @@ def plot_curves(
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     save_figure(fig, path)
-
-
-def save_figure(fig, path: str | os.PathLike) -> None:
-    """Write a matplotlib figure as a PNG marked as smoothcert's, atomically; like every plot,
-    it replaces only a plot smoothcert wrote."""
-    _check_plot_target(Path(path))
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight",
-                metadata={PLOT_MARK[0]: PLOT_MARK[1]})
-    atomic_write_bytes(path, buffer.getvalue())
 
 
 # ---------------------------------------------------------------- entry point
@@ -469,7 +429,7 @@ def analyze(
     if fmt not in _FORMATS:
         raise ValueError(f"fmt must be one of {', '.join(_FORMATS)}, got {fmt!r}")
     if plot is not None:
-        _check_plot_target(Path(plot))  # before any work
+        check_plot_target(Path(plot))  # before any work
     _refuse_repeats(paths)
     tables = [read_certified(p) for p in paths]
     curves = [curve for table in tables for curve in curves_of(table)]

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .smooth import check_logits
+from .sampling import check_logits
 
 
 def noisy_logits(model: nn.Module, x: Tensor, noise: Tensor) -> Tensor:
@@ -103,28 +103,33 @@ def smooth_pgd_l2(
     was_training = model.training
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
-    x = x.detach()
     step_size = 2 * eps / steps if step_size is None else step_size
-    per_example = (-1,) + (1,) * (x.dim() - 1)
     try:
         model.eval()
         for p in params:
             p.requires_grad_(False)
-        x_adv = x.clone()
         with torch.enable_grad():
-            for _ in range(steps):
-                x_adv.requires_grad_(True)
-                loss = _attack_loss(smoothed_log_probs(noisy_logits(model, x_adv, noise)), y, lam)
-                (grad,) = torch.autograd.grad(loss, x_adv)
-                norm = grad.flatten(1).norm(dim=1)
-                norm = torch.where(norm > 0, norm, torch.ones_like(norm))
-                delta = x_adv.detach() + step_size * grad / norm.view(per_example) - x
-                # Project onto the eps-ball, then clamp: clamping to [0,1] never moves a point
-                # further from an x inside [0,1], so the result stays in the ball.
-                scale = (eps / delta.flatten(1).norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)
-                x_adv = (x + delta * scale.view(per_example)).clamp(0.0, 1.0)
+            return _pgd_steps(model, x.detach(), y, noise, eps, steps, lam, step_size)
     finally:
         for p, flag in zip(params, flags, strict=True):
             p.requires_grad_(flag)
         model.train(was_training)
+
+
+def _pgd_steps(model: nn.Module, x: Tensor, y: Tensor, noise: Tensor, eps: float, steps: int,
+               lam: float, step_size: float) -> Tensor:
+    """`steps` normalised-gradient steps from x, each projected onto the eps-ball and [0,1]."""
+    per_example = (-1,) + (1,) * (x.dim() - 1)
+    x_adv = x.clone()
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        loss = _attack_loss(smoothed_log_probs(noisy_logits(model, x_adv, noise)), y, lam)
+        (grad,) = torch.autograd.grad(loss, x_adv)
+        norm = grad.flatten(1).norm(dim=1)
+        norm = torch.where(norm > 0, norm, torch.ones_like(norm))
+        delta = x_adv.detach() + step_size * grad / norm.view(per_example) - x
+        # Project onto the eps-ball, then clamp: clamping to [0,1] never moves a point
+        # further from an x inside [0,1], so the result stays in the ball.
+        scale = (eps / delta.flatten(1).norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)
+        x_adv = (x + delta * scale.view(per_example)).clamp(0.0, 1.0)
     return x_adv.detach()

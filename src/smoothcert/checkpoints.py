@@ -132,7 +132,7 @@ def detect_format(state: Any, path: str | os.PathLike) -> str:
     raise CheckpointError(
         f"checkpoint: '{path}' is not a smoothcert checkpoint nor in another format smoothcert "
         f"reads: it holds {_describe(state)}. Formats: {formats}. If it is a Cohen-format file "
-        "without 'arch', give --format cohen --arch ARCH"
+        "without 'arch', give --checkpoint-format cohen --model ARCH"
     )
 
 
@@ -199,14 +199,14 @@ def _architecture_name(state: dict, format: str, path: str | os.PathLike, arch: 
     if format == "cohen" and named is not None:
         if arch is not None and arch != named:
             raise ValueError(
-                f"arch: '{path}' names its architecture {named!r}; leave --arch out or give "
+                f"arch: '{path}' names its architecture {named!r}; leave --model out or give "
                 f"{named!r}, got {arch!r}"
             )
         arch = named
     if arch is None:
         raise ValueError(
             f"arch: {format}-format checkpoints such as '{path}' do not name their architecture; "
-            f"give --arch, one of {', '.join(table)}"
+            f"give --model, one of {', '.join(table)}"
         )
     if arch not in table:
         raise ValueError(

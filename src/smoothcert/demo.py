@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -86,7 +87,7 @@ def plan_demo(args: argparse.Namespace) -> list[DemoStage]:
     _check_range("--train-subset", args.train_subset, 0, MNIST_SIZES["train"], "(0: all)")
     _check_range("--skip", args.skip, 1, MNIST_SIZES["test"])
     most = -(-MNIST_SIZES["test"] // args.skip)
-    _check_range("--certify", args.num_certify, 1, most,
+    _check_range("--max-examples", args.num_certify, 1, most,
                  f"(every {args.skip}th of the {MNIST_SIZES['test']:,} test images)")
     seed_sequence(args.seed, "model-init")  # the seed's range
     out = Path(args.out)
@@ -260,35 +261,22 @@ def _gain_table(radii: np.ndarray, gain: tuple[np.ndarray, np.ndarray]) -> str:
     return "\n".join([head, "|---|" + "---:|" * len(radii), f"| ADREREG − Basic | {cells} |"])
 
 
-def render_report(args, models, curves, radii, adre_gain, tcert_gain, strict_gain,
-                  conclusion, seconds) -> str:
+def render_report(args: argparse.Namespace, models: Sequence, curves: dict, radii: np.ndarray,
+                  adre_gain: tuple, tcert_gain: dict, strict_gain: dict,
+                  conclusion: list[str], seconds: float) -> str:
+    """The demo's REPORT.md from its numbers."""
     table = format_table(curves)
     labels = {m.name: m.label for m in models}
     acr_rows = "\n".join(
         f"| {labels[name]} | {tcert_gain[name][0]:+.3f} ± {tcert_gain[name][1]:.3f} | "
         f"{strict_gain[name][0]:+.3f} ± {strict_gain[name][1]:.3f} |" for name in tcert_gain)
-    ceiling = args.sigma * _norm_ppf(args.alpha ** (1 / args.n))
-    amp = "bf16 autocast (noise drawn in float32)" if args.amp == "bf16" else "float32"
-    data = f"the first {args.train_subset}" if args.train_subset else "all 60,000"
     return f"""# smoothcert demo: Basic vs ADREREG on MNIST, CERTIFY vs T-CERTIFY
 
 ## Conclusion (computed from this run's numbers)
 
 {chr(10).join(f"- {line}" for line in conclusion)}
 
-## Setting
-
-LeNet trained {args.epochs} epochs on {data} MNIST training images at σ = {args.sigma}
-(lr {args.lr}, divided by 10 for the last epoch). **Basic**: Gaussian augmentation, one noise
-draw per example. **ADREREG**: λ = {args.lam}, the paper's Table-1 variant (l_per from one
-draw, the regulariser from k = {args.k} draws). Certification of {args.num_certify} test images
-(every {args.skip}th from index 0) with n0 = {args.n0} selection and n = {args.n} estimation
-samples, α = {args.alpha}: CERTIFY, T-CERTIFY in the paper's mode and in strict mode, all from
-the same samples. With n = {args.n} no radius can exceed σ·Φ⁻¹(α^(1/n)) = {ceiling:.2f}.
-Fast paths used: {amp}, channels_last, one thread per physical core; every certificate is one
-of the network as executed (docs/benchmarks.md, "bf16 and the validity of certificates").
-T-CERTIFY's paper mode picks α' after seeing the counts: its provable level is 1.9α (strict
-mode: exactly α); see docs/statistics.md.
+{_setting(args)}
 
 ## Certified accuracy (abstentions count as wrong) and average certified radius
 
@@ -321,6 +309,26 @@ probability ≥ 1 − α over the sampling.
 Wall time of the run that wrote this report: {seconds / 60:.1f} minutes (a resumed run counts
 only its own work).
 """
+
+
+def _setting(args: argparse.Namespace) -> str:
+    """The report's section on what was trained and certified, and how."""
+    ceiling = args.sigma * _norm_ppf(args.alpha ** (1 / args.n))
+    amp = f"{args.amp} autocast (noise drawn in float32)" if _amp(args) else "float32"
+    data = f"the first {args.train_subset}" if args.train_subset else "all 60,000"
+    return f"""## Setting
+
+LeNet trained {args.epochs} epochs on {data} MNIST training images at σ = {args.sigma}
+(lr {args.lr}, divided by 10 for the last epoch). **Basic**: Gaussian augmentation, one noise
+draw per example. **ADREREG**: λ = {args.lam}, the paper's Table-1 variant (l_per from one
+draw, the regulariser from k = {args.k} draws). Certification of {args.num_certify} test images
+(every {args.skip}th from index 0) with n0 = {args.n0} selection and n = {args.n} estimation
+samples, α = {args.alpha}: CERTIFY, T-CERTIFY in the paper's mode and in strict mode, all from
+the same samples. With n = {args.n} no radius can exceed σ·Φ⁻¹(α^(1/n)) = {ceiling:.2f}.
+Fast paths used: {amp}, channels_last, one thread per physical core; every certificate is one
+of the network as executed (docs/benchmarks.md, "bf16 and the validity of certificates").
+T-CERTIFY's paper mode picks α' after seeing the counts: its provable level is 1.9α (strict
+mode: exactly α); see docs/statistics.md."""
 
 
 def _norm_ppf(p: float) -> float:

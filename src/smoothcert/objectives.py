@@ -11,213 +11,26 @@ and the papers' values are documented on their config classes.
 
 from __future__ import annotations
 
-import functools
 import math
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import Field, dataclass, field, fields, make_dataclass, replace
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from smoothcert.attacks import noisy_logits, runner_up, smooth_pgd_l2, smoothed_log_probs
-from smoothcert.smooth import check_logits
+from smoothcert.attacks import noisy_logits, smooth_pgd_l2
 
-
-def _check_lam(lam: float, name: str = "lam") -> None:
-    if not (math.isfinite(lam) and lam >= 0):
-        raise ValueError(f"{name} must be a finite number >= 0, got {lam}")
-
-
-def _check_positive(value: float, name: str) -> None:
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
-
-
-def _check_label_smoothing(label_smoothing: float) -> None:
-    if not 0 <= label_smoothing < 1:
-        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-
-
-def _check_logits(logits: Tensor, y: Tensor) -> None:
-    if logits.dim() != 3 or logits.shape[1] < 1 or logits.shape[2] < 2:
-        raise ValueError(
-            f"logits must have shape [B, k, C] with k >= 1, C >= 2, got {tuple(logits.shape)}"
-        )
-    if y.shape != logits.shape[:1]:
-        raise ValueError(f"y must have shape [{logits.shape[0]}], got {tuple(y.shape)}")
-
-
-def _at_least_float32(logits: Tensor) -> Tensor:
-    # Under autocast the logits may be half precision; probabilities are taken in float32.
-    return logits.to(torch.promote_types(logits.dtype, torch.float32))
-
-
-def gaussian_ce(logits: Tensor, y: Tensor, label_smoothing: float = 0.0) -> Tensor:
-    """Mean cross-entropy over every example and draw of logits [B, k, C] (Gaussian
-    augmentation, Cohen et al. 2019; with k > 1 the mean over the draws, Salman et al. 2019)."""
-    return F.cross_entropy(
-        logits.flatten(0, 1), y.repeat_interleave(logits.shape[1]), label_smoothing=label_smoothing
-    )
-
-
-def adre_loss(
-    logits: Tensor,
-    y: Tensor,
-    lam: float,
-    single_draw: bool = False,
-    generator: torch.Generator | None = None,
-    label_smoothing: float = 0.0,
-    floor: float = 0.0,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """ADREREG loss mean_i(l_per − lam·l_adre) of logits [B, k, C] (paper Algorithm 1).
-
-    l_per is the CE averaged over the k draws, or, with `single_draw`, the CE of one draw per
-    example picked uniformly with `generator`; l_adre = −log max(Ĝ_ŷ, floor) with ŷ the
-    runner-up of the averaged softmax Ĝ. Returns the loss and the detached batch means of
-    l_per and l_adre.
-
-    With floor = 0 the regulariser is unbounded below and its gradient never vanishes, so a
-    network can lower the loss forever by inflating its logits (LeNet on MNIST diverged this
-    way); a floor > 0 stops the push once the runner-up is below it, as the probability-space
-    form log(Ĝ + eps) of common implementations does.
-    """
-    if not (math.isfinite(floor) and 0 <= floor < 1):
-        raise ValueError(f"floor must be in [0, 1), got {floor}")
-    _check_logits(logits, y)
-    _check_lam(lam)
-    _check_label_smoothing(label_smoothing)
-    b, k, _ = logits.shape
-
-    if single_draw:
-        device = logits.device if generator is None else generator.device
-        j = torch.randint(k, (b,), generator=generator, device=device).to(logits.device)
-        l_per = F.cross_entropy(
-            logits[torch.arange(b, device=logits.device), j], y, label_smoothing=label_smoothing
-        )
-    else:
-        # One CE over all B*k noisy inputs: with lam = 0 this is Gaussian augmentation exactly.
-        l_per = gaussian_ce(logits, y, label_smoothing)
-    log_g = smoothed_log_probs(logits)
-    log_runner_up = log_g.gather(1, runner_up(log_g, y).unsqueeze(1))
-    if floor > 0:
-        log_runner_up = log_runner_up.clamp(min=math.log(floor))
-    l_adre = -log_runner_up.mean()
-    loss = l_per - lam * l_adre if lam > 0 else l_per
-    return loss, {"l_per": l_per.detach(), "l_adre": l_adre.detach()}
-
-
-def macer_loss(
-    logits: Tensor, y: Tensor, sigma: float, lam: float, beta: float, gamma: float
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """MACER (Zhai et al. 2020, Algorithm 1) on logits [B, k, C]: l_C + lam · l_R.
-
-    l_C = mean_i −log Ĝ_y(x_i), the cross-entropy of the soft smoothed classifier
-    Ĝ = mean_j softmax(logits_j). The robustness term uses the soft smoothed classifier with
-    inverse temperature beta, Ĝ^β = mean_j softmax(beta · logits_j) (Sec. 4.2): on the examples
-    it classifies correctly (the set G_θ), with ξ = Φ⁻¹(Ĝ^β_y) − Φ⁻¹(Ĝ^β_ŷ) and ŷ its runner-up,
-    (σ/2)·ξ is the certified radius of Cohen et al. and l_R = (1/B) Σ_{i∈G_θ} (σ/2)·max(γ − ξ_i, 0)
-    (Sec. 4.1, the hinge on the radius). G_θ and ŷ are chosen without gradient; an example
-    with a saturated Ĝ^β (ξ = ∞) is outside the hinge. Returns the loss and the detached l_C
-    (as l_per) and l_R (as l_macer).
-    """
-    _check_logits(logits, y)
-    _check_positive(sigma, "sigma")
-    _check_lam(lam, "macer_lam")
-    _check_positive(beta, "macer_beta")
-    _check_positive(gamma, "macer_gamma")
-    logits = _at_least_float32(logits)
-    l_c = F.nll_loss(smoothed_log_probs(logits), y)
-    g_beta = torch.softmax(beta * logits, dim=-1).mean(dim=1)
-    second = runner_up(g_beta, y)
-    with torch.no_grad():
-        xi = torch.special.ndtri(g_beta.gather(1, y[:, None])) - torch.special.ndtri(
-            g_beta.gather(1, second[:, None])
-        )
-        active = (g_beta.argmax(dim=1) == y) & (xi.squeeze(1) < gamma)
-    # ξ again, with gradient, on the hinge's examples only: elsewhere Φ⁻¹ may be infinite and
-    # its gradient would turn the zero of the hinge into NaN.
-    rows = active.nonzero().squeeze(1)
-    xi_active = torch.special.ndtri(g_beta[rows, y[rows]]) - torch.special.ndtri(
-        g_beta[rows, second[rows]]
-    )
-    l_r = (sigma / 2) * (gamma - xi_active).sum() / logits.shape[0]
-    loss = l_c + lam * l_r if lam > 0 else l_c
-    return loss, {"l_per": l_c.detach(), "l_macer": l_r.detach()}
-
-
-def consistency_loss(
-    logits: Tensor,
-    y: Tensor,
-    lam: float,
-    eta: float,
-    adre_lam: float = 0.0,
-    label_smoothing: float = 0.0,
-    adre_floor: float = 0.0,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Consistency regularisation (Jeong & Shin 2020, Sec. 3.2) on logits [B, m, C].
-
-    mean_j CE(F(x+δ_j), y) + lam · mean_j KL(F̂(x) ‖ F(x+δ_j)) + eta · H(F̂(x)), with F the
-    softmax, F̂ = mean_j F(x+δ_j) and H the entropy; no stop-gradient (the paper writes none).
-    With adre_lam > 0, ADRE's −adre_lam·l_adre (runner-up of F̂, floored at adre_floor) is
-    added on top. lam = eta = adre_lam = 0 is Gaussian augmentation exactly. Logs l_per,
-    l_adre, l_kl and l_ent (batch means).
-    """
-    _check_lam(lam, "consistency_lam")
-    _check_lam(eta, "consistency_eta")
-    loss, terms = adre_loss(logits, y, adre_lam, label_smoothing=label_smoothing, floor=adre_floor)
-    log_p = F.log_softmax(_at_least_float32(logits), dim=-1)
-    log_mean = smoothed_log_probs(logits)
-    mean = log_mean.exp()
-    l_kl = (mean.unsqueeze(1) * (log_mean.unsqueeze(1) - log_p)).sum(dim=-1).mean()
-    l_ent = -(mean * log_mean).sum(dim=-1).mean()
-    if lam > 0 or eta > 0:
-        loss = loss + lam * l_kl + eta * l_ent
-    return loss, {**terms, "l_kl": l_kl.detach(), "l_ent": l_ent.detach()}
-
-
-def smoothmix_loss(
-    logits: Tensor,
-    logits_mix: Tensor,
-    y: Tensor,
-    mix: Tensor,
-    eta: float,
-    label_smoothing: float = 0.0,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """SmoothMix (Jeong et al. 2021, Sec. 3) on logits [B, m, C] at x + δ_j and logits_mix
-    [B, m, C] at x_mix + δ_j, x_mix = (1 − mix)·x + mix·x_adv with mix [B] in [0, 1/2].
-
-    L_nat + eta · L_mix: L_nat = mean_j CE(F(x+δ_j), y) (Gaussian augmentation); the mixup
-    target ỹ = (1 − mix)·F̂(x) + mix·(1/C) moves the soft smoothed prediction F̂ = mean_j F(x+δ_j)
-    towards the uniform distribution along the adversarial direction, and
-    L_mix = (1/(B·m)) Σ_i 1[argmax F̂(x_i) = y_i] Σ_j KL(ỹ_i ‖ F(x_mix,i + δ_ij)), on the
-    examples F̂ classifies correctly. The indicator carries no gradient; ỹ does (the paper
-    writes no stop-gradient). eta = 0 is Gaussian augmentation exactly. Logs l_per (= L_nat)
-    and l_mix.
-    """
-    _check_logits(logits, y)
-    if logits_mix.shape != logits.shape:
-        raise ValueError(
-            f"logits_mix must have the shape of logits {tuple(logits.shape)}, "
-            f"got {tuple(logits_mix.shape)}"
-        )
-    if mix.shape != y.shape:
-        raise ValueError(f"mix must have shape [{y.shape[0]}], got {tuple(mix.shape)}")
-    _check_lam(eta, "smoothmix_eta")
-    _check_label_smoothing(label_smoothing)
-    l_nat = gaussian_ce(logits, y, label_smoothing)
-    log_mean = smoothed_log_probs(logits)
-    correct = (log_mean.detach().argmax(dim=1) == y).float()
-    mix = mix.to(log_mean.dtype).unsqueeze(1)
-    target = (1 - mix) * log_mean.exp() + mix / logits.shape[2]
-    log_q = F.log_softmax(_at_least_float32(logits_mix), dim=-1)
-    kl = (torch.special.xlogy(target, target).unsqueeze(1) - target.unsqueeze(1) * log_q).sum(-1)
-    l_mix = (correct.unsqueeze(1) * kl).mean()
-    loss = l_nat + eta * l_mix if eta > 0 else l_nat
-    return loss, {"l_per": l_nat.detach(), "l_mix": l_mix.detach()}
+from .losses import (
+    adre_loss,
+    check_label_smoothing,
+    check_lam,
+    check_positive,
+    consistency_loss,
+    macer_loss,
+    smoothmix_loss,
+)
+from .losses import gaussian_ce as gaussian_ce  # the losses are objectives' API too
 
 
 def _help(text: str, default, **kwargs):
@@ -241,14 +54,16 @@ class CommonConfig:
     )
     sigma: float = _help("training noise level", 0.25)
     warmup: float = 1.0
+    # Whether the objective trains a denoiser (a model that outputs images), not a classifier.
+    trains_denoiser: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if self.k < 1:
             raise ValueError(f"k must be an integer >= 1, got {self.k}")
-        _check_label_smoothing(self.label_smoothing)
+        check_label_smoothing(self.label_smoothing)
         if not (math.isfinite(self.adre_floor) and 0 <= self.adre_floor < 1):
             raise ValueError(f"adre_floor must be in [0, 1), got {self.adre_floor}")
-        _check_positive(self.sigma, "sigma")
+        check_positive(self.sigma, "sigma")
         if not 0 < self.warmup <= 1:
             raise ValueError(f"warmup must be in (0, 1], got {self.warmup}")
 
@@ -266,7 +81,7 @@ class LamConfig(CommonConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_lam(self.lam)
+        check_lam(self.lam)
 
 
 @dataclass(frozen=True)
@@ -326,9 +141,9 @@ class MacerConfig(CommonConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_lam(self.macer_lam, "macer_lam")
-        _check_positive(self.macer_beta, "macer_beta")
-        _check_positive(self.macer_gamma, "macer_gamma")
+        check_lam(self.macer_lam, "macer_lam")
+        check_positive(self.macer_beta, "macer_beta")
+        check_positive(self.macer_gamma, "macer_gamma")
 
     def at_epoch(self, epoch: int, warmup: float) -> MacerConfig:
         warmed = super().at_epoch(epoch, warmup)
@@ -346,8 +161,8 @@ class ConsistencyConfig(LamConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_lam(self.consistency_lam, "consistency_lam")
-        _check_lam(self.consistency_eta, "consistency_eta")
+        check_lam(self.consistency_lam, "consistency_lam")
+        check_lam(self.consistency_eta, "consistency_eta")
 
 
 @dataclass(frozen=True)
@@ -362,8 +177,8 @@ class SmoothMixConfig(StepsConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_lam(self.smoothmix_eta, "smoothmix_eta")
-        _check_positive(self.smoothmix_step, "smoothmix_step")
+        check_lam(self.smoothmix_eta, "smoothmix_eta")
+        check_positive(self.smoothmix_step, "smoothmix_step")
         if not 0 <= self.smoothmix_mix_step < self.steps:
             raise ValueError(
                 f"smoothmix_mix_step must be an integer in [0, steps) = [0, {self.steps}), "
@@ -415,6 +230,11 @@ def list_objectives() -> list[str]:
 def get_objective(name: str) -> Objective:
     """The training objective registered under `name`."""
     return _registered(name).function
+
+
+def trains_denoiser(name: str) -> bool:
+    """Whether objective `name` trains a denoiser (a model that outputs images)."""
+    return objective_config_class(name).trains_denoiser
 
 
 def objective_config_class(name: str) -> type[CommonConfig]:
@@ -581,113 +401,9 @@ def smoothmix(
     return loss, terms
 
 
-@dataclass(frozen=True)
-class DenoiserConfig(CommonConfig):
-    """The objectives that train a denoiser (Salman et al., NeurIPS 2020): a model that returns
-    an image of its input's shape, e.g. `--model dncnn`, trained on k noisy copies per image."""
-
-
-@dataclass(frozen=True)
-class StabilityConfig(DenoiserConfig):
-    """denoiser-stability: the frozen classifier the denoiser is trained for."""
-
-    classifier: str | None = _help(
-        "checkpoint of the frozen classifier the denoiser is trained for (denoiser-stability)",
-        None,
-    )
-
-    def check_training(self, objective: str) -> None:
-        super().check_training(objective)
-        if not self.classifier:
-            raise ValueError(
-                f"classifier: objective {objective} needs --classifier CKPT, the checkpoint of "
-                "the classifier the denoiser is trained for"
-            )
-        frozen_classifier(self.classifier, "cpu")  # a missing or bad file, before any work
-
-
-def trains_denoiser(name: str) -> bool:
-    """Whether objective `name` trains a denoiser (a model that outputs images)."""
-    return issubclass(objective_config_class(name), DenoiserConfig)
-
-
-def frozen_classifier(path: str | os.PathLike, device: torch.device | str) -> nn.Module:
-    """The classifier of checkpoint `path` on `device`, in eval mode, with requires_grad off:
-    loaded once per file content (path, size and modification time), not once per batch."""
-    try:
-        stat = Path(path).resolve().stat()
-    except OSError as err:
-        raise ValueError(f"classifier: cannot read '{path}': {err.strerror or err}") from None
-    model = _load_frozen(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
-    return model.to(device).eval()
-
-
-@functools.lru_cache(maxsize=4)
-def _load_frozen(path: str, size: int, mtime_ns: int) -> nn.Module:
-    from smoothcert.checkpoints import load_checkpoint
-
-    try:
-        model = load_checkpoint(path)
-    except ValueError as err:
-        raise ValueError(f"classifier: {err}") from None
-    return model.requires_grad_(False).eval()
-
-
-def _denoised(model: nn.Module, x: Tensor, noise: Tensor, cfg: CommonConfig) -> Tensor:
-    """The denoiser's outputs D(x_i + noise_ij), [B, k, *x.shape[1:]]."""
-    _check_noise(x, noise, cfg)
-    noisy = (x.unsqueeze(1) + noise).flatten(0, 1)
-    out = model(noisy)
-    if not isinstance(out, Tensor) or out.shape != noisy.shape:
-        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise ValueError(
-            f"a denoiser objective trains a model that returns images of its input's shape "
-            f"{tuple(noisy.shape)} (e.g. --model dncnn), got {got}"
-        )
-    return out.unflatten(0, noise.shape[:2])
-
-
-def denoiser_mse_loss(denoised: Tensor, x: Tensor) -> Tensor:
-    """Salman et al.'s MSE objective on denoised [B, k, *x.shape[1:]]: the mean over the batch,
-    the k draws and the pixels of (D(x + delta) - x)^2, i.e. ||D(x + delta) - x||^2 / d for images
-    of d = C·H·W pixels (torch's MSELoss, as Salman et al. train with), averaged."""
-    diff = _at_least_float32(denoised) - x.unsqueeze(1)
-    return diff.square().mean()
-
-
-def denoiser_stability_loss(
-    logits: Tensor, target: Tensor, label_smoothing: float = 0.0
-) -> Tensor:
-    """Salman et al.'s stability objective on the classifier's logits [B, k, C] at D(x + delta):
-    the mean cross-entropy against target [B], the classifier's prediction on the clean x."""
-    return gaussian_ce(_at_least_float32(logits), target, label_smoothing)
-
-
-@register_objective("denoiser-mse", config=DenoiserConfig)
-def denoiser_mse(
-    model: nn.Module, x: Tensor, y: Tensor, noise: Tensor, cfg: DenoiserConfig
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Denoiser, MSE (Salman 2020): mean over pixels of (D(x + delta) - x)^2; `y` is unused."""
-    loss = denoiser_mse_loss(_denoised(model, x, noise, cfg), x)
-    return loss, {"mse": loss.detach()}
-
-
-@register_objective("denoiser-stability", config=StabilityConfig)
-def denoiser_stability(
-    model: nn.Module, x: Tensor, y: Tensor, noise: Tensor, cfg: StabilityConfig
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Denoiser, stability (Salman 2020): CE of the frozen --classifier on D(x + delta) against
-    its prediction on x; logs the MSE and the classifier's noisy accuracy behind the denoiser."""
-    classifier = frozen_classifier(cfg.classifier, x.device)
-    with torch.no_grad():
-        target = classifier(x).argmax(dim=1)
-    denoised = _denoised(model, x, noise, cfg)
-    b, k = noise.shape[:2]
-    logits = check_logits(classifier(denoised.flatten(0, 1)), b * k).unflatten(0, (b, k))
-    loss = denoiser_stability_loss(logits, target, cfg.label_smoothing)
-    terms = {"mse": denoiser_mse_loss(denoised.detach(), x), "acc": _noisy_accuracy(logits, y)}
-    return loss, terms
-
+# The objectives that train a denoiser are a module of their own, registered here, before
+# ObjectiveConfig collects every objective's options.
+from smoothcert import denoiser_objectives  # noqa: E402, F401
 
 # Every built-in objective's settings in one dataclass, accepted by each of them (tests,
 # benchmarks and scripts written before the objectives had configs of their own).

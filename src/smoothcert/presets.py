@@ -81,6 +81,14 @@ class TrainConfig(_ObjectiveOptions):
             value = getattr(self, name)
             if not (name == "amp" and value is None):
                 _one_of(name, value, accepted)
+        self._check_ranges()
+        check_options(asdict(self))  # every objective option's range: lam, eps, macer_*, ...
+        _check_objective_options(self)
+        self.objective_config().check_training(self.objective)
+        return self
+
+    def _check_ranges(self) -> None:
+        """The ranges of the fields every objective reads."""
         if not (math.isfinite(self.sigma) and self.sigma > 0):
             raise ValueError(f"sigma must be a finite number > 0, got {self.sigma}")
         for name in ("k", "steps", "epochs", "batch", "lr_step"):
@@ -96,10 +104,6 @@ class TrainConfig(_ObjectiveOptions):
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        check_options(asdict(self))  # every objective option's range: lam, eps, macer_*, ...
-        _check_objective_options(self)
-        self.objective_config().check_training(self.objective)
-        return self
 
 
 def _check_objective_options(cfg: TrainConfig) -> None:

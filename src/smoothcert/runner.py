@@ -416,17 +416,19 @@ class Runner:
         samples = {"generator": streams["selection"],
                    "estimation_generator": streams["estimation"]}
         if self.kind == "radii":
-            cert = self.smooth.certify_radii(x, self.radii, cfg.alpha, cfg.max_n, cfg.batch,
-                                             cfg.n0, cfg.method, cfg.confidence_sequence,
-                                             **samples)
+            cert = self.smooth.certify_radii(
+                x, radii=self.radii, alpha=cfg.alpha, max_n=cfg.max_n, batch_size=cfg.batch,
+                n0=cfg.n0, method=cfg.method, confidence_sequence=cfg.confidence_sequence,
+                **samples)
             return results.radii_row(idx, label, time.time() - started, cert, cfg.method,
                                      self.run_id), cert.label == label
         if cfg.adaptive_n:
-            result = self.smooth.certify_adaptive(x, cfg.n0, cfg.max_n, cfg.alpha, cfg.batch,
-                                                  cfg.tolerance, cfg.grid, **samples)
+            result = self.smooth.certify_adaptive(
+                x, n0=cfg.n0, max_n=cfg.max_n, alpha=cfg.alpha, batch_size=cfg.batch,
+                tolerance=cfg.tolerance, grid=cfg.grid, **samples)
         else:
-            result = self.smooth.certify_all(x, cfg.n0, cfg.n, cfg.alpha, cfg.batch, cfg.grid,
-                                             **samples)
+            result = self.smooth.certify_all(x, cfg.n0, cfg.n, cfg.alpha, cfg.batch,
+                                             grid=cfg.grid, **samples)
         certificates = {"certify": result.certify, "tcertify": result.tcertify,
                         "tcertify-strict": result.strict}
         row = results.certify_row(idx, label, time.time() - started, certificates,

@@ -332,6 +332,27 @@ def certify_from_counts(
     return _METHOD_FUNCTIONS[method](selection, estimation, sigma, alpha, grid)
 
 
+@dataclass(frozen=True)
+class CertifyAllResult:
+    """CERTIFY, T-CERTIFY and strict T-CERTIFY from one set of samples, with the counts."""
+
+    certify: Certificate
+    tcertify: Certificate
+    strict: Certificate
+    selection_counts: np.ndarray
+    estimation_counts: np.ndarray
+
+    @classmethod
+    def from_counts(cls, selection: np.ndarray, estimation: np.ndarray, sigma: float,
+                    alpha: float, grid: int) -> CertifyAllResult:
+        """All three certificates from one set of selection and estimation counts."""
+        certs = {method: certify_from_counts(selection, estimation, sigma, alpha, method, grid)
+                 for method in METHODS}
+        return cls(certify=certs["certify"], tcertify=certs["tcertify"],
+                   strict=certs["tcertify-strict"], selection_counts=selection,
+                   estimation_counts=estimation)
+
+
 def binomial_test_pvalue(k: int, n: int) -> float:
     """Two-sided exact binomial test of k successes in n trials against p = 1/2."""
     return float(binomtest(int(k), int(n), p=0.5, alternative="two-sided").pvalue)

@@ -44,7 +44,7 @@ from .io import (
 from .models import build_model
 from .objectives import get_objective, trains_denoiser
 from .presets import TrainConfig, eps_at, lr_factor, upgrade_config
-from .smooth import autocast
+from .sampling import autocast
 
 CHECKPOINT = "checkpoint.pt"
 CONFIG = "config.json"
@@ -228,19 +228,7 @@ class Trainer:
         )
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
         self.objective = get_objective(cfg.objective)
-        # Datasets before any file is written: a missing dataset leaves no half-made run behind.
-        # With --download under torchrun, rank 0 fetches the files before the others read them.
-        download_first = self.ctx.distributed and cfg.download
-        if download_first and not self.ctx.is_main:
-            self.ctx.barrier()
-        self.train_set = first_n(
-            get_dataset(cfg.dataset, "train", cfg.data_dir, cfg.download), cfg.train_subset
-        )
-        self.eval_set = first_n(
-            get_dataset(cfg.dataset, "test", cfg.data_dir, cfg.download), cfg.eval_subset
-        )
-        if download_first and self.ctx.is_main:
-            self.ctx.barrier()
+        self._load_datasets()  # before any file is written: a missing dataset leaves no run
         self._lock = contextlib.ExitStack()
         try:
             self._lock.enter_context(output_lock(self.out, holder=self.ctx.is_main))
@@ -256,6 +244,22 @@ class Trainer:
         except BaseException:
             self.close()
             raise
+
+    def _load_datasets(self) -> None:
+        """The train and eval sets; with --download under torchrun, rank 0 fetches the files
+        before the others read them."""
+        cfg = self.cfg
+        download_first = self.ctx.distributed and cfg.download
+        if download_first and not self.ctx.is_main:
+            self.ctx.barrier()
+        self.train_set = first_n(
+            get_dataset(cfg.dataset, "train", cfg.data_dir, cfg.download), cfg.train_subset
+        )
+        self.eval_set = first_n(
+            get_dataset(cfg.dataset, "test", cfg.data_dir, cfg.download), cfg.eval_subset
+        )
+        if download_first and self.ctx.is_main:
+            self.ctx.barrier()
 
     def close(self) -> None:
         """Release the output lock."""

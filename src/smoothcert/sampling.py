@@ -1,0 +1,218 @@
+"""Noisy copies of one input through the base classifier, counted per class.
+
+`NoiseSampler` is what every certificate rests on: it checks the input against the range the
+noise is calibrated to, draws the Gaussian noise in float32, runs the base classifier in eval
+mode (under autocast when asked), checks each of its untrusted outputs and counts the votes.
+`Smooth` and the sequential procedures only ask it for counts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import stats
+from .perf import AMP
+
+AMP_DTYPES = dict(zip(AMP, (torch.bfloat16, torch.float16), strict=True))
+
+
+def autocast(device: torch.device, amp: str | None):
+    """Autocast to `amp` ("bf16"/"fp16") on `device`, or nothing for amp=None."""
+    if amp is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp])
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the block with every submodule of `model` in eval mode, then restore each one's mode.
+
+    Train-mode BatchNorm would make each noisy sample depend on the rest of its batch (and
+    overwrite the running statistics); dropout would sample a different network per input.
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU for a model with neither)."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def check_logits(logits: object, batch: int, num_classes: int | None = None) -> torch.Tensor:
+    """`logits` if a base classifier's output for `batch` inputs is real logits [batch,
+    num_classes] (any number of columns for None). The output is untrusted: a row too many
+    would be a vote too many, and a certificate inflated with it."""
+    if not isinstance(logits, torch.Tensor):
+        raise ValueError(
+            f"base_classifier must return a logits tensor [batch, num_classes], got "
+            f"{type(logits).__name__}: wrap it in a module that returns the logits only"
+        )
+    if logits.dtype == torch.bool or logits.is_complex():
+        raise ValueError(
+            f"base_classifier must return real-valued logits, got dtype {logits.dtype}"
+        )
+    if logits.dim() != 2 or len(logits) != batch or logits.shape[1] != (
+            num_classes or logits.shape[1]):
+        raise ValueError(
+            f"the base classifier returned logits of shape {tuple(logits.shape)} for a batch "
+            f"of {batch} inputs; expected ({batch}, {num_classes or 'num_classes'}): one row "
+            "per input, one column per class (num_classes)"
+        )
+    return logits
+
+
+def check_input_range(input_range: object) -> tuple[float, float]:
+    """(low, high) as floats: finite, low < high."""
+    try:
+        low, high = (float(value) for value in input_range)
+    except (TypeError, ValueError):
+        low = high = float("nan")
+    if not (np.isfinite(low) and np.isfinite(high) and low < high):
+        raise ValueError(
+            f"input_range must be None or finite (low, high) with low < high, got {input_range!r}"
+        )
+    return low, high
+
+
+def check_num_classes(num_classes: object) -> int:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+    return num_classes
+
+
+def estimation_stream(
+    generator: torch.Generator | None, estimation_generator: torch.Generator | None
+) -> torch.Generator | None:
+    """The estimation samples' generator: their own, or where the selection samples left off."""
+    return generator if estimation_generator is None else estimation_generator
+
+
+class NoiseSampler:
+    """Counts of `base_classifier`'s votes on noisy copies x + N(0, sigma^2 I) of one input.
+
+    The noise is calibrated to inputs in `input_range` ([0, 1] pixels by default; None: any
+    finite input); inputs outside it are refused. The base classifier runs in eval mode, each
+    submodule's previous mode given back afterwards, even when sampling fails. Its outputs are
+    untrusted: each must be finite logits, one row per input and num_classes columns, or
+    sampling stops with a ValueError.
+    """
+
+    def __init__(
+        self,
+        base_classifier: nn.Module,
+        num_classes: int,
+        sigma: float,
+        *,
+        amp: str | None = None,
+        input_range: tuple[float, float] | None = (0.0, 1.0),
+    ):
+        self.num_classes = check_num_classes(num_classes)
+        if amp is not None and amp not in AMP_DTYPES:
+            raise ValueError(f"amp must be None or one of {', '.join(AMP_DTYPES)}, got {amp!r}")
+        self.base_classifier = base_classifier
+        self.sigma = stats.check_sigma(sigma)
+        self.amp = amp
+        self.input_range = None if input_range is None else check_input_range(input_range)
+
+    def counts(
+        self,
+        x: torch.Tensor,
+        num: int,
+        batch_size: int,
+        generator: torch.Generator | None = None,
+        name: str = "num",
+    ) -> np.ndarray:
+        """Counts of the base classifier's predictions on `num` noisy copies of x (`name`:
+        the argument that gave num, for the error message)."""
+        num = stats.check_sample_count(num, name)
+        batch_size = stats.check_positive_int(batch_size, "batch_size")
+        device = model_device(self.base_classifier)
+        x = self._checked_input(x, device)
+        counts = torch.zeros(self.num_classes, dtype=torch.long, device=device)
+        finite = torch.ones((), dtype=torch.bool, device=device)
+        first = True
+        with torch.inference_mode(), autocast(device, self.amp), eval_mode(self.base_classifier):
+            buffer = self._noise_buffer(x, min(batch_size, num), device)
+            remaining = num
+            while remaining > 0:
+                size = min(batch_size, remaining)
+                # Noise is drawn and added in float32; autocast only casts inside the model.
+                batch = buffer[:size].normal_(0.0, self.sigma, generator=generator).add_(x)
+                logits = self._forward(batch, x.shape) if first else self.base_classifier(batch)
+                first = False
+                check_logits(logits, size, self.num_classes)
+                finite &= torch.isfinite(logits).all()  # checked once at the end: no sync
+                counts += torch.bincount(logits.argmax(dim=1), minlength=self.num_classes)
+                remaining -= size
+        if not bool(finite):
+            raise ValueError(
+                "the base classifier returned non-finite logits (NaN or inf) for noisy copies "
+                "of x: its predictions, and so any certificate, would be meaningless"
+            )
+        return counts.cpu().numpy()
+
+    def _checked_input(self, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """x as float32 on `device`, after the checks that keep the noise level meaningful."""
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(
+                f"x must be a torch.Tensor (one example, no batch axis), got {type(x)}"
+            )
+        if device.type == "meta":
+            raise ValueError(
+                "base_classifier is on the meta device (it has no weights): load its weights "
+                "(e.g. to_empty() then load_state_dict()) before certifying"
+            )
+        if not x.is_floating_point():
+            raise ValueError(
+                f"x must be a floating-point tensor in the range the noise is calibrated to, "
+                f"got dtype {x.dtype} (an integer 0..255 image needs x.float() / 255)"
+            )
+        if x.numel() == 0:
+            raise ValueError(f"x must hold at least one value, got shape {tuple(x.shape)}")
+        x = x.to(device=device, dtype=torch.float32)
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("x must hold only finite values (found NaN or inf)")
+        self._check_range(x)
+        return x
+
+    def _check_range(self, x: torch.Tensor) -> None:
+        if self.input_range is None:
+            return
+        low, high = self.input_range
+        x_min, x_max = float(x.min()), float(x.max())
+        if x_min < low or x_max > high:
+            raise ValueError(
+                f"x must lie in [{low:g}, {high:g}], got values in [{x_min:g}, {x_max:g}]: "
+                "sigma is relative to that range. For a base classifier taking another "
+                "range pass Smooth(..., input_range=(low, high)), or input_range=None"
+            )
+
+    @staticmethod
+    def _noise_buffer(x: torch.Tensor, size: int, device: torch.device) -> torch.Tensor:
+        # Contiguous on purpose: torch fills a channels_last buffer with a slow serial kernel,
+        # and a channels_last model converts its input in its first conv anyway.
+        return torch.empty((size, *x.shape), device=device, dtype=torch.float32)
+
+    def _forward(self, batch: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """The first forward pass, which checks that model and input fit together."""
+        try:
+            logits = self.base_classifier(batch)
+        except RuntimeError as err:
+            raise ValueError(
+                f"x: the base classifier rejected an input of shape {tuple(shape)} "
+                f"(batched as {tuple(batch.shape)}): {err}"
+            ) from err
+        return logits
