@@ -166,6 +166,20 @@ def test_a_unet_predicting_no_noise_is_the_identity_on_images(ddpm_folders):
         torch.testing.assert_close(denoiser(x), x, rtol=0, atol=1e-6)
 
 
+def test_one_shot_denoising_runs_under_bf16_autocast_and_channels_last(ddpm_folders):
+    denoiser = DiffusionDenoiser.from_pretrained(ddpm_folders[0], 0.25)
+    x = torch.rand(2, 3, 8, 8)
+    with torch.no_grad():
+        expected = denoiser(x)
+        last = denoiser.to(memory_format=torch.channels_last)
+        got = last(x.contiguous(memory_format=torch.channels_last))
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = denoiser(x)
+    assert half.shape == x.shape and bool(((half >= 0) & (half <= 1)).all())
+    assert (half.float() - expected).abs().max() < 0.1
+
+
 def test_missing_or_unrecognised_folders_are_refused_by_name(tmp_path, ddpm_folders):
     with pytest.raises(ValueError, match="denoiser: '.*nowhere' is not a folder"):
         DiffusionDenoiser.from_pretrained(tmp_path / "nowhere", 0.25)
