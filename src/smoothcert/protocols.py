@@ -8,16 +8,25 @@ mode or the sampling. No torch here: `sample` only calls the smoothed classifier
 
 from __future__ import annotations
 
-import math
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
 
 from . import schema, sequential
+from .recompute import (
+    certificate_values,
+    count_values,
+    dense,
+    radii_procedure,
+    radii_row_problems,
+    recomputed,
+    run_problem,
+)
 from .schema import LAYOUTS, PREFIXES, format_row, header_radii, radius_name
 from .sidecar import Sidecar
-from .stats import ABSTAIN, certify_from_counts, check_positive_int
+from .stats import certify_from_counts, check_positive_int
 
 # How tables and plots name each method; T-CERTIFY's two modes carry different guarantees.
 METHOD_LABELS = {
@@ -27,6 +36,10 @@ METHOD_LABELS = {
 }
 # How tables name the method of a sequential (radii) file: T-CERTIFY's holds at alpha exactly.
 SEQUENTIAL_LABELS = {"certify": "CERTIFY, sequential", "tcertify": "T-CERTIFY, sequential"}
+# The largest radius accepted where sigma, alpha or n are not recorded (Cohen's files): a
+# CERTIFY radius is sigma * Phi^-1(pA_lower) < 8.3 sigma whatever n (pA_lower is a double
+# below 1), so this allows sigma up to 12 (the field's files use at most 1).
+GENEROUS_RADIUS = 100.0
 RowCheck = Callable[[Mapping[str, Any]], list[str]]  # a row's values -> what does not match
 
 
@@ -75,8 +88,35 @@ class Protocol:
 
     # ------------------------------------------------------------ a file
 
+    paper_mode: ClassVar[bool] = True  # its tcertify columns are paper mode (level 2α − α/grid)
+
     def curve_label(self, method: str) -> str:
         return METHOD_LABELS[method]
+
+    def certified_radii(self, header: Sequence[str]) -> np.ndarray | None:
+        """The radii at which its rows' certified accuracy is known (None: at any radius)."""
+        return None
+
+    def note(self, label: str, sidecar: Sidecar) -> str:
+        """What a table of the file must say about this protocol ("" for nothing)."""
+        return ""
+
+    def radius_limits(self, values: Mapping[str, list], methods: Sequence[str],
+                      header: Sequence[str], sidecar: Sidecar | None
+                      ) -> tuple[dict[str, np.ndarray], str]:
+        """The largest radius each method's column can hold in each row, and how it was found:
+        the certificate of counts all of one class, at the row's n and the sidecar's sigma and
+        alpha; GENEROUS_RADIUS where the file records too little."""
+        rows = len(values["idx"])
+        if "n" not in values or sidecar is None or sidecar.lacks_value(
+                "sigma", "alpha", "grid", "num_classes"):
+            return {m: np.full(rows, GENEROUS_RADIUS) for m in methods}, (
+                "sigma, alpha or n not recorded: a generous bound, as any CERTIFY radius is "
+                "below 8.3 sigma")
+        settings = (sidecar.sigma, sidecar.alpha, sidecar.grid, sidecar.num_classes)
+        return {m: np.array([_largest_radius(m, n, *settings) for n in values["n"]])
+                for m in methods}, (
+            f"what n samples allow at sigma {sidecar.sigma:g}, alpha {sidecar.alpha:g}")
 
     def row_check(self, sidecar: Sidecar, header: Sequence[str],
                   methods: Sequence[str]) -> RowCheck:
@@ -85,6 +125,17 @@ class Protocol:
 
 
 PROTOCOLS: dict[str, Protocol] = {}
+
+
+@functools.cache
+def _largest_radius(method: str, n: int, sigma: float, alpha: float, grid: int,
+                    num_classes: int) -> float:
+    """The radius of n estimation samples all of one class: no row of n samples exceeds it.
+    Paper-mode T-CERTIFY's also bounds strict mode, which evaluates one alpha' of its grid."""
+    one_class = np.zeros(num_classes, dtype=np.int64)
+    one_class[0] = n
+    bound = "certify" if method == "certify" else "tcertify"
+    return certify_from_counts(one_class, one_class, sigma, alpha, bound, grid).radius
 
 
 def register(cls: type[Protocol]) -> type[Protocol]:
@@ -119,43 +170,7 @@ def protocol_for_file(kind: str, sidecar: Sidecar | None) -> Protocol:
     return next(p for p in PROTOCOLS.values() if p.kind == kind)  # the first registered
 
 
-# ---------------------------------------------------------------- verify's helpers
-
-
-def dense(counts: Mapping[int, int], num_classes: int) -> np.ndarray:
-    result = np.zeros(num_classes, dtype=np.int64)
-    for cls, count in counts.items():
-        if cls >= num_classes:
-            raise ValueError(f"class {cls} outside the {num_classes} classes")
-        result[cls] = count
-    return result
-
-
-def close(a: float, b: float) -> bool:
-    # Certificates are recomputed by the same code; the tolerance only absorbs another
-    # scipy's last-bit differences, far below any edit that would matter.
-    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
-
-
-def mismatches(value: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
-    return [f"{name} {value[name]!r}, recomputed {want!r}" for name, want in expected.items()
-            if not close(value[name], want)]
-
-
-def _run_problem(value: Mapping[str, Any], run: str) -> list[str]:
-    """A problem if a row's run column is not the sidecar's run."""
-    problems = [] if value["run"] == run else [
-        f"run {value['run']}, but the sidecar's settings give {run}"]
-    return problems
-
-
 # ---------------------------------------------------------------- the protocols
-
-
-def _certificate_values(prefix: str, cert: Any, label: int) -> dict[str, Any]:
-    return {prefix + "predict": cert.label, prefix + "radius": cert.radius,
-            prefix + "correct": cert.label == label, prefix + "alpha_prime": cert.alpha_prime,
-            prefix + "pa_lower": cert.pa_lower, prefix + "pb_upper": cert.pb_upper}
 
 
 @register
@@ -176,10 +191,10 @@ class FixedN(Protocol):
         certificates = {"certify": result.certify, "tcertify": result.tcertify,
                         "tcertify-strict": result.strict}
         values = {"idx": idx, "label": label, "time": seconds, "method": main,
-                  "run": sidecar.run, **_certificate_values("", certificates[main], label),
-                  **_count_values(result.selection_counts, result.estimation_counts)}
+                  "run": sidecar.run, **certificate_values("", certificates[main], label),
+                  **count_values(result.selection_counts, result.estimation_counts)}
         for method in groups:
-            values.update(_certificate_values(PREFIXES[method] + "_", certificates[method],
+            values.update(certificate_values(PREFIXES[method] + "_", certificates[method],
                                               label))
         row = format_row(self.header(sidecar), self.kind, values)
         return row, certificates[main].label == label
@@ -191,47 +206,25 @@ class FixedN(Protocol):
 
     def _problems(self, value: Mapping[str, Any], sidecar: Sidecar, run: str,
                   methods: Sequence[str]) -> list[str]:
-        problems = _run_problem(value, run)
+        problems = run_problem(value, run)
         try:
             selection = dense(value["selection_counts"], sidecar.num_classes)
             estimation = dense(value["estimation_counts"], sidecar.num_classes)
         except ValueError as err:
             return [*problems, f"counts: {err}"]
-        written = _count_values(selection, estimation)
+        written = count_values(selection, estimation)
         problems += [f"{name} {value[name]}, the counts give {int(written[name])}"
                      for name in ("n0", "n", "count_a", "count_b")
                      if value[name] != int(written[name])]
         problems += self._n_problems(selection, estimation, sidecar)
         for method in methods:
-            problems += _recomputed(value, method, methods[0], selection, estimation, sidecar)
+            problems += recomputed(value, method, methods[0], selection, estimation, sidecar)
         return problems
 
     def _n_problems(self, selection: np.ndarray, estimation: np.ndarray,
                     sidecar: Sidecar) -> list[str]:
         """Whether the row's n is the protocol's (fixed n: the count columns say it)."""
         return []
-
-
-def _count_values(selection: np.ndarray, estimation: np.ndarray) -> dict[str, Any]:
-    selection, estimation = np.asarray(selection), np.asarray(estimation)
-    top = int(np.argmax(selection))
-    return {"n0": selection.sum(), "n": estimation.sum(), "count_a": estimation[top],
-            "count_b": np.delete(estimation, top).max(), "selection_counts": selection,
-            "estimation_counts": estimation}
-
-
-def _recomputed(value: Mapping[str, Any], method: str, main: str, selection: np.ndarray,
-                estimation: np.ndarray, sidecar: Sidecar) -> list[str]:
-    """What in one method's columns is not the certificate recomputed from the counts."""
-    prefix = "" if method == main else PREFIXES[method] + "_"
-    try:
-        cert = certify_from_counts(selection, estimation, sidecar.sigma, sidecar.alpha, method,
-                                   sidecar.grid)
-    except ValueError as err:
-        return [f"{method}: cannot be recomputed ({err})"]
-    expected = _certificate_values(prefix, cert, value["label"])
-    expected[prefix + "correct"] = int(expected[prefix + "correct"])
-    return mismatches(value, expected)
 
 
 @register
@@ -343,8 +336,26 @@ class Radii(Protocol):
             **{f"decided_{r}": d for r, d in zip(names, cert.decided_at, strict=True)}}
         return format_row(self.header(sidecar), self.kind, values), cert.label == label
 
+    paper_mode = False  # both sequential methods hold at alpha exactly
+
     def curve_label(self, method: str) -> str:
         return SEQUENTIAL_LABELS[method]
+
+    def certified_radii(self, header: Sequence[str]) -> np.ndarray | None:
+        return np.array(header_radii(header))
+
+    def note(self, label: str, sidecar: Sidecar) -> str:
+        if not sidecar.radii:
+            return ""
+        return (f"{label}: certified at the radii {', '.join(map(str, sidecar.radii))} only "
+                "(sequential, so no ACR); - marks radii it was not asked about")
+
+    def radius_limits(self, values: Mapping[str, list], methods: Sequence[str],
+                      header: Sequence[str], sidecar: Sidecar | None
+                      ) -> tuple[dict[str, np.ndarray], str]:
+        largest = max(header_radii(header), default=0.0)
+        return {m: np.full(len(values["idx"]), largest) for m in methods}, \
+            "the file's largest radius"
 
     def row_check(self, sidecar: Sidecar, header: Sequence[str],
                   methods: Sequence[str]) -> RowCheck:
@@ -354,73 +365,6 @@ class Radii(Protocol):
                                "not checked: the radii do not match")
         run = sidecar.fingerprint()
         return lambda value: radii_row_problems(value, sidecar, run, procedure)
-
-
-def radii_procedure(sidecar: Sidecar) -> sequential.RadiiProcedure:
-    """A fresh sequential procedure with a radii file's settings (its sidecar)."""
-    return sequential.RadiiProcedure(
-        sidecar.radii, sidecar.sigma, sidecar.alpha, sidecar.max_n, method=sidecar.method,
-        num_classes=sidecar.num_classes, confidence_sequence=sidecar.confidence_sequence,
-        batch_size=sidecar.batch)
-
-
-def radii_row_problems(value: Mapping[str, Any], sidecar: Sidecar, run: str,
-                       procedure: sequential.RadiiProcedure) -> list[str]:
-    """What in a radii row does not follow from its counts: the certificate of its largest
-    certified radius is recomputed at the look that certified it, the final look's counts must
-    certify nothing more, and the columns must agree with the counts and with each other."""
-    problems = _run_problem(value, run)
-    try:
-        selection, estimation, certifying = (
-            dense(value[name], sidecar.num_classes)
-            for name in ("selection_counts", "estimation_counts", "certifying_counts"))
-    except ValueError as err:
-        return [*problems, f"counts: {err}"]
-    names = [radius_name(r) for r in procedure.radii]
-    certified = np.array([value[f"certified_{r}"] for r in names], dtype=bool)
-    label = int(np.argmax(selection))
-    problems += _radii_column_problems(value, procedure, selection, estimation, certified)
-    if not certified.any():
-        if certifying.sum():
-            problems.append("certifying_counts given, but no radius is certified")
-        return problems
-    top = int(np.flatnonzero(certified).max())
-    looks = {0, *procedure.cs.looks.tolist()}
-    if (certifying.sum() != value[f"decided_{names[top]}"] or certifying.sum() not in looks
-            or np.any(certifying > estimation)):
-        return [*problems, f"certifying_counts ({int(certifying.sum())} samples) are not a "
-                f"look at which radius {names[top]} was decided, within the final counts"]
-    try:
-        at_look = procedure.certifiable(certifying[label], int(certifying.sum()),
-                                        np.delete(certifying, label))
-        at_end = procedure.certifiable(estimation[label], int(estimation.sum()),
-                                       np.delete(estimation, label))
-    except ValueError as err:
-        return [*problems, f"cannot be recomputed ({err})"]
-    if not at_look[top]:
-        problems.append(f"radius {names[top]} is not certified by certifying_counts")
-    if np.any(at_end & ~certified):
-        problems.append("the final counts certify a radius the row does not")
-    return problems
-
-
-def _radii_column_problems(value: Mapping[str, Any], procedure: sequential.RadiiProcedure,
-                           selection: np.ndarray, estimation: np.ndarray,
-                           certified: np.ndarray) -> list[str]:
-    """The columns that follow from the counts and the certified radii alone."""
-    label = int(np.argmax(selection))
-    predict = label if certified.any() else ABSTAIN
-    problems = mismatches(value, {
-        "predict": predict, "correct": int(predict == value["label"]),
-        "radius": float(procedure.radii[certified].max()) if certified.any() else 0.0,
-        "n0": int(selection.sum()), "n": int(estimation.sum()),
-        "count_a": int(estimation[label]),
-        "samples_used": int(selection.sum() + estimation.sum())})
-    if certified.any() and not certified[: int(np.flatnonzero(certified).max()) + 1].all():
-        problems.append("certified radii are not a prefix of the radii")
-    if estimation.sum() not in {0, *procedure.cs.looks.tolist()}:
-        problems.append(f"n {int(estimation.sum())} is not a look of the schedule")
-    return problems
 
 
 @register

@@ -41,9 +41,9 @@ from .protocols import (
     Protocol,
     protocol_for_file,
     protocol_of,
-    radii_procedure,
     register,
 )
+from .recompute import radii_procedure
 from .schema import (
     BOUND_COLUMNS,
     COHEN_COLUMNS,
