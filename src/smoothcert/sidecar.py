@@ -87,7 +87,10 @@ class Sidecar:
 
     @classmethod
     def build(cls, extra: Mapping[str, Any], **settings: Any) -> Sidecar:
-        """A run's sidecar: `settings` over `extra` (keys of the caller's), fingerprinted."""
+        """A run's sidecar: `settings` (fields) over `extra` (the caller's keys), fingerprinted."""
+        unknown = sorted(set(settings) - _field_names())
+        if unknown:
+            raise TypeError(f"Sidecar has no field {', '.join(unknown)}")
         made = cls.from_json({**extra, **settings})
         return replace(made, run=made.fingerprint(), unset=made.unset - {"run"})
 
