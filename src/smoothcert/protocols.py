@@ -60,6 +60,7 @@ class Protocol:
     sampling: ClassVar[str | None] = None  # the sidecar's sampling (None: n fixed)
     words: ClassVar[str] = "certify (radius per input)"  # what its rows hold
     needs: ClassVar[tuple[str, ...]] = ()  # sidecar settings verify needs beyond the identity
+    paper_mode: ClassVar[bool] = True  # its tcertify columns are paper mode (level 2α − α/grid)
 
     # ------------------------------------------------------------ a run
 
@@ -87,8 +88,6 @@ class Protocol:
         raise NotImplementedError
 
     # ------------------------------------------------------------ a file
-
-    paper_mode: ClassVar[bool] = True  # its tcertify columns are paper mode (level 2α − α/grid)
 
     def curve_label(self, method: str) -> str:
         return METHOD_LABELS[method]

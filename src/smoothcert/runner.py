@@ -1,9 +1,11 @@
 """Certify or predict over a dataset: one result row per example, flushed as produced, resumable.
 
-The row format belongs to `results`. A run first *plans* from the files alone (what is
-finished, whether those rows belong to this run: settings and checkpoint content, by the rows'
-`run` fingerprint), then *executes*. Under torchrun each rank certifies every world_size-th
-example into its own part file and rank 0 merges the parts in index order. Each example's
+The row format belongs to `results`; what is sampled and which row it makes, to the run's
+protocol (`protocols`: fixed n, adaptive n, radii, predict). A run first *plans* from the
+files alone (`ResumePlanner`: what is finished, whether those rows belong to this run:
+settings and checkpoint content, by the rows' `run` fingerprint), then *executes*. Under
+torchrun each rank certifies every world_size-th example into its own part file and rank 0
+merges the parts in index order (`OutputFiles`). Each example's
 noise comes from a generator seeded by (seed, idx), so results do not depend on the sharding.
 Rank 0 holds the output's lock for the whole run: a second process on the same --out is
 refused. Besides fixed n per input, certify samples sequentially at given radii (radii files)
@@ -309,7 +311,6 @@ class Runner:
         self.protocol = cfg.protocol
         self.indices = selected_indices(len(self.dataset), cfg.skip, cfg.max)
         self.sidecar = self._sidecar(digest, num_classes)
-        self.meta = self.sidecar.to_json()
         self.run_id = self.sidecar.run
         self.columns = self.protocol.header(self.sidecar)
         self.files = OutputFiles(self.out, self.columns, self.sidecar)
