@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,14 @@ import torch
 from scipy.stats import norm
 from torch import nn
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# The shared data and specs: $SMOOTHCERT_SHARED, else the documented ../shared beside the repo.
+SHARED = Path(os.environ.get("SMOOTHCERT_SHARED") or Path(__file__).resolve().parents[2] / "shared")
+SHARED_DATA = SHARED / "data"
+INTEROP = SHARED / "interop"
+CIFAR_SUBSET = SHARED_DATA / "cifar10-subset"
+CIFAR_NPZ = CIFAR_SUBSET / "cifar10_subset.npz"
+needs_interop = pytest.mark.skipif(not INTEROP.is_dir(), reason=f"{INTEROP} is absent")
+needs_cifar = pytest.mark.skipif(not CIFAR_NPZ.is_file(), reason=f"{CIFAR_NPZ} is absent")
 
 
 class ThresholdClassifier(nn.Module):
@@ -67,6 +75,14 @@ def true_radius(probs: np.ndarray, sigma: float) -> tuple[int, float]:
     order = np.argsort(-probs)
     p_a, p_b = probs[order[0]], probs[order[1]]
     return int(order[0]), float(sigma / 2 * (norm.ppf(p_a) - norm.ppf(p_b)))
+
+
+@pytest.fixture
+def cifar_npz() -> Path:
+    """The shared CIFAR-10 subset; the test is skipped, saying where it looked, without it."""
+    if not CIFAR_NPZ.is_file():
+        pytest.skip(f"the CIFAR-10 subset is absent: expected {CIFAR_NPZ} (set SMOOTHCERT_SHARED)")
+    return CIFAR_NPZ
 
 
 @pytest.fixture

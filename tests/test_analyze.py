@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import INTEROP, needs_interop
 
 from smoothcert import analyze as an
 from smoothcert import results
 
 RADII = np.array([0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5])
-INTEROP = Path(__file__).resolve().parents[2] / "shared" / "interop"
 
 RUNNER_HEADER = results.columns("certify", "both")  # the runner's own header, never a copy
 RUN = "0123456789ab"
@@ -307,7 +307,7 @@ def test_plot_replaces_only_a_plot_smoothcert_wrote(tmp_path):
     assert plot.read_bytes() != first
 
 
-@pytest.mark.skipif(not INTEROP.is_dir(), reason="needs ../shared/interop")
+@needs_interop
 def test_cohens_result_file_beside_ours_in_one_table_and_plot(tmp_path):
     cohen = INTEROP / "cohen_certify_resnet20_sigma0.25.tsv"
     plot = tmp_path / "both.png"

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CIFAR_NPZ, CIFAR_SUBSET, INTEROP, needs_interop
 from test_cli import cli
 from torch import nn
 from torchvision.models import resnet50
@@ -31,10 +32,6 @@ from smoothcert.io import WEIGHTS_DIGEST, CheckpointError, weights_digest
 from smoothcert.models import Standardize
 from smoothcert.models.lenet_20_50 import lenet_20_50
 from smoothcert.train import CHECKPOINT, load_model, train
-
-INTEROP = Path(__file__).resolve().parents[2] / "shared" / "interop"
-CIFAR_SUBSET = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-subset"
-needs_interop = pytest.mark.skipif(not INTEROP.is_dir(), reason="../shared/interop is absent")
 
 COHEN_CIFAR = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
 # (file, format auto must find, arch to give, dataset, mean/std of the first layer)
@@ -101,6 +98,13 @@ def test_cohen_mean_and_std_come_from_cohens_code_not_smoothcerts_cifar10():
 def test_load_checkpoint_is_exported_lazily():
     assert smoothcert.load_checkpoint is load_checkpoint
     assert "load_checkpoint" in smoothcert.__all__
+
+
+def test_one_name_per_checkpoint_reader():
+    """load_checkpoint is the model of any checkpoint; io's verified state dict has its own name."""
+    assert not hasattr(sc_io, "load_checkpoint")
+    assert load_checkpoint.__module__ == "smoothcert.checkpoints"
+    assert callable(sc_io.read_checkpoint_state)
 
 
 class CohenNormalize(nn.Module):
@@ -222,7 +226,7 @@ def test_an_unknown_layout_lists_the_formats_and_the_flag(tmp_path):
 def test_files_that_are_no_checkpoint_at_all(tmp_path, content, expected, wrong):
     path = tmp_path / "model.pt"
     path.write_bytes(content)
-    for load in (sc_io.load_checkpoint, load_checkpoint):
+    for load in (sc_io.read_checkpoint_state, load_checkpoint):
         with pytest.raises(CheckpointError) as err:
             load(path)
         text = str(err.value)
@@ -256,7 +260,7 @@ def test_a_permission_error_is_not_called_truncated(tmp_path, monkeypatch, where
     else:
         monkeypatch.setattr(torch, "load", lambda file, **_: refuse(file))
     with pytest.raises(CheckpointError) as err:
-        sc_io.load_checkpoint(path)
+        sc_io.read_checkpoint_state(path)
     assert f"cannot read '{path}': Permission denied" in str(err.value)
     assert "truncated" not in str(err.value)
 
@@ -269,7 +273,7 @@ def test_a_damaged_pickle_stream_is_corrupt_not_a_refusal(tmp_path):
     data[stream + 2] = 0xFF  # no pickle opcode
     path.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=f"'{path}' is corrupted") as err:
-        sc_io.load_checkpoint(path)
+        sc_io.read_checkpoint_state(path)
     assert "refusing" not in str(err.value)
 
 
@@ -322,7 +326,7 @@ def test_a_refused_pickle_says_what_to_do_without_relaying_torchs_unsafe_advice(
     torch.save({"model": {}, "config": payload(marker)}, path,
                _use_new_zipfile_serialization=not legacy)
     with pytest.raises(CheckpointError) as err:
-        sc_io.load_checkpoint(path)
+        sc_io.read_checkpoint_state(path)
     message = str(err.value)
     assert "weights_only" not in message and "will likely succeed" not in message
     assert "safe_globals" not in message and "\n" not in message
@@ -365,7 +369,7 @@ def test_flipped_weight_bytes_are_caught(trained_checkpoint, tmp_path):
     path = tmp_path / "flipped.pt"
     path.write_bytes(bytes(data))
     torch.load(path, weights_only=True)  # torch itself notices nothing
-    for load in (sc_io.load_checkpoint, load_model, load_checkpoint):
+    for load in (sc_io.read_checkpoint_state, load_model, load_checkpoint):
         with pytest.raises(CheckpointError, match=f"'{path}' is corrupted or was modified.*"
                            "do not match the weights_sha256 checksum"):
             load(path)
@@ -412,8 +416,8 @@ def test_resume_from_a_checkpoint_without_optimizer_state(tmp_path):
     ],
 )
 def test_certify_and_predict_a_published_checkpoint(capsys, tmp_path, name, extra, dataset):
-    if dataset == "cifar10" and not CIFAR_SUBSET.is_dir():
-        pytest.skip("../shared/data is absent")
+    if dataset == "cifar10" and not CIFAR_NPZ.is_file():
+        pytest.skip(f"{CIFAR_NPZ} is absent")
     out = tmp_path / "res.tsv"
     code, _, err = cli(capsys, "certify", str(INTEROP / name), "--sigma", "0.25", *extra,
                        "--out", str(out), "--n0", "10", "--N", "100", "--batch", "100",

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from smoothcert import Smooth
 from smoothcert import train as train_module
 from smoothcert.cli import build_parser, main
 
@@ -174,14 +175,17 @@ def test_a_batch_too_large_for_memory_exits_2_naming_a_smaller_one(capsys, tmp_p
 
 
 def test_a_certify_batch_too_large_for_memory_exits_2_naming_a_smaller_one(
-        capsys, tmp_path, trained_checkpoint):
-    # A buffer of 2**40 noisy 28x28 images needs 3.4 PB: the allocation fails at once.
+        capsys, monkeypatch, tmp_path, trained_checkpoint):
+    # --N is at most 10^7, so each noisy image is made 2**40 pixels: a buffer of 10,000 of
+    # them needs 44 PB, and the allocation fails at once.
+    monkeypatch.setattr(Smooth, "_noise_buffer", staticmethod(
+        lambda x, size, device: torch.empty((size, 2**40), device=device)))
     code, _, stderr = cli(capsys, "certify", str(trained_checkpoint), "--out",
-                          str(tmp_path / "r.tsv"), "--max-examples", "1", "--N", str(2**40),
-                          "--batch", str(2**40))
+                          str(tmp_path / "r.tsv"), "--max-examples", "1", "--N", "10000",
+                          "--batch", "10000")
     assert code == 2 and "Traceback" not in stderr
-    assert f"error: batch: a batch of {2**40} does not fit in memory" in stderr
-    assert f"try --batch {2**39} or smaller" in stderr
+    assert "error: batch: a batch of 10000 does not fit in memory" in stderr
+    assert "try --batch 5000 or smaller" in stderr
 
 
 @pytest.mark.parametrize("command", ["train", "certify"])
@@ -282,7 +286,8 @@ def test_predict_prints_the_abstention_rate(capsys, trained_checkpoint, tmp_path
 
 @pytest.mark.parametrize(
     "args, message",
-    [(["--n", "0"], "error: n must be"), (["--alpha", "2"], "error: alpha must be"),
+    [(["--n", "0"], "argument --N/--n: must be an integer in [1, "),
+     (["--alpha", "2"], "error: alpha must be"),
      (["--method", "foo"], "argument --method: invalid choice"),
      (["--sigma", "-1"], "error: sigma must be"),
      (["--max-examples", "-5"], "argument --max-examples/--max: must be a count >= 0"),

@@ -9,12 +9,15 @@ from dataclasses import fields
 
 import pytest
 from test_cli import cli as run
+from test_imports import imported
 
 from smoothcert.cli import TRAIN_COMMAND_OPTIONS, build_parser
-from smoothcert.io import load_checkpoint, save_checkpoint
+from smoothcert.io import read_checkpoint_state, save_checkpoint
 from smoothcert.models import MODELS
 from smoothcert.objectives import OBJECTIVES
 from smoothcert.presets import PRESETS, TrainConfig, choices, resolve_config
+from smoothcert.runner import RunConfig
+from smoothcert.stats import MAX_SAMPLES
 from smoothcert.train import CHECKPOINT, CONFIG, load_model, train
 
 TINY = ["--epochs", "1", "--train-subset", "64", "--batch", "64", "--k", "2", "--eval-subset",
@@ -118,7 +121,7 @@ def test_a_run_written_with_the_old_method_key_loads_and_resumes(tmp_path):
     options = dict(sigma=0.25, k=2, batch=64, lr=0.05, train_subset=64, eval_subset=0,
                    device="cpu", out=str(out), objective="adre", lam=0.1)
     train(resolve_config("mnist-lenet", epochs=1, **options), progress=False)
-    state = load_checkpoint(out / CHECKPOINT)
+    state = read_checkpoint_state(out / CHECKPOINT)
     config = state["config"]
     config["method"] = config.pop("objective")
     save_checkpoint(out / CHECKPOINT, state)
@@ -129,9 +132,61 @@ def test_a_run_written_with_the_old_method_key_loads_and_resumes(tmp_path):
     with pytest.raises(ValueError, match="different objective"):
         train(resolve_config("mnist-lenet", epochs=2, **other), resume=True, progress=False)
     train(resolve_config("mnist-lenet", epochs=2, **options), resume=True, progress=False)
-    assert load_checkpoint(out / CHECKPOINT)["epoch"] == 2
+    assert read_checkpoint_state(out / CHECKPOINT)["epoch"] == 2
 
 
 def test_resolve_config_names_the_new_spelling_of_an_old_key():
     with pytest.raises(ValueError, match=r"unknown training option\(s\): method \(now objective\)"):
         resolve_config(method="adre")
+
+
+# --- sample counts: at most stats.MAX_SAMPLES, refused while parsing ------------------------
+
+
+@pytest.mark.parametrize("value", [str(MAX_SAMPLES + 1), "99999999999999999999999", "0", "1e6"])
+@pytest.mark.parametrize(("command", "flag", "shown"), [
+    ("certify", "--N", "--N/--n"), ("certify", "--n", "--N/--n"), ("certify", "--n0", "--n0"),
+    ("certify", "--max-n", "--max-n"), ("predict", "--N", "--N/--n"), ("demo", "--N", "--N/--n"),
+    ("demo", "--n0", "--n0"),
+])
+def test_a_sample_count_outside_the_validated_range_is_a_usage_error(capsys, tmp_path, command,
+                                                                     flag, shown, value):
+    where = [] if command == "demo" else [str(tmp_path / "missing.pt")]
+    code, _, err = run(capsys, command, *where, "--out", str(tmp_path / "out"), flag, value)
+    assert code == 2
+    assert f"argument {shown}: must be an integer in [1, 10000000], got '{value}'" in err
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_largest_validated_sample_counts_are_accepted():
+    ten_million = str(MAX_SAMPLES)
+    args = build_parser().parse_args(["certify", "c.pt", "--out", "o", "--N", ten_million,
+                                      "--n0", ten_million, "--max-n", ten_million])
+    assert args.n == args.n0 == args.max_n == MAX_SAMPLES == 10_000_000
+
+
+def test_a_sample_count_is_refused_before_torch_is_imported(tmp_path):
+    names, done = imported("-m", "smoothcert", "certify", str(tmp_path / "c.pt"), "--out",
+                           str(tmp_path / "o"), "--N", "99999999999999999999999")
+    assert done.returncode == 2 and "argument --N/--n: must be an integer" in done.stderr
+    assert not names & {"torch", "torchvision"}
+
+
+@pytest.mark.parametrize("name", ["n0", "n", "max_n"])
+def test_run_config_refuses_a_sample_count_above_the_limit(name):
+    sampling = {"adaptive_n": True} if name == "max_n" else {}
+    cfg = RunConfig(checkpoint="missing.pt", out="o", **sampling, **{name: MAX_SAMPLES + 1})
+    with pytest.raises(ValueError, match=rf"^{name} must be an integer in \[1, 10000000\]"):
+        cfg.validate()
+
+
+def test_a_bonferroni_alpha_too_small_for_its_looks_exits_2_before_any_row(
+        capsys, trained_checkpoint, tmp_path):
+    out = tmp_path / "radii.tsv"
+    code, _, err = run(capsys, "certify", str(trained_checkpoint), "--out", str(out), "--radii",
+                       "0.25", "--max-n", "10000", "--batch", "100", "--confidence-sequence",
+                       "bonferroni", "--alpha", "3e-100", "--max-examples", "1", "--device",
+                       "cpu")
+    assert code == 2 and "Traceback" not in err
+    assert "error: alpha must be >= 8e-100 for certify with the bonferroni confidence" in err
+    assert not out.exists()

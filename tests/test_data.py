@@ -19,16 +19,6 @@ from smoothcert.data import (
     get_dataset,
 )
 
-# CI always has ../shared beside the repository: a missing subset is an error, not a skip.
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-CIFAR_NPZ = SHARED_DATA / "cifar10-subset" / "cifar10_subset.npz"
-
-
-@pytest.fixture
-def cifar_npz() -> Path:
-    assert CIFAR_NPZ.is_file(), f"the CIFAR-10 subset is missing: expected {CIFAR_NPZ}"
-    return CIFAR_NPZ
-
 
 @pytest.fixture(autouse=True)
 def _no_data_env(monkeypatch, tmp_path):

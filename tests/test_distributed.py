@@ -24,7 +24,7 @@ import torch.distributed as dist
 import smoothcert
 from smoothcert.cli import build_parser
 from smoothcert.cli import main as cli_main
-from smoothcert.io import load_checkpoint
+from smoothcert.io import read_checkpoint_state
 from smoothcert.presets import TrainConfig
 from smoothcert.results import verify
 from smoothcert.runner import RunConfig, Runner
@@ -34,6 +34,8 @@ pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed gloo"
 )
 
+# Each torchrun launch starts two processes that import torch: 14 to 22 s on 2 shared cores.
+launches_torchrun = pytest.mark.slow
 TIMEOUT = 180  # seconds for one torchrun launch; a hung rank fails the test instead of the suite
 TRAIN = ["--train-subset", "256", "--batch", "64", "--k", "2", "--epochs", "1", "--eval-subset",
          "0"]
@@ -125,7 +127,7 @@ def in_process(args: list[str]) -> None:
 
 def assert_same_weights(a: Path, b: Path, atol: float = 1e-5) -> None:
     # The gradient all-reduce averages per-rank means: the same sum in another order.
-    state_a, state_b = load_checkpoint(a), load_checkpoint(b)
+    state_a, state_b = read_checkpoint_state(a), read_checkpoint_state(b)
     assert state_a["epoch"] == state_b["epoch"]
     assert state_a["model"].keys() == state_b["model"].keys()
     for name, tensor in state_a["model"].items():
@@ -174,6 +176,7 @@ def two_process_runs(tmp_path_factory):
     return get
 
 
+@launches_torchrun
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_two_processes_train_the_weights_of_one(two_process_runs, tmp_path, method):
     two = two_process_runs(method)
@@ -188,6 +191,7 @@ def test_two_processes_train_the_weights_of_one(two_process_runs, tmp_path, meth
         assert two_record[key] == pytest.approx(one_record[key], rel=1e-5, abs=1e-6), key
 
 
+@launches_torchrun
 def test_torchrun_resume_continues_like_an_uninterrupted_run(two_process_runs, tmp_path):
     shutil.copytree(two_process_runs("gaussian"), tmp_path / "two")
     args = [*TRAIN, "--objective", "gaussian"]
@@ -197,6 +201,7 @@ def test_torchrun_resume_continues_like_an_uninterrupted_run(two_process_runs, t
     assert [r["epoch"] for r in log_records(tmp_path / "two")] == [0, 1]
 
 
+@launches_torchrun
 def test_a_batch_the_processes_cannot_share_is_refused_before_any_file(tmp_path):
     status, output = launch(["train", *TRAIN, "--batch", "63", "--out", "run"], tmp_path)
     assert status != 0
@@ -224,6 +229,7 @@ def reference(checkpoint, tmp_path_factory) -> Path:
     return out
 
 
+@launches_torchrun
 def test_two_processes_certify_the_rows_of_one(checkpoint, reference, tmp_path):
     torchrun(["certify", str(checkpoint), "--out", "two.tsv", *CERTIFY], tmp_path)
     assert without_time(tmp_path / "two.tsv") == without_time(reference)
@@ -231,6 +237,7 @@ def test_two_processes_certify_the_rows_of_one(checkpoint, reference, tmp_path):
     assert part_files(tmp_path / "two.tsv") == []
 
 
+@launches_torchrun
 def test_rerun_finishes_the_parts_of_an_interrupted_run(checkpoint, reference, tmp_path):
     """Part files as a killed run leaves them: complete rows, a row cut off mid-write, the part
     of a rank the new run does not have (an earlier run with 4 processes) and no merged file."""
@@ -280,6 +287,7 @@ SEQUENTIAL = {"radii": ["--radii", "0,0.25,0.5", "--max-n", "1000", "--method", 
               "adaptive-n": ["--adaptive-n", "--max-n", "1000", "--tolerance", "0.05"]}
 
 
+@launches_torchrun
 @pytest.mark.parametrize("mode", sorted(SEQUENTIAL))
 def test_two_processes_certify_sequentially_the_rows_of_one(checkpoint, tmp_path, mode):
     args = ["--n0", "10", "--max-examples", "10", "--batch", "100", *SEQUENTIAL[mode]]

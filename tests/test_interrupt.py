@@ -17,7 +17,7 @@ import pytest
 from test_distributed import start_torchrun, stop
 
 from smoothcert.cli import main
-from smoothcert.io import load_checkpoint
+from smoothcert.io import read_checkpoint_state
 from smoothcert.train import CHECKPOINT, LOG
 
 # Slow enough rows (or epochs) that the signal arrives mid-run, not after it finished.
@@ -76,7 +76,7 @@ def test_an_interrupted_training_says_which_epoch_it_kept_and_resumes(tmp_path, 
     command = ["train", *TRAIN, "--out", str(out)]
     code, output = interrupt_when(smoothcert(*command, "--epochs", "200"),
                                   lambda: (out / CHECKPOINT).exists(), signum)
-    epoch = load_checkpoint(out / CHECKPOINT)["epoch"]
+    epoch = read_checkpoint_state(out / CHECKPOINT)["epoch"]
     assert code == 130 and "Traceback" not in output
     assert output.splitlines() == [
         f"smoothcert train: interrupted: checkpoint of epoch {epoch} kept in "

@@ -16,7 +16,7 @@ from torch import nn
 import smoothcert
 from smoothcert.attacks import smooth_pgd_l2, smoothed_log_probs
 from smoothcert.cli import main as cli_main
-from smoothcert.io import load_checkpoint
+from smoothcert.io import read_checkpoint_state
 from smoothcert.objectives import (
     OBJECTIVES,
     ObjectiveConfig,
@@ -310,6 +310,34 @@ def test_method_rejects_noise_of_the_wrong_shape():
     x, y, noise = synthetic(k=4)
     with pytest.raises(ValueError, match="noise"):
         get_objective("gaussian")(model, x, y, noise, ObjectiveConfig(k=2))
+
+
+class Rows(nn.Module):
+    """A linear model whose output keeps `fraction` of its rows (a copy of each for 2)."""
+
+    def __init__(self, fraction: float):
+        super().__init__()
+        self.linear = nn.Sequential(nn.Flatten(), nn.Linear(D, 10))
+        self.fraction = fraction
+
+    def forward(self, x):
+        logits = self.linear(x)
+        return torch.cat([logits, logits]) if self.fraction == 2 else logits[::2]
+
+
+@pytest.mark.parametrize("fraction", [2, 0.5])
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_a_model_returning_another_number_of_rows_is_refused(name, fraction):
+    """B*k rows of 10 logits regroup as [B, k, 20] (or [B, k, 5]): refused, not trained on."""
+    torch.manual_seed(0)
+    x, y, noise = synthetic(b=6, k=4)
+    rows = int(24 * fraction)
+    message = (rf"^the base classifier returned logits of shape \({rows}, 10\) for a batch of "
+               r"24 inputs; expected \(24, num_classes\)")
+    with pytest.raises(ValueError, match=message):
+        get_objective(name)(Rows(fraction), x, y, noise, CONFIGS[name])
+    with pytest.raises(ValueError, match=message):
+        smooth_pgd_l2(Rows(fraction), x, y, noise, 0.5, 1)
 
 
 # --- bad arguments -------------------------------------------------------------------------
@@ -814,7 +842,7 @@ def test_each_baseline_trains_under_torchrun(tmp_path, method):
                          "--out", str(tmp_path / "one")]) == 0
     finally:
         torch.set_num_threads(threads)
-    one = load_checkpoint(tmp_path / "one" / "checkpoint.pt")["model"]
-    two = load_checkpoint(tmp_path / "two" / "checkpoint.pt")["model"]
+    one = read_checkpoint_state(tmp_path / "one" / "checkpoint.pt")["model"]
+    two = read_checkpoint_state(tmp_path / "two" / "checkpoint.pt")["model"]
     for name, tensor in one.items():
         torch.testing.assert_close(two[name], tensor, rtol=0, atol=1e-5, msg=name)

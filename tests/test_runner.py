@@ -21,7 +21,7 @@ import torch
 import smoothcert
 from smoothcert import results
 from smoothcert.data import get_dataset
-from smoothcert.io import CheckpointError, OutputLockedError, load_checkpoint
+from smoothcert.io import CheckpointError, OutputLockedError, read_checkpoint_state
 from smoothcert.presets import resolve_config
 from smoothcert.runner import (
     RunConfig,
@@ -665,7 +665,7 @@ def test_bad_checkpoints_raise_checkpoint_error(trained_checkpoint, tmp_path, ma
     make(path, trained_checkpoint)
     if make not in (_foreign_config, _wrong_weights):  # these have the expected keys
         with pytest.raises(CheckpointError, match=message):
-            load_checkpoint(path)
+            read_checkpoint_state(path)
     with pytest.raises(CheckpointError, match=message) as err:
         load_model(path)
     assert isinstance(err.value, ValueError)
@@ -683,7 +683,7 @@ def test_a_checkpoint_that_would_run_code_is_refused(trained_checkpoint, tmp_pat
     state["payload"] = Payload(marker)
     torch.save(state, path)
     with pytest.raises(CheckpointError, match="refusing") as err:
-        load_checkpoint(path)
+        read_checkpoint_state(path)
     assert isinstance(err.value, ValueError)
     with pytest.raises(CheckpointError):
         certify(path, tmp_path / "out.tsv")

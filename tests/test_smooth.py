@@ -5,6 +5,7 @@ from conftest import InputRecorder, LinearTwoClass, ThresholdClassifier, true_ra
 from torch import nn
 
 from smoothcert import ABSTAIN, Smooth
+from smoothcert.stats import MAX_SAMPLES, check_sample_count
 
 
 def test_linear_classifier_radius_approaches_the_exact_radius_from_below():
@@ -115,9 +116,9 @@ def test_monte_carlo_coverage_through_the_smoothed_classifier():
         (None, lambda s, x: s.certify(x, 10, 100, 1.5, 10), r"^alpha must be a number in \["),
         (None, lambda s, x: s.certify(x, 10, 100, 1e-101, 10), r"^alpha must be .* got 1e-101"),
         (None, lambda s, x: s.tcertify(x, 10, 100, 5e-100, 10), r"^alpha / grid .* >= 1e-100"),
-        (None, lambda s, x: s.certify(x, 0, 100, 0.01, 10), "^n0 must be an integer >= 1"),
-        (None, lambda s, x: s.certify(x, 10, 0, 0.01, 10), "^n must be an integer >= 1"),
-        (None, lambda s, x: s.predict(x, 0, 0.01, 10), "^n must be an integer >= 1"),
+        (None, lambda s, x: s.certify(x, 0, 100, 0.01, 10), r"^n0 must be an integer in \[1, "),
+        (None, lambda s, x: s.certify(x, 10, 0, 0.01, 10), r"^n must be an integer in \[1, "),
+        (None, lambda s, x: s.predict(x, 0, 0.01, 10), r"^n must be an integer in \[1, "),
         (None, lambda s, x: s.predict(x, 100, 0.01, 0), "^batch_size must be an integer >= 1"),
         (None, lambda s, x: s.tcertify(x, 10, 100, 0.01, 10, grid=0), "^grid must be an integer"),
         (
@@ -320,3 +321,149 @@ def test_a_model_on_the_meta_device_is_refused():
         model = nn.Linear(2, 3)
     with pytest.raises(ValueError, match="^base_classifier is on the meta device"):
         Smooth(model, 3, sigma=0.5).certify(torch.zeros(2), 10, 100, 0.01, 10)
+
+
+# --- the base classifier is untrusted: one row of num_classes logits per input ------------------
+
+
+def votes_for_7(rows=lambda b: b, columns=10, wrong_from_call=1):
+    """Logits voting for class 7 with rows(b) rows and `columns` columns for a batch of b, from
+    the `wrong_from_call`-th call on (one row per input and 10 columns before it)."""
+    calls = []
+
+    def output(b):
+        calls.append(b)
+        wrong = len(calls) >= wrong_from_call
+        logits = torch.zeros(rows(b) if wrong else b, columns if wrong else 10)
+        logits[:, 7] = 1.0
+        return logits
+
+    return output
+
+
+ENTRY_POINTS = {
+    "predict": lambda s, x: s.predict(x, 100, 1e-3, 50),
+    "certify": lambda s, x: s.certify(x, 10, 100, 1e-3, 50),
+    "tcertify": lambda s, x: s.tcertify(x, 10, 100, 1e-3, 50),
+    "certify_all": lambda s, x: s.certify_all(x, 10, 100, 1e-3, 50),
+    "certify_radii": lambda s, x: s.certify_radii(x, [0.1], 1e-3, 1_000, 50, n0=10),
+    "certify_adaptive": lambda s, x: s.certify_adaptive(x, 10, 1_000, 1e-3, 50),
+}
+HOSTILE = {  # fresh models: the last one counts its calls
+    "twice the rows": lambda: votes_for_7(rows=lambda b: 2 * b),
+    "a row short": lambda: votes_for_7(rows=lambda b: b - 1),
+    "12 classes": lambda: votes_for_7(columns=12),
+    "flattened": lambda: lambda b: votes_for_7()(b).flatten(),
+    "twice the rows from the second call": lambda: votes_for_7(rows=lambda b: 2 * b,
+                                                               wrong_from_call=2),
+}
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+@pytest.mark.parametrize("hostile", HOSTILE)
+def test_logits_of_the_wrong_shape_are_refused_at_every_entry_point(entry, hostile):
+    smooth = Smooth(Constant(HOSTILE[hostile]()), 10, sigma=0.25)
+    with pytest.raises(ValueError, match=r"^the base classifier returned logits of shape "
+                                         r"\([\d, ]+\) for a batch of (\d+) inputs; expected "
+                                         r"\(\1, 10\)"):
+        ENTRY_POINTS[entry](smooth, torch.zeros(10))
+
+
+def test_twice_the_rows_cannot_inflate_a_certificate():
+    """200 votes from n = 100 samples certified 0.456; the most n = 100 allows is ~0.375."""
+    smooth = Smooth(Constant(votes_for_7(rows=lambda b: 2 * b)), 10, 0.25)
+    message = (r"^the base classifier returned logits of shape \(20, 10\) for a batch of 10 "
+               r"inputs; expected \(10, 10\)")
+    with pytest.raises(ValueError, match=message):
+        smooth.certify(torch.zeros(10), 10, 100, 1e-3, 100)
+    honest = Smooth(Constant(votes_for_7()), 10, 0.25).certify(torch.zeros(10), 10, 100, 1e-3, 100)
+    assert honest[0] == 7 and honest[1] < 0.376
+
+
+@pytest.mark.parametrize("shape", [(0,), (0, 3), (3, 0, 2)])
+@pytest.mark.parametrize("input_range", [(0.0, 1.0), None])
+def test_an_empty_input_is_refused(threshold_classifier, shape, input_range):
+    smooth = Smooth(threshold_classifier, 4, sigma=0.5, input_range=input_range)
+    with pytest.raises(ValueError, match=rf"^x must hold at least one value, got shape "
+                                         rf"\({', '.join(map(str, shape))},?\)"):
+        smooth.certify(torch.zeros(shape), 10, 100, 0.01, 10)
+
+
+# --- refused before the first forward pass --------------------------------------------------
+
+
+class CallCounter(nn.Module):
+    """Wraps a model and counts its calls."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.model(x)
+
+
+TOO_MANY = MAX_SAMPLES + 1
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda s, x: s.predict(x, TOO_MANY, 0.01, 100), "n"),
+        (lambda s, x: s.certify(x, TOO_MANY, 100, 0.01, 100), "n0"),
+        (lambda s, x: s.certify(x, 10, TOO_MANY, 0.01, 100), "n"),
+        (lambda s, x: s.tcertify(x, 10, TOO_MANY, 0.01, 100), "n"),
+        (lambda s, x: s.certify_all(x, 10, TOO_MANY, 0.01, 100), "n"),
+        (lambda s, x: s.certify_radii(x, [0.1], 0.01, TOO_MANY, 100), "max_n"),
+        (lambda s, x: s.certify_radii(x, [0.1], 0.01, 1_000, 100, n0=TOO_MANY), "n0"),
+        (lambda s, x: s.certify_adaptive(x, 10, TOO_MANY, 0.01, 100), "max_n"),
+        (lambda s, x: s.certify_adaptive(x, TOO_MANY, 1_000, 0.01, 100), "n0"),
+    ],
+    ids=["predict", "certify-n0", "certify-n", "tcertify", "certify_all", "radii-max_n",
+         "radii-n0", "adaptive-max_n", "adaptive-n0"],
+)
+def test_more_samples_than_the_statistics_are_validated_for_are_refused_up_front(
+        threshold_classifier, call, message):
+    model = CallCounter(threshold_classifier)
+    with pytest.raises(ValueError, match=rf"^{message} must be an integer in \[1, 10000000\], "
+                                         rf"got {TOO_MANY}$"):
+        call(Smooth(model, 4, sigma=0.5), torch.zeros(2))
+    assert model.calls == 0
+
+
+def test_the_sample_limit_is_the_validated_ten_million():
+    assert MAX_SAMPLES == 10_000_000 == check_sample_count(MAX_SAMPLES, "n")
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda s, x: s.certify_radii(x, [0.1], 3e-100, 10_000, 100,
+                                      confidence_sequence="bonferroni"),
+         r"^alpha must be >= 8e-100 for certify with the bonferroni confidence sequence, got "
+         r"3e-100: it bounds at level alpha / 8 at each of its 8 looks up to max_n 10000"),
+        (lambda s, x: s.certify_radii(x, [0.1], 1e-99, 10_000, 100, method="tcertify",
+                                      confidence_sequence="bonferroni"),
+         r"^alpha must be >= 1.6e-99 for tcertify with the bonferroni"),
+        (lambda s, x: s.certify_adaptive(x, 10, 1_000, 5e-100, 100),
+         r"^alpha / grid .* must be >= 1e-100, got 5e-100 / 10"),
+    ],
+    ids=["bonferroni-certify", "bonferroni-tcertify", "adaptive-grid"],
+)
+def test_an_alpha_too_small_for_its_looks_is_refused_before_any_sample(
+        threshold_classifier, call, message):
+    model = CallCounter(threshold_classifier)
+    with pytest.raises(ValueError, match=message):
+        call(Smooth(model, 4, sigma=0.5), torch.zeros(2))
+    assert model.calls == 0
+
+
+def test_the_mixture_and_enough_alpha_still_certify_at_tiny_alpha(threshold_classifier):
+    smooth = Smooth(threshold_classifier, 4, sigma=0.5, input_range=None)
+    x = torch.tensor([2.5, 0.0])  # deep inside class 3
+    for options in ({}, {"method": "tcertify"}, {"confidence_sequence": "bonferroni"}):
+        alpha = 8e-100 if options else 3e-100
+        cert = smooth.certify_radii(x, [0.1], alpha, 10_000, 100, **options)
+        assert cert.label == 3 and cert.certified == (True,)

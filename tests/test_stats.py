@@ -5,6 +5,7 @@ import mpmath
 import numpy as np
 import pytest
 from conftest import true_radius
+from reference import assert_matches_reference
 from scipy.optimize import brentq
 from scipy.stats import beta, binom, norm
 
@@ -45,16 +46,28 @@ def exact_tail_at_most(k: int, n: int, p: float) -> mpmath.mpf:
 # --- Clopper-Pearson -------------------------------------------------------------------------
 
 
-def test_clopper_pearson_matches_beta_quantiles():
-    rng = np.random.default_rng(1)
-    for _ in range(200):
+def beta_quantile_lower(k: int, n: int, alpha: float) -> float:
+    return beta.ppf(alpha, k, n - k + 1) if k > 0 else 0.0
+
+
+def beta_quantile_upper(k: int, n: int, alpha: float) -> float:
+    return beta.ppf(1 - alpha, k + 1, n - k) if k < n else 1.0
+
+
+def random_binomial_cases(seed: int, count: int) -> list[tuple[int, int, float]]:
+    rng = np.random.default_rng(seed)
+    cases = []
+    for _ in range(count):
         n = int(rng.integers(1, 10**6))
-        k = int(rng.integers(0, n + 1))
-        alpha = float(10 ** rng.uniform(-6, -0.5))
-        expected_low = beta.ppf(alpha, k, n - k + 1) if k > 0 else 0.0
-        expected_up = beta.ppf(1 - alpha, k + 1, n - k) if k < n else 1.0
-        assert clopper_pearson_lower(k, n, alpha) == pytest.approx(expected_low, rel=1e-9, abs=0)
-        assert clopper_pearson_upper(k, n, alpha) == pytest.approx(expected_up, rel=1e-9, abs=1e-15)
+        cases.append((int(rng.integers(0, n + 1)), n, float(10 ** rng.uniform(-6, -0.5))))
+    return cases
+
+
+def test_clopper_pearson_matches_beta_quantiles():
+    cases = random_binomial_cases(1, 200)
+    assert_matches_reference(clopper_pearson_lower, beta_quantile_lower, cases, rtol=1e-9)
+    assert_matches_reference(clopper_pearson_upper, beta_quantile_upper, cases, rtol=1e-9,
+                             atol=1e-15)
 
 
 def test_clopper_pearson_hand_checked_values():
@@ -122,10 +135,11 @@ def test_pb_upper_bound_is_the_root_of_the_union_tail(num_classes):
 
 
 def test_pb_upper_bound_two_classes_is_clopper_pearson():
-    for k, n, alpha in [(3, 100, 0.01), (0, 1000, 0.001), (400, 1000, 1e-5)]:
-        assert pb_upper_bound([k], n, alpha) == pytest.approx(
-            clopper_pearson_upper(k, n, alpha), rel=1e-12
-        )
+    def pb_upper_bound_of_one(k: int, n: int, alpha: float) -> float:
+        return pb_upper_bound([k], n, alpha)
+
+    cases = [(3, 100, 0.01), (0, 1000, 0.001), (400, 1000, 1e-5)]
+    assert_matches_reference(pb_upper_bound_of_one, clopper_pearson_upper, cases, rtol=1e-12)
 
 
 def test_pb_upper_bound_counts_unseen_classes():
@@ -327,13 +341,16 @@ def test_certify_from_counts_rejects_bad_input(kwargs, message):
 # --- PREDICT -----------------------------------------------------------------------------------
 
 
+def exact_two_sided_pvalue(k: int, n: int) -> float:
+    """Against p = 1/2 the two-sided p-value is 2 P(X >= max(k, n - k)), capped at 1."""
+    extreme = max(k, n - k)
+    tail = Fraction(sum(comb(n, j) for j in range(extreme, n + 1)), 2**n)
+    return float(min(Fraction(1), 2 * tail))
+
+
 def test_binomial_test_pvalue_is_the_exact_two_sided_tail():
-    # Against p = 1/2 the two-sided p-value is 2 P(X >= max(k, n - k)), capped at 1.
-    for k, n in [(10, 12), (2, 12), (60, 100), (3, 3), (0, 7), (500, 1000), (530, 1000)]:
-        extreme = max(k, n - k)
-        tail = Fraction(sum(comb(n, j) for j in range(extreme, n + 1)), 2**n)
-        expected = min(Fraction(1), 2 * tail)
-        assert stats.binomial_test_pvalue(k, n) == pytest.approx(float(expected), rel=1e-9)
+    cases = [(10, 12), (2, 12), (60, 100), (3, 3), (0, 7), (500, 1000), (530, 1000)]
+    assert_matches_reference(stats.binomial_test_pvalue, exact_two_sided_pvalue, cases, rtol=1e-9)
 
 
 def test_predict_from_counts():

@@ -14,6 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ThresholdClassifier
+from scipy.stats import norm
+from torch.utils.data import TensorDataset
 
 import smoothcert
 from smoothcert import io as sc_io
@@ -26,6 +29,7 @@ from smoothcert.train import (
     LOG,
     Trainer,
     draw_noise,
+    evaluate,
     train,
     train_loader,
 )
@@ -618,3 +622,15 @@ def test_eps_warms_up_linearly():
         [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.5, 0.5]
     )
     assert eps_at(resolve_config(objective="smoothadv", eps=0.5, eps_warmup=0), 0) == 0.5
+
+
+def test_the_logged_noisy_accuracy_is_measured_on_noisy_inputs():
+    """Every input sits 0.1 below the model's only threshold: clean accuracy is 1, accuracy
+    under N(0, sigma^2) noise is exactly Phi(0.1 / sigma) = 0.655."""
+    n, sigma = 2_000, 0.25
+    x = torch.full((n, 1, 2, 2), 0.4)
+    dataset = TensorDataset(x, torch.zeros(n, dtype=torch.long))
+    accuracy = evaluate(ThresholdClassifier([0.5]), dataset, sigma, torch.device("cpu"), 500, 0)
+    exact = norm.cdf(0.1 / sigma)
+    assert accuracy["test_clean_acc"] == 1.0
+    assert abs(accuracy["test_noisy_acc"] - exact) < 4 * math.sqrt(exact * (1 - exact) / n)

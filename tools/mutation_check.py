@@ -134,6 +134,34 @@ MUTANTS = [
            SEQUENTIAL_TESTS),
     Mutant("parse_counts accepts a class listed twice", SCHEMA,
            "if c < 0 or v < 1 or c in counts:", "if c < 0 or v < 1:", ("tests/test_results.py",)),
+    # The base classifier is untrusted input (issue 22).
+    Mutant("model output rows not checked", SMOOTH,
+           "if logits.dim() != 2 or len(logits) != batch or", "if logits.dim() != 2 or",
+           SMOOTH_TESTS),
+    Mutant("model output checked on the first batch only", SMOOTH,
+           "                first = False\n                check_logits(logits, size, "
+           "self.num_classes)\n",
+           "                if first:\n                    check_logits(logits, size, "
+           "self.num_classes)\n                first = False\n", SMOOTH_TESTS),
+    Mutant("training regroups a wrong number of model output rows", "src/smoothcert/attacks.py",
+           "return check_logits(model((x.unsqueeze(1) + noise).flatten(0, 1)), b * k)",
+           "return (model((x.unsqueeze(1) + noise).flatten(0, 1)))", ("tests/test_objectives.py",)),
+    Mutant("empty input accepted", SMOOTH, "if x.numel() == 0:", "if False:", SMOOTH_TESTS),
+    Mutant("no upper limit on the number of samples", STATS,
+           "or not 1 <= value <= MAX_SAMPLES:", "or not 1 <= value:",
+           ("tests/test_cli_options.py",)),
+    Mutant("n checked only after the selection samples are drawn", SMOOTH,
+           'stats.check_sample_count(n, "n")  # before the n0', "None  # before the n0",
+           SMOOTH_TESTS),
+    Mutant("Bonferroni alpha too small for its looks found only after sampling", SEQUENTIAL,
+           "        self._check_levels()\n", "", SMOOTH_TESTS),
+    Mutant("adaptive n: alpha / grid checked only after sampling", SMOOTH,
+           "stats.check_alpha_grid(alpha, grid)\n        stats.check_sample_count(max_n",
+           "stats.check_alpha(alpha)\n        stats.check_sample_count(max_n", SMOOTH_TESTS),
+    Mutant("the training log's 'noisy accuracy' computed on clean inputs",
+           "src/smoothcert/train.py",
+           "correct[1] += (model(noisy).argmax(1) == y).sum()",
+           "correct[1] += (model(x).argmax(1) == y).sum()", ("tests/test_train.py",)),
 ]
 
 

@@ -9,11 +9,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .smooth import check_logits
+
 
 def noisy_logits(model: nn.Module, x: Tensor, noise: Tensor) -> Tensor:
-    """Logits [B, k, C] of `model` on every x_i + noise_ij, in one forward pass of B*k inputs."""
+    """Logits [B, k, C] of `model` on every x_i + noise_ij, in one forward pass of B*k inputs
+    (refused unless the model returns one row per input: rows would be regrouped silently)."""
     b, k = noise.shape[:2]
-    return model((x.unsqueeze(1) + noise).flatten(0, 1)).reshape(b, k, -1)
+    return check_logits(model((x.unsqueeze(1) + noise).flatten(0, 1)), b * k).reshape(b, k, -1)
 
 
 def smoothed_log_probs(logits: Tensor) -> Tensor:

@@ -26,8 +26,7 @@ import torch
 from torch import nn
 
 from .data import dataset_info
-from .io import CheckpointError, read_checkpoint, verified_state
-from .io import load_checkpoint as load_native_state
+from .io import CheckpointError, read_checkpoint, read_checkpoint_state, verified_state
 from .models import MODELS, Standardize, build_model
 from .models.cifar_resnet import rename_published_keys
 
@@ -91,7 +90,7 @@ def load_native(
     path: str | os.PathLike, device: str | torch.device = "cpu"
 ) -> tuple[nn.Module, dict]:
     """A smoothcert checkpoint's model (eval mode, on `device`) and its training config."""
-    model, config = _native_model(load_native_state(path), path)
+    model, config = _native_model(read_checkpoint_state(path), path)
     return model.to(device), config
 
 

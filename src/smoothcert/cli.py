@@ -21,12 +21,8 @@ _PACKAGE_DIR = Path(__file__).resolve().parent
 DEBUG_HELP = "show the full traceback of any error (and debug log messages)"
 PROGRESS_HELP = "no progress bars"
 TRAIN_HELP = {
-    "objective": "training objective (see `smoothcert objectives`)",
-    "lam": "ADRE regularisation weight lambda (>= 0)",
-    "k": "Gaussian draws per example",
-    "single_draw": "l_per from one random draw per example (the paper's Table-1 variant)",
-    "eps": "L2 attack radius for smoothadv/adreadv",
-    "steps": "PGD steps",
+    "objective": "training objective (see `smoothcert objectives`; `train --objective NAME "
+                 "--help` lists its options)",
     "eps_warmup": "epochs over which eps grows linearly to its value",
     "batch": "GLOBAL batch in examples (split over torchrun processes; k noisy copies each)",
     "schedule": "step (lr * gamma every lr_step epochs), cosine (after warmup_epochs), constant",
@@ -34,7 +30,6 @@ TRAIN_HELP = {
     "eval_subset": "examples of the test split evaluated after each epoch (0: none)",
     "out": "run directory: config.json, checkpoint.pt, log.jsonl",
     "amp": "autocast dtype (none: float32)",
-    "adre_floor": "l_adre = -log max(G_runner-up, floor); 0 = unbounded (may diverge)",
 }
 # train's options that are not TrainConfig fields: they steer the command, not the run.
 TRAIN_COMMAND_OPTIONS = {"resume"}
@@ -54,50 +49,66 @@ class _DeprecatedFlag(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
-def _preset_in(argv: Sequence[str], presets: Collection[str]) -> str | None:
-    """The valid --preset named in `argv`, if any (its values become the shown defaults)."""
+def _value_in(argv: Sequence[str], flag: str, accepted: Collection[str]) -> str | None:
+    """The valid value of `flag` named last in `argv`, if any."""
     value = None
     for i, token in enumerate(argv):
-        if token == "--preset" and i + 1 < len(argv):
+        if token == flag and i + 1 < len(argv):
             value = argv[i + 1]
-        elif token.startswith("--preset="):
+        elif token.startswith(flag + "="):
             value = token.split("=", 1)[1]
-    return value if value in presets else None
+    return value if value in accepted else None
 
 
 def _add_train_arguments(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
     """One option per TrainConfig field; each help shows the value the run would take, the
-    field's default or the --preset's value (when `argv` names a preset)."""
+    field's default or the --preset's value (when `argv` names a preset). The options of
+    objectives other than the one the run would train are accepted but not shown."""
+    from .objectives import CommonConfig, objective_config_class, option_fields
     from .presets import PRESETS, TrainConfig, choices, resolve_config
 
-    preset = _preset_in(argv, PRESETS)
+    preset = _value_in(argv, "--preset", PRESETS)
     defaults = {f.name: f.default for f in fields(TrainConfig)}
     shown = asdict(resolve_config(preset)) if preset else defaults
+    accepted = choices()
+    objective = _value_in(argv, "--objective", accepted["objective"]) or shown["objective"]
+    own = {f.name for f in fields(objective_config_class(objective))}
+    common = {f.name for f in fields(CommonConfig)}
+    options = {f.name for f in option_fields()}
+    group = parser.add_argument_group(f"options of objective {objective}")
     parser.add_argument("--preset", choices=sorted(PRESETS),
                         help="the paper's recipes (see `smoothcert presets`)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out (refused if it holds no checkpoint)")
     hints = typing.get_type_hints(TrainConfig)
-    accepted = choices()
     for f in fields(TrainConfig):
         if f.name == "preset":
             continue
-        flag = "--" + f.name.replace("_", "-")
         value = "none" if shown[f.name] is None else shown[f.name]
         where = f", preset {preset}" if preset and shown[f.name] != defaults[f.name] else ""
-        text = f"{TRAIN_HELP.get(f.name, '')} (default {value}{where})".lstrip()
-        if hints[f.name] is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                                help=text)
-        elif f.name in accepted:
-            parser.add_argument(flag, choices=accepted[f.name], default=None, help=text)
+        about = TRAIN_HELP.get(f.name) or f.metadata.get("help", "")
+        text = f"{about} (default {value}{where})".lstrip()
+        if f.name in own - common:
+            _add_train_option(group, f.name, hints[f.name], accepted, text)
         else:
-            kind = hints[f.name]
-            scalar = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
-            parser.add_argument(flag, type=scalar, default=None, help=text)
+            other_objectives = f.name in options - common
+            _add_train_option(parser, f.name, hints[f.name], accepted,
+                              argparse.SUPPRESS if other_objectives else text)
     for old, new in TRAIN_DEPRECATED_FLAGS.items():
         parser.add_argument(old, dest=new[2:].replace("-", "_"), action=_DeprecatedFlag,
                             choices=accepted.get(new[2:]), default=None, help=argparse.SUPPRESS)
+
+
+def _add_train_option(parser, name: str, kind, accepted: dict, text: str) -> None:
+    """--name (with underscores as dashes) for TrainConfig field `name` of type `kind`."""
+    flag = "--" + name.replace("_", "-")
+    if kind is bool:
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+    elif name in accepted:
+        parser.add_argument(flag, choices=accepted[name], default=None, help=text)
+    else:
+        scalar = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
+        parser.add_argument(flag, type=scalar, default=None, help=text)
 
 
 def _example_count(text: str) -> int:
@@ -122,6 +133,18 @@ def _dataset_name(name: str) -> str:
     return name
 
 
+def _sample_count(text: str) -> int:
+    """--n0, --N, --max-n: a number of samples, refused above stats.MAX_SAMPLES (the counts the
+    statistics are validated for) while parsing, before torch or the model is loaded."""
+    from .stats import MAX_SAMPLES, check_sample_count
+
+    try:
+        return check_sample_count(int(text), "samples")
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be an integer in [1, {MAX_SAMPLES}], got {text!r}") from None
+
+
 def _add_run_options(parser: argparse.ArgumentParser, certify: bool) -> None:
     parser.add_argument("checkpoint", help="checkpoint.pt of `smoothcert train`, or a Cohen "
                         "et al./SmoothAdv/Consistency/SmoothMix or MACER checkpoint")
@@ -132,7 +155,7 @@ def _add_run_options(parser: argparse.ArgumentParser, certify: bool) -> None:
     parser.add_argument("--split", default="test")
     # --N / --max-examples: torchrun swallows --n and --max as abbreviations of its own
     # options (pytorch/pytorch#120601), so every option needs a spelling it passes through.
-    parser.add_argument("--N", "--n", dest="n", type=int, default=100_000,
+    parser.add_argument("--N", "--n", dest="n", type=_sample_count, default=100_000,
                         help="estimation samples (use --N under torchrun)")
     parser.add_argument("--alpha", type=float, default=0.001, help="failure probability")
     parser.add_argument("--batch", type=int, default=1000, help="noisy samples per forward")
@@ -154,7 +177,7 @@ def _add_run_options(parser: argparse.ArgumentParser, certify: bool) -> None:
                         help="discard rows in --out that another run wrote (other settings or "
                         "checkpoint content) and recompute them, instead of refusing")
     if certify:
-        parser.add_argument("--n0", type=int, default=100, help="selection samples")
+        parser.add_argument("--n0", type=_sample_count, default=100, help="selection samples")
         parser.add_argument("--method", choices=["certify", "tcertify", "both"],
                             help="default: both; certify with --radii/--max-n")
         parser.add_argument("--grid", type=int, default=10, help="T-CERTIFY alpha' grid size")
@@ -174,8 +197,8 @@ def _add_sequential_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--radii", type=_radii, help="certify at these radii only, sampling "
                         "sequentially until each is decided (default with --max-n: the "
                         "Table-1 radii max-n can reach)")
-    parser.add_argument("--max-n", type=int, help="at most this many estimation samples per "
-                        "input, with --radii or --adaptive-n (default: --N)")
+    parser.add_argument("--max-n", type=_sample_count, help="at most this many estimation "
+                        "samples per input, with --radii or --adaptive-n (default: --N)")
     parser.add_argument("--confidence-sequence", choices=["mixture", "bonferroni"],
                         help="anytime-valid bound of sequential certification (default mixture)")
     parser.add_argument("--adaptive-n", action="store_true", help="choose each input's n from "
@@ -198,8 +221,9 @@ def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
                         help="number of test images certified (default 250)")
     parser.add_argument("--skip", type=int, default=40,
                         help="certify every skip-th test image (default 40)")
-    parser.add_argument("--n0", type=int, default=100, help="selection samples (default 100)")
-    parser.add_argument("--N", "--n", dest="n", type=int, default=5_000,
+    parser.add_argument("--n0", type=_sample_count, default=100,
+                        help="selection samples (default 100)")
+    parser.add_argument("--N", "--n", dest="n", type=_sample_count, default=5_000,
                         help="estimation samples (default 5,000)")
     parser.add_argument("--alpha", type=float, default=0.001)
     parser.add_argument("--batch", type=int, default=1_000, help="certification batch")
@@ -298,18 +322,18 @@ def _list_presets(args) -> None:
 
 
 def _list_models(args) -> None:
-    from .models import MODELS
+    from .models import list_models
 
-    print("\n".join(MODELS))
+    print("\n".join(list_models()))
 
 
 def _list_objectives(args) -> None:
     import inspect
 
-    from .objectives import OBJECTIVES
+    from .objectives import get_objective, list_objectives
 
-    for name, objective in OBJECTIVES.items():
-        summary = inspect.getdoc(objective).split("\n\n")[0].replace("\n", " ")
+    for name in list_objectives():
+        summary = inspect.getdoc(get_objective(name)).split("\n\n")[0].replace("\n", " ")
         print(f"{name:12} {summary}")
 
 

@@ -369,6 +369,7 @@ def verified_state(state: Any, path: str | os.PathLike) -> dict:
     return state
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
-    """Load a smoothcert checkpoint safely (`weights_only=True`) and verify its weights."""
+def read_checkpoint_state(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
+    """The state dict of a smoothcert checkpoint, read safely (`weights_only=True`), its
+    weights verified. (The model of any checkpoint: `smoothcert.checkpoints.load_checkpoint`.)"""
     return verified_state(read_checkpoint(path, map_location), path)

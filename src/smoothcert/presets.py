@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, field, fields, make_dataclass
 from typing import Literal, get_args
 
 from .data import DATASETS
-from .models import MODELS
-from .objectives import OBJECTIVES, ObjectiveConfig
+from .models import list_models
+from .objectives import (
+    CommonConfig,
+    check_options,
+    list_objectives,
+    objective_config_class,
+    option_fields,
+    readers,
+)
 from .perf import AMP, Amp
 
 Schedule = Literal["step", "cosine", "constant"]
@@ -17,34 +24,24 @@ SCHEDULES = get_args(Schedule)
 RENAMED_KEYS = {"method": "objective"}
 
 
+# The objectives' settings (every registered config's fields but the per-epoch warm-up) are
+# TrainConfig fields, so config.json keeps one flat key per option. Objectives registered after
+# this module is imported train with their config's defaults for the options it lacks.
+_ObjectiveOptions = make_dataclass(
+    "_ObjectiveOptions",
+    [(f.name, f.type, field(default=f.default, metadata=f.metadata))
+     for f in option_fields() if f.name != "warmup"],
+)
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(_ObjectiveOptions):
     """Everything a training run depends on; saved as config.json and inside each checkpoint."""
 
     dataset: str = "mnist"
     model: str = "lenet"
     objective: str = "gaussian"
-    sigma: float = 0.25
-    lam: float = 0.0
-    k: int = 1
-    single_draw: bool = False
-    eps: float = 0.0
-    steps: int = 1
     eps_warmup: int = 10
-    label_smoothing: float = 0.0
-    adre_floor: float = 1e-6
-    # The baselines' hyper-parameters; ObjectiveConfig holds their defaults and the papers' values.
-    macer_lam: float = ObjectiveConfig.macer_lam
-    macer_beta: float = ObjectiveConfig.macer_beta
-    macer_gamma: float = ObjectiveConfig.macer_gamma
-    consistency_lam: float = ObjectiveConfig.consistency_lam
-    consistency_eta: float = ObjectiveConfig.consistency_eta
-    smoothmix_eta: float = ObjectiveConfig.smoothmix_eta
-    smoothmix_step: float = ObjectiveConfig.smoothmix_step
-    smoothmix_mix_step: int = ObjectiveConfig.smoothmix_mix_step
-    # Epochs trained without MACER's robustness term (lambda 0) before it is switched on: the
-    # MNIST recipe later papers used for MACER defers it to the first lr decay.
-    macer_defer: int = 0
     epochs: int = 10
     batch: int = 256
     lr: float = 0.01
@@ -66,17 +63,13 @@ class TrainConfig:
     out: str = "runs/train"
     preset: str | None = None
 
-    def objective_config(self, epoch: int | None = None) -> ObjectiveConfig:
-        """The objective's settings (every ObjectiveConfig field of the same name) in `epoch`,
+    def objective_config(self, epoch: int | None = None) -> CommonConfig:
+        """The objective's config from the fields of the same name, in `epoch` with its
         warm-ups applied, or without warm-up."""
-        shared = {f.name: getattr(self, f.name) for f in fields(ObjectiveConfig)
-                  if f.name != "warmup"}
-        if epoch is None:
-            return ObjectiveConfig(**shared)
-        shared |= {"eps": eps_at(self, epoch), "warmup": warmup_factor(self, epoch)}
-        if epoch < self.macer_defer:
-            shared["macer_lam"] = 0.0
-        return ObjectiveConfig(**shared)
+        config_class = objective_config_class(self.objective)
+        config = config_class(**{f.name: getattr(self, f.name) for f in fields(config_class)
+                                 if f.name != "warmup" and hasattr(self, f.name)})
+        return config if epoch is None else config.at_epoch(epoch, warmup_factor(self, epoch))
 
     def validate(self) -> TrainConfig:
         """Raise ValueError naming the first bad field and its accepted range."""
@@ -90,8 +83,6 @@ class TrainConfig:
                 _one_of(name, value, accepted)
         if not (math.isfinite(self.sigma) and self.sigma > 0):
             raise ValueError(f"sigma must be a finite number > 0, got {self.sigma}")
-        if self.objective in ("smoothadv", "adreadv") and self.eps <= 0:
-            raise ValueError(f"eps must be > 0 for objective {self.objective}, got {self.eps}")
         for name in ("k", "steps", "epochs", "batch", "lr_step"):
             _at_least(name, getattr(self, name), 1)
         _at_least("smoothmix_mix_step", self.smoothmix_mix_step, 0)
@@ -105,40 +96,30 @@ class TrainConfig:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        self.objective_config()  # the objective's ranges: lam, k, eps, steps, macer_*, ...
+        check_options(asdict(self))  # every objective option's range: lam, eps, macer_*, ...
         _check_objective_options(self)
+        self.objective_config().check_training(self.objective)
         return self
 
 
-# Options only some objectives read, with the value that leaves them unused: a value set for an
-# objective that ignores it would be recorded in config.json without any effect: it is refused.
-OBJECTIVE_OPTIONS = {
-    "lam": (0.0, ("adre", "adreadv", "consistency")),
-    "single_draw": (False, ("adre", "adreadv")),
-    "eps": (0.0, ("smoothadv", "adreadv")),
-    "steps": (1, ("smoothadv", "adreadv", "smoothmix")),
-    **{name: (getattr(ObjectiveConfig, name), (name.split("_")[0],)) for name in (
-        "macer_lam", "macer_beta", "macer_gamma", "consistency_lam", "consistency_eta",
-        "smoothmix_eta", "smoothmix_step", "smoothmix_mix_step")},
-    "macer_defer": (0, ("macer",)),
-}
-
-
 def _check_objective_options(cfg: TrainConfig) -> None:
-    for name, (unused, readers) in OBJECTIVE_OPTIONS.items():
-        value = getattr(cfg, name)
-        if cfg.objective not in readers and value != unused:
-            named = f"{', '.join(readers[:-1])} and {readers[-1]}" if readers[1:] else readers[0]
+    """Refuse an option set away from its default for an objective that ignores it: it would be
+    recorded in config.json without any effect."""
+    for option in option_fields():
+        value, named = getattr(cfg, option.name, option.default), readers(option.name)
+        if cfg.objective not in named and value != option.default:
+            named = f"{', '.join(named[:-1])} and {named[-1]}" if named[1:] else named[0]
             raise ValueError(
-                f"{name} is read by objective {named} only, and objective "
-                f"{cfg.objective} would ignore {name}={value}; leave {name} out or choose one of "
-                "those objectives"
+                f"{option.name} is read by objective {named} only, and objective "
+                f"{cfg.objective} would ignore {option.name}={value}; leave {option.name} out or "
+                "choose one of those objectives"
             )
 
 
 def choices() -> dict[str, tuple[str, ...]]:
     """The accepted values of TrainConfig's categorical fields (amp may also be None)."""
-    return {"dataset": tuple(DATASETS), "model": tuple(MODELS), "objective": tuple(OBJECTIVES),
+    return {"dataset": tuple(DATASETS), "model": tuple(list_models()),
+            "objective": tuple(list_objectives()),
             "schedule": SCHEDULES, "amp": AMP}
 
 

@@ -26,7 +26,7 @@ from .recompute import (
 )
 from .schema import LAYOUTS, PREFIXES, format_row, header_radii, radius_name
 from .sidecar import Sidecar
-from .stats import certify_from_counts, check_positive_int
+from .stats import certify_from_counts, check_sample_count
 
 # How tables and plots name each method; T-CERTIFY's two modes carry different guarantees.
 METHOD_LABELS = {
@@ -268,7 +268,7 @@ class AdaptiveN(FixedN):
 
 
 def _check_max_n(cfg: Any) -> None:
-    cfg.max_n = check_positive_int(cfg.n if cfg.max_n is None else cfg.max_n, "max_n")
+    cfg.max_n = check_sample_count(cfg.n if cfg.max_n is None else cfg.max_n, "max_n")
 
 
 @register

@@ -35,7 +35,7 @@ from .rng import generator
 from .schema import LAYOUTS
 from .sidecar import Sidecar, read, write
 from .smooth import Smooth
-from .stats import ABSTAIN, check_alpha, check_positive_int
+from .stats import ABSTAIN, check_alpha, check_positive_int, check_sample_count
 
 log = logging.getLogger(__name__)
 _FIX = ("remove it, choose another --out, or pass --restart-stale (restart_if_stale=True) to "
@@ -98,7 +98,9 @@ class RunConfig:
         if self.method not in LAYOUTS:
             raise ValueError(f"method must be one of {', '.join(LAYOUTS)}, got {self.method!r}")
         check_alpha(self.alpha)
-        for name in ("n0", "n", "batch", "grid", "skip"):
+        for name in ("n0", "n"):
+            check_sample_count(getattr(self, name), name)
+        for name in ("batch", "grid", "skip"):
             check_positive_int(getattr(self, name), name)
         protocol.check(self)
         if self.max is not None and self.max < 0:

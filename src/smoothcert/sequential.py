@@ -73,6 +73,11 @@ class ConfidenceSequence:
     def upper(self, k, n: int, alpha: float) -> np.ndarray:
         return 1.0 - self.lower(n - np.asarray(k), n, alpha)
 
+    def smallest_alpha(self) -> float:
+        """The smallest alpha one bound may be given (0: the mixture's statistic is computed
+        in logs, at any alpha stats.check_alpha accepts)."""
+        return 0.0
+
 
 class BonferroniCP(ConfidenceSequence):
     """Clopper-Pearson at alpha / J at each of J looks n_j = first_look * 2^(j-1), the last at
@@ -87,6 +92,10 @@ class BonferroniCP(ConfidenceSequence):
             looks.append(n)
             n *= 2
         return np.array([*looks, self.max_n], dtype=np.int64)
+
+    def smallest_alpha(self) -> float:
+        """Each look's binomial tails need its level alpha / J to be >= stats.ALPHA_FLOOR."""
+        return stats.ALPHA_FLOOR * len(self.looks)
 
     def _level(self, n: int, alpha: float) -> float:
         if n not in self.looks:
@@ -317,7 +326,7 @@ class RadiiProcedure:
                 f"method must be one of {', '.join(SEQUENTIAL_METHODS)}, got {method!r}"
             )
         self.method = method
-        max_n = stats.check_positive_int(max_n, "max_n")
+        max_n = stats.check_sample_count(max_n, "max_n")
         batch_size = stats.check_positive_int(batch_size, "batch_size")
         if batch_size > max_n:
             raise ValueError(f"max_n must be >= batch_size ({batch_size}), got {max_n}")
@@ -330,6 +339,7 @@ class RadiiProcedure:
             self.alpha_a, self.alpha_b = self.alpha * share, self.alpha * (1.0 - share)
         else:
             self.alpha_a, self.alpha_b = self.alpha, 0.0
+        self._check_levels()
         self.num_classes = num_classes
         self.max_n = max_n
         self.n = 0
@@ -342,6 +352,21 @@ class RadiiProcedure:
         self.decided_at = np.full(self.radii.size, -1, dtype=np.int64)
         self._look = 0
         self._drop(~self.certifiable(self.max_n, self.max_n))  # out of reach of max_n
+
+    def _check_levels(self) -> None:
+        """Refuse, before any sample is drawn, an alpha too small for its share and looks."""
+        smallest = min(level for level in (self.alpha_a, self.alpha_b) if level > 0)
+        needed = self.cs.smallest_alpha() * self.alpha / smallest
+        if self.alpha < needed:
+            spent = "(each bound's share of alpha)" if self.method == "tcertify" else "alpha"
+            looks = len(self.cs.looks)
+            raise ValueError(
+                f"alpha must be >= {needed:.3g} for {self.method} with the {self.cs.name} "
+                f"confidence sequence, got {self.alpha!r}: it bounds at level {spent} / {looks} "
+                f"at each of its {looks} looks up to max_n {self.cs.max_n}, and bounds below "
+                f"level {stats.ALPHA_FLOOR:g} cannot be trusted (raise alpha, lower max_n or "
+                "use the mixture sequence)"
+            )
 
     @property
     def done(self) -> bool:

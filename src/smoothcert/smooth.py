@@ -86,6 +86,29 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def check_logits(logits: object, batch: int, num_classes: int | None = None) -> torch.Tensor:
+    """`logits` if a base classifier's output for `batch` inputs is real logits [batch,
+    num_classes] (any number of columns for None). The output is untrusted: a row too many
+    would be a vote too many, and a certificate inflated with it."""
+    if not isinstance(logits, torch.Tensor):
+        raise ValueError(
+            f"base_classifier must return a logits tensor [batch, num_classes], got "
+            f"{type(logits).__name__}: wrap it in a module that returns the logits only"
+        )
+    if logits.dtype == torch.bool or logits.is_complex():
+        raise ValueError(
+            f"base_classifier must return real-valued logits, got dtype {logits.dtype}"
+        )
+    if logits.dim() != 2 or len(logits) != batch or logits.shape[1] != (
+            num_classes or logits.shape[1]):
+        raise ValueError(
+            f"the base classifier returned logits of shape {tuple(logits.shape)} for a batch "
+            f"of {batch} inputs; expected ({batch}, {num_classes or 'num_classes'}): one row "
+            "per input, one column per class (num_classes)"
+        )
+    return logits
+
+
 def _estimation_stream(
     generator: torch.Generator | None, estimation_generator: torch.Generator | None
 ) -> torch.Generator | None:
@@ -99,7 +122,9 @@ class Smooth:
     The noise is calibrated to inputs in `input_range` ([0, 1] pixels by default); inputs
     outside it are refused. Give the range a base classifier really takes, or None to accept
     any finite input. Sampling runs the base classifier in eval mode and then gives every
-    submodule its previous mode back, even when sampling fails.
+    submodule its previous mode back, even when sampling fails. The base classifier is
+    untrusted: each of its outputs must be finite logits, one row per input and num_classes
+    columns, or sampling stops with a ValueError.
     """
 
     ABSTAIN = ABSTAIN
@@ -209,6 +234,7 @@ class Smooth:
 
     def _selection_and_estimation(self, x, n0, n, alpha, batch_size, grid, generators):
         stats.check_alpha_grid(alpha, grid)
+        stats.check_sample_count(n, "n")  # before the n0 selection samples are drawn
         selection_generator, estimation_generator = generators
         selection = self._sample_noise(x, n0, batch_size, selection_generator, name="n0")
         estimation = self._sample_noise(
@@ -226,7 +252,7 @@ class Smooth:
         name: str = "num",
     ) -> np.ndarray:
         """Counts of the base classifier's predictions on `num` noisy copies of x."""
-        num = stats.check_positive_int(num, name)
+        num = stats.check_sample_count(num, name)
         batch_size = stats.check_positive_int(batch_size, "batch_size")
         device = model_device(self.base_classifier)
         x = self._checked_input(x, device)
@@ -242,6 +268,7 @@ class Smooth:
                 batch = buffer[:size].normal_(0.0, self.sigma, generator=generator).add_(x)
                 logits = self._forward(batch, x.shape) if first else self.base_classifier(batch)
                 first = False
+                check_logits(logits, size, self.num_classes)
                 finite &= torch.isfinite(logits).all()  # checked once at the end: no sync
                 counts += torch.bincount(logits.argmax(dim=1), minlength=self.num_classes)
                 remaining -= size
@@ -268,6 +295,8 @@ class Smooth:
                 f"x must be a floating-point tensor in the range the noise is calibrated to, "
                 f"got dtype {x.dtype} (an integer 0..255 image needs x.float() / 255)"
             )
+        if x.numel() == 0:
+            raise ValueError(f"x must hold at least one value, got shape {tuple(x.shape)}")
         x = x.to(device=device, dtype=torch.float32)
         if not bool(torch.isfinite(x).all()):
             raise ValueError("x must hold only finite values (found NaN or inf)")
@@ -297,20 +326,6 @@ class Smooth:
                 f"x: the base classifier rejected an input of shape {tuple(shape)} "
                 f"(batched as {tuple(batch.shape)}): {err}"
             ) from err
-        if not isinstance(logits, torch.Tensor):
-            raise ValueError(
-                f"base_classifier must return a logits tensor [batch, num_classes], got "
-                f"{type(logits).__name__}: wrap it in a module that returns the logits only"
-            )
-        if logits.dtype == torch.bool or logits.is_complex():
-            raise ValueError(
-                f"base_classifier must return real-valued logits, got dtype {logits.dtype}"
-            )
-        if logits.dim() != 2 or logits.shape[1] != self.num_classes:
-            raise ValueError(
-                f"num_classes: the base classifier returned logits of shape {tuple(logits.shape)},"
-                f" expected [batch, {self.num_classes}]"
-            )
         return logits
 
     def certify_radii(
@@ -362,9 +377,8 @@ class Smooth:
         """certify_all with each input's n chosen from its n0 selection counts alone
         (sequential.choose_n: expected radius loss against max_n <= tolerance), then drawn fresh
         (generators as in `certify`); the estimation counts record the n used."""
-        stats.check_alpha(alpha)
-        stats.check_positive_int(grid, "grid")
-        stats.check_positive_int(max_n, "max_n")
+        stats.check_alpha_grid(alpha, grid)
+        stats.check_sample_count(max_n, "max_n")
         sequential.check_tolerance(tolerance)
         selection = self._sample_noise(x, n0, batch_size, generator, name="n0")
         n = sequential.choose_n(selection, max_n, self.sigma, alpha, tolerance)

@@ -22,6 +22,9 @@ ABSTAIN = -1
 CertificationMethod = Literal["certify", "tcertify", "tcertify-strict"]
 METHODS = get_args(CertificationMethod)
 ALPHA_FLOOR = 1e-100
+# The most samples (n0, n, max_n) one input may draw: the statistics are validated up to here
+# (the sequential mixture's rounding margin, sequential._LOG_MARGIN, up to n = 10^7).
+MAX_SAMPLES = 10_000_000
 _MARGIN = 1 - 1e-12  # a bound is accepted where its computed tail is <= alpha * _MARGIN
 _ROOT_STEPS = 200  # a safety cap: the root finder needs about 10 steps
 _ROOT_TOLERANCE = 1e-11  # relative width of the final bracket of the pB root (its tightness)
@@ -68,6 +71,14 @@ def check_sigma(sigma: float) -> float:
 def check_positive_int(value: int, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def check_sample_count(value: int, name: str) -> int:
+    """A number of samples as an int; ValueError unless 1 <= value <= MAX_SAMPLES."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
+            or not 1 <= value <= MAX_SAMPLES:
+        raise ValueError(f"{name} must be an integer in [1, {MAX_SAMPLES}], got {value!r}")
     return int(value)
 
 

@@ -35,15 +35,15 @@ from .io import (
     atomic_write_json,
     atomic_write_text,
     check_output_path,
-    load_checkpoint,
     output_lock,
+    read_checkpoint_state,
     remove_stale_temporaries,
     save_checkpoint,
     weights_digest,
 )
 from .models import build_model
 from .objectives import get_objective
-from .presets import TrainConfig, lr_factor, upgrade_config
+from .presets import TrainConfig, eps_at, lr_factor, upgrade_config
 from .smooth import autocast
 
 CHECKPOINT = "checkpoint.pt"
@@ -256,7 +256,7 @@ class Trainer:
         path = self.out / CHECKPOINT
         if not path.exists():
             return self._fresh()
-        state = load_checkpoint(path, map_location=self.ctx.device)
+        state = read_checkpoint_state(path, map_location=self.ctx.device)
         missing = [key for key in ("optimizer", "scheduler", "scaler", "epoch") if key not in state]
         if missing:
             raise CheckpointError(
@@ -375,7 +375,7 @@ class Trainer:
         means = dict(zip(keys, (totals / steps).tolist(), strict=True))
         if "acc" in means:
             means["train_acc"] = means.pop("acc")
-        return {**means, "eps": objective_cfg.eps, "steps": steps}
+        return {**means, "eps": eps_at(cfg, epoch), "steps": steps}
 
     def _save(self, epoch: int) -> None:
         weights = self.model.state_dict()
@@ -383,7 +383,7 @@ class Trainer:
             self.out / CHECKPOINT,
             {
                 "model": weights,
-                WEIGHTS_DIGEST: weights_digest(weights),  # verified by io.load_checkpoint
+                WEIGHTS_DIGEST: weights_digest(weights),  # verified by io.read_checkpoint_state
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(),

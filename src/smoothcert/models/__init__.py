@@ -1,28 +1,22 @@
-"""Base classifiers: `build_model(name, dataset)` = Standardize(dataset mean/std) -> network."""
+"""Base classifiers: `build_model(name, dataset)` = Standardize(dataset mean/std) -> network.
+
+A new architecture is one factory `(num_classes, in_channels) -> nn.Module` decorated with
+`@register_model(name)` in a module imported below."""
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 from torch import nn
 
 from smoothcert.data import DATASETS
-from smoothcert.models.cifar_resnet import cifar_resnet20, cifar_resnet56, cifar_resnet110
-from smoothcert.models.imagenet import resnet50
-from smoothcert.models.lenet import lenet
-from smoothcert.models.lenet_20_50 import lenet_20_50
 from smoothcert.models.normalize import Standardize
+from smoothcert.models.registry import MODELS, list_models, register_model
 
-# Each factory takes (num_classes, in_channels); build_model puts the dataset's standardisation
-# in front, so the whole model reads [0,1] pixels and sigma and radii are in pixel units.
-MODELS: dict[str, Callable[..., nn.Module]] = {
-    "lenet": lenet,
-    "lenet_20_50": lenet_20_50,
-    "cifar_resnet20": cifar_resnet20,
-    "cifar_resnet56": cifar_resnet56,
-    "cifar_resnet110": cifar_resnet110,
-    "resnet50": resnet50,
-}
+# Importing an architecture's module registers it; this order is `smoothcert models`' order.
+# isort: split
+from smoothcert.models import lenet, lenet_20_50  # noqa: F401
+
+# isort: split
+from smoothcert.models import cifar_resnet, imagenet  # noqa: F401
 
 
 def build_model(name: str, dataset: str) -> nn.Sequential:
@@ -36,4 +30,4 @@ def build_model(name: str, dataset: str) -> nn.Sequential:
     return nn.Sequential(Standardize(info.mean, info.std), body)
 
 
-__all__ = ["MODELS", "Standardize", "build_model"]
+__all__ = ["MODELS", "Standardize", "build_model", "list_models", "register_model"]

@@ -7,6 +7,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from smoothcert.models.registry import register_model
+
 
 class BasicBlock(nn.Module):
     def __init__(self, in_planes: int, planes: int, stride: int) -> None:
@@ -64,14 +66,17 @@ class CifarResNet(nn.Module):
         return self.fc(torch.flatten(x, 1))
 
 
+@register_model("cifar_resnet20")
 def cifar_resnet20(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
     return CifarResNet(20, num_classes, in_channels)
 
 
+@register_model("cifar_resnet56")
 def cifar_resnet56(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
     return CifarResNet(56, num_classes, in_channels)
 
 
+@register_model("cifar_resnet110")
 def cifar_resnet110(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
     return CifarResNet(110, num_classes, in_channels)
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 from torch import nn
 from torchvision.models import resnet50 as tv_resnet50
 
+from smoothcert.models.registry import register_model
 
+
+@register_model("resnet50")
 def resnet50(num_classes: int = 1000, in_channels: int = 3) -> nn.Module:
     model = tv_resnet50(weights=None, num_classes=num_classes)
     if in_channels != 3:

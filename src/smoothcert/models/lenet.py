@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from torch import nn
 
+from smoothcert.models.registry import register_model
 
+
+@register_model("lenet")
 def lenet(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(in_channels, 32, 5),

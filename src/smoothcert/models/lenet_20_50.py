@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from smoothcert.models.registry import register_model
+
 
 class LeNet2050(nn.Module):
     def __init__(self, num_classes: int = 10, in_channels: int = 1) -> None:
@@ -27,5 +29,6 @@ class LeNet2050(nn.Module):
         return self.fc2(F.relu(self.fc1(torch.flatten(x, 1))))
 
 
+@register_model("lenet_20_50")
 def lenet_20_50(num_classes: int = 10, in_channels: int = 1) -> LeNet2050:
     return LeNet2050(num_classes, in_channels)
