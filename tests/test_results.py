@@ -378,11 +378,10 @@ def test_verify_refuses_a_data_dir_that_does_not_exist(tmp_path, capsys):
                                        f"'{tmp_path / 'nowhere'}' does not exist\n")
 
 
-def test_verify_checks_cifar_labels_from_the_data_dir(tmp_path, capsys):
+def test_verify_checks_cifar_labels_from_the_data_dir(tmp_path, capsys, cifar_npz):
     from smoothcert.cli import main
 
-    npz = Path(__file__).resolve().parents[2] / "shared/data/cifar10-subset/cifar10_subset.npz"
-    assert npz.is_file(), f"the CIFAR-10 subset is missing: expected {npz}"
+    npz = cifar_npz
     labels = np.load(npz)["y_test"]
     path = write_file(tmp_path, dataset="cifar10", labels=labels)
     assert main(["verify", str(path), "--data-dir", str(npz)]) == 0
