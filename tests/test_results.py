@@ -378,11 +378,10 @@ def test_verify_refuses_a_data_dir_that_does_not_exist(tmp_path, capsys):
                                        f"'{tmp_path / 'nowhere'}' does not exist\n")
 
 
-def test_verify_checks_cifar_labels_from_the_data_dir(tmp_path, capsys):
+def test_verify_checks_cifar_labels_from_the_data_dir(tmp_path, capsys, cifar_npz):
     from smoothcert.cli import main
 
-    npz = Path(__file__).resolve().parents[2] / "shared/data/cifar10-subset/cifar10_subset.npz"
-    assert npz.is_file(), f"the CIFAR-10 subset is missing: expected {npz}"
+    npz = cifar_npz
     labels = np.load(npz)["y_test"]
     path = write_file(tmp_path, dataset="cifar10", labels=labels)
     assert main(["verify", str(path), "--data-dir", str(npz)]) == 0
@@ -483,3 +482,91 @@ def test_verify_names_a_fixed_n_row_of_another_run(tmp_path):
     _, problems = results.verify(path)
     assert len(problems) == 1 and problems[0].startswith(
         f"{path}, line 5 (idx 3): run 0123456789ab, but the sidecar's settings give ")
+
+
+# ---------------------------------------------------------------- sidecar and protocols
+
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.mark.parametrize("name", ["both", "tcertify", "predict", "radii", "adaptive"])
+def test_every_sidecar_written_so_far_reads_and_writes_back_unchanged(name, tmp_path):
+    data = json.loads((FIXTURES / f"{name}.tsv.json").read_text())
+    sidecar = results.Sidecar.from_json(data)
+    assert sidecar.to_json() == data and sidecar.fingerprint() == data["run"]
+    results.write_sidecar(tmp_path / "r.tsv", sidecar)
+    assert (tmp_path / "r.tsv.json").read_text() == (FIXTURES / f"{name}.tsv.json").read_text()
+
+
+def test_a_sidecar_of_an_older_version_keeps_what_it_lacks_absent(tmp_path):
+    old = {"mode": "certify", "method": "certify", "protocol": "p", "n": 100, "notes": "x"}
+    sidecar = results.Sidecar.from_json(old)
+    assert sidecar.to_json() == old and sidecar.is_own and sidecar.extra == {"notes": "x"}
+    assert sidecar.lacks("n", "grid", "num_classes") == ["grid", "num_classes"]
+    assert results.fingerprint(old) == sidecar.fingerprint()
+    assert not results.Sidecar.from_json({"mode": "certify"}).is_own
+
+
+def test_a_sidecar_built_with_a_misspelt_setting_is_refused():
+    with pytest.raises(TypeError, match="no field sigmma"):
+        results.Sidecar.build({}, sigmma=0.5)
+
+
+@pytest.mark.parametrize("name, protocol", [("both", "fixed-n"), ("tcertify", "fixed-n"),
+                                            ("predict", "predict"), ("radii", "radii"),
+                                            ("adaptive", "adaptive-n")])
+def test_each_file_is_read_with_its_protocol(name, protocol):
+    assert results.read_results(FIXTURES / f"{name}.tsv").protocol.name == protocol
+    data = json.loads((FIXTURES / f"{name}.tsv.json").read_text())
+    assert results.protocol_of(results.Sidecar.from_json(data)) is results.PROTOCOLS[protocol]
+
+
+def test_two_protocols_of_one_mode_and_sampling_are_refused():
+    with pytest.raises(ValueError, match="is taken"):
+        results.register(type("Again", (results.PROTOCOLS["radii"].__class__,), {"name": "x"}))
+
+
+class EqualN(results.PROTOCOLS["fixed-n"].__class__):
+    """A toy protocol: fixed-n's rows, with as many estimation samples as selection samples."""
+
+    name = "toy-equal-n"
+    sampling = "equal"
+
+    def _n_problems(self, selection, estimation, sidecar):
+        return [] if estimation.sum() == selection.sum() else [
+            f"n {int(estimation.sum())}, but this protocol's n is n0 {int(selection.sum())}"]
+
+
+@pytest.fixture
+def toy_protocol():
+    results.register(EqualN)
+    yield results.PROTOCOLS[EqualN.name]
+    del results.PROTOCOLS[EqualN.name]
+
+
+def test_a_protocol_registered_in_one_place_is_written_read_verified_and_analysed(
+        toy_protocol, tmp_path):
+    from smoothcert.smooth import CertifyAllResult
+
+    sidecar = results.Sidecar.build({}, **{**settings(n=N0, max=3), "sampling": "equal"})
+    path = tmp_path / "toy.tsv"
+    results.write_sidecar(path, sidecar)
+    rng = np.random.default_rng(0)
+    with results.RowWriter(path, toy_protocol.header(sidecar)) as writer:
+        for idx in range(3):
+            label = int(MNIST_TEST_LABELS[idx])
+            counts = rng.multinomial(N0, np.eye(10)[label] * 0.9 + 0.01)
+            result = CertifyAllResult.from_counts(counts, counts, SIGMA, ALPHA, GRID)
+            writer.write(toy_protocol.row(idx, label, 0.1, result, sidecar)[0])
+    table = results.read_results(path)
+    assert table.protocol is toy_protocol and table.runs() == [sidecar.run] * 3
+    assert results.check_file(path).problems == []
+    assert [c.name for c in an.load_results(path)][0] == "toy: CERTIFY"
+    edit_field(path, 1, "n", "200")
+    problems = results.check_file(path).problems
+    assert len(problems) == 1 and "n 200, the counts give 100" in problems[0]
+    edit_field(path, 1, "n", "100")
+    edit_field(path, 1, "estimation_counts", results.read_results(path).lines[1].split("\t")[-1]
+               .replace(":", ":1", 1))  # one class's count times ten or more: n is not n0
+    assert "but this protocol's n is n0 100" in " ".join(results.check_file(path).problems)

@@ -33,7 +33,8 @@ RUNNER = "src/smoothcert/runner.py"
 CONFIDENCE = "src/smoothcert/sequential/confidence.py"
 RADII = "src/smoothcert/sequential/radii.py"
 ADAPTIVE = "src/smoothcert/sequential/adaptive.py"
-RESULTS = "src/smoothcert/results.py"
+SCHEMA = "src/smoothcert/schema.py"
+RECOMPUTE = "src/smoothcert/recompute.py"
 STATS_TESTS = ("tests/test_stats.py", "tests/test_coverage_exact.py")
 SEQUENTIAL_TESTS = ("tests/test_sequential.py",)
 SMOOTH_TESTS = ("tests/test_smooth.py",)
@@ -83,9 +84,9 @@ MUTANTS = [
     Mutant("inputs outside [0, 1] accepted", SAMPLING,
            "if x_min < low or x_max > high:", "if False:", SMOOTH_TESTS),
     Mutant("estimation noise restarts the selection stream (runner)", RUNNER,
-           '"estimation_generator": streams["estimation"]',
-           '"estimation_generator": generator(cfg.seed, "selection", idx, self.ctx.device)',
-           ("tests/test_rng.py",)),
+           "generator(cfg.seed, purpose, idx, self.ctx.device)",
+           'generator(cfg.seed, "selection" if purpose == "estimation" else purpose, idx, '
+           "self.ctx.device)", ("tests/test_rng.py",)),
     # Sequential and input-specific certification (docs/sequential.md).
     Mutant("a Bonferroni look spends alpha without correction", CONFIDENCE,
            "return alpha / len(self.looks)", "return alpha", SEQUENTIAL_TESTS),
@@ -116,9 +117,9 @@ MUTANTS = [
     Mutant("input-specific n: radius loss averaged over the pilot interval", ADAPTIVE,
            "loss = (radius[:, -1:] - radius).max(axis=0)",
            "loss = (radius[:, -1:] - radius).mean(axis=0)", SEQUENTIAL_TESTS),
-    Mutant("verify trusts a radii row's certificate without recomputing it", RESULTS,
+    Mutant("verify trusts a radii row's certificate without recomputing it", RECOMPUTE,
            "    if not at_look[top]:", "    if False:", ("tests/test_results.py",)),
-    Mutant("verify ignores a row's run column", RESULTS,
+    Mutant("verify ignores a row's run column", RECOMPUTE,
            'problems = [] if value["run"] == run else [', "problems = [] if True else [",
            ("tests/test_results.py",)),
     Mutant("mixture rounding margin with its sign flipped (rounding may certify)", CONFIDENCE,
@@ -135,7 +136,7 @@ MUTANTS = [
     Mutant("mixture union test's region keyed on the smallest other count", CONFIDENCE,
            "usable = (s >= (values.max() + 1) / n)", "usable = (s >= (values.min() + 1) / n)",
            SEQUENTIAL_TESTS),
-    Mutant("parse_counts accepts a class listed twice", RESULTS,
+    Mutant("parse_counts accepts a class listed twice", SCHEMA,
            "if c < 0 or v < 1 or c in counts:", "if c < 0 or v < 1:", ("tests/test_results.py",)),
     # The base classifier is untrusted input (issue 22).
     Mutant("model output rows not checked", SAMPLING,

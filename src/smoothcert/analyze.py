@@ -9,7 +9,6 @@ matplotlib and smoothcert's numpy-only modules: analysing results must not need 
 from __future__ import annotations
 
 import csv
-import functools
 import io
 import os
 from collections.abc import Sequence
@@ -20,25 +19,12 @@ import numpy as np
 
 from .plotfile import PNG_SIGNATURE as PNG_SIGNATURE
 from .plotfile import check_plot_target, save_figure
-from .results import (
-    METHOD_LABELS,
-    PREFIXES,
-    ResultFile,
-    header_radii,
-    paper_mode_level,
-    read_results,
-)
+from .results import METHOD_LABELS, PREFIXES, ResultFile, paper_mode_level, read_results
 from .sequential import TABLE1_RADII
-from .stats import certify_from_counts
+from .sidecar import Sidecar
 
 DEFAULT_RADII = TABLE1_RADII
-# How tables name the method of a sequential (radii) file: T-CERTIFY's holds at alpha exactly.
-SEQUENTIAL_LABELS = {"certify": "CERTIFY, sequential", "tcertify": "T-CERTIFY, sequential"}
 _FORMATS = ("markdown", "latex", "csv")
-# The largest radius accepted where sigma, alpha or n are not recorded (Cohen's files): a
-# CERTIFY radius is sigma * Phi^-1(pA_lower) < 8.3 sigma whatever n (pA_lower is a double
-# below 1), so this allows sigma up to 12 (the field's files use at most 1).
-GENEROUS_RADIUS = 100.0
 
 
 @dataclass
@@ -69,19 +55,17 @@ class ResultCurve:
 def curves_of(table: ResultFile) -> list[ResultCurve]:
     """A curve for the main columns of a parsed result file and one per further method."""
     curves = []
-    sampling = (table.meta or {}).get("sampling")
+    protocol = table.protocol
     for method in table.methods:
         predict, radius, correct = table.method_columns(method)
-        label = (SEQUENTIAL_LABELS[method] if table.kind == "radii" else METHOD_LABELS[method]
-                 + (", adaptive n" if sampling == "adaptive" else ""))
         curves.append(ResultCurve(
-            name=f"{table.label}: {label}",
+            name=f"{table.label}: {protocol.curve_label(method)}",
             radius=radius,
             correct=(correct == 1) & (predict != -1),
             method=method,
             source=str(table.path),
             idx=table.column("idx"),
-            radii=np.array(header_radii(table.header)) if table.kind == "radii" else None,
+            radii=protocol.certified_radii(table.header),
         ))
     return curves
 
@@ -93,7 +77,7 @@ def read_certified(path: str | os.PathLike) -> ResultFile:
     if len(runs) > 1:
         raise ValueError(f"{table.path}: holds rows of {len(runs)} runs ({', '.join(runs)}): "
                          "results of different settings or checkpoints are mixed")
-    recorded = (table.meta or {}).get("run")
+    recorded = table.sidecar.run if table.sidecar is not None else None
     if runs and recorded is not None and recorded not in runs:
         raise ValueError(f"{table.path}.json describes run {recorded}, but the rows of "
                          f"{table.path} are run {runs[0]}: the sidecar belongs to another file")
@@ -101,39 +85,10 @@ def read_certified(path: str | os.PathLike) -> ResultFile:
     return table
 
 
-@functools.cache
-def _largest_radius(method: str, n: int, sigma: float, alpha: float, grid: int,
-                    num_classes: int) -> float:
-    """The radius of n estimation samples all of one class: no row of n samples exceeds it.
-    Paper-mode T-CERTIFY's also bounds strict mode, which evaluates one alpha' of its grid."""
-    one_class = np.zeros(num_classes, dtype=np.int64)
-    one_class[0] = n
-    bound = "certify" if method == "certify" else "tcertify"
-    return certify_from_counts(one_class, one_class, sigma, alpha, bound, grid).radius
-
-
-def _radius_limits(table: ResultFile) -> tuple[dict[str, np.ndarray], str]:
-    """The largest radius each method's column can hold in each row, and how it was found:
-    the certificate of counts all of one class, at the row's n and the sidecar's sigma and
-    alpha; a radii file's largest radius; GENEROUS_RADIUS where the file records too little."""
-    meta, rows = table.meta or {}, len(table.lines)
-    if table.kind == "radii":
-        return {m: np.full(rows, max(header_radii(table.header), default=0.0))
-                for m in table.methods}, "the file's largest radius"
-    if "n" not in table.values or not {"sigma", "alpha", "grid", "num_classes"} <= set(meta):
-        return {m: np.full(rows, GENEROUS_RADIUS) for m in table.methods}, (
-            "sigma, alpha or n not recorded: a generous bound, as any CERTIFY radius is below "
-            "8.3 sigma")
-    settings = (meta["sigma"], meta["alpha"], meta["grid"], meta["num_classes"])
-    return {m: np.array([_largest_radius(m, n, *settings) for n in table.values["n"]])
-            for m in table.methods}, (
-        f"what n samples allow at sigma {meta['sigma']:g}, alpha {meta['alpha']:g}")
-
-
 def _check_rows(table: ResultFile) -> None:
     """Refuse a row whose radius exceeds what its n allows or whose label is outside the
     sidecar's classes: either would distort the table, and neither is a real certificate."""
-    classes = (table.meta or {}).get("num_classes")
+    classes = table.sidecar.num_classes if table.sidecar is not None else None
     if classes is not None:
         labels = table.column("label")
         bad = np.flatnonzero(labels >= classes)
@@ -141,7 +96,8 @@ def _check_rows(table: ResultFile) -> None:
             raise ValueError(f"{table.path}, line {table.line_numbers[bad[0]]}: label "
                              f"{labels[bad[0]]} is outside the classes 0-{classes - 1} "
                              "(num_classes in the sidecar)")
-    limits, how = _radius_limits(table)
+    limits, how = table.protocol.radius_limits(table.values, table.methods, table.header,
+                                               table.sidecar)
     for method, limit in limits.items():
         column = ("" if method == table.main else PREFIXES[method] + "_") + "radius"
         radius = table.column(column)
@@ -356,28 +312,27 @@ def plot_curves(
 def _notes(tables: list[ResultFile], fmt: str) -> list[str]:
     """What a reader of the table must know: each file's protocol, rounded radii, and the
     guarantee of each T-CERTIFY mode."""
-    metas = [(t, t.meta or {}) for t in tables]
-    notes = [f"{t.label}: {meta['protocol']}" for t, meta in metas if meta.get("protocol")]
-    if len({meta["protocol"] for _, meta in metas if meta.get("protocol")}) > 1:
+    sidecars = [(t, t.sidecar or Sidecar()) for t in tables]
+    protocols = {s.protocol for _, s in sidecars if s.protocol}
+    notes = [f"{t.label}: {s.protocol}" for t, s in sidecars if s.protocol]
+    if len(protocols) > 1:
         notes.append("warning: the files follow different test protocols; compare with care")
     notes += [
         f"{t.label}: radii rounded to 3 significant digits (Cohen's certify.py prints "
         "{:.3}, which rounds up: certified accuracy at the table's radii may be overstated)"
         for t in tables if t.rounded
     ]
-    levels = {(meta.get("alpha"), meta.get("grid")) for t, meta in metas
-              if "tcertify" in t.methods and t.kind != "radii"}
+    levels = {(s.alpha, s.grid) for t, s in sidecars
+              if "tcertify" in t.methods and t.protocol.paper_mode}
     for alpha, grid in sorted(levels, key=str):
         level = ("2α − α/grid" if alpha is None or grid is None else
                  f"2α − α/grid = {paper_mode_level(alpha, grid):g} (α = {alpha:g}, grid {grid})")
         notes.append(f"{METHOD_LABELS['tcertify']} picks α' after seeing the estimation counts: "
                      f"its provable failure probability is {level}; "
                      f"{METHOD_LABELS['tcertify-strict']} and CERTIFY hold at α exactly")
-    if any(meta.get("sampling") for _, meta in metas):
+    if any(s.sampling for _, s in sidecars):
         notes += [note for note in map(_samples_note, tables) if note]
-        notes += [f"{t.label}: certified at the radii {', '.join(map(str, t.meta['radii']))} only "
-                  "(sequential, so no ACR); - marks radii it was not asked about"
-                  for t, meta in metas if t.kind == "radii" and meta.get("radii")]
+        notes += [note for t, s in sidecars if (note := t.protocol.note(t.label, s))]
     prefix = {"markdown": "", "latex": "% ", "csv": "# "}[fmt]
     return [prefix + note for note in notes]
 
@@ -395,7 +350,7 @@ def _samples_note(table: ResultFile) -> str:
     samples = samples_per_input(table)
     if samples is None or samples.size == 0:
         return ""
-    sampling = (table.meta or {}).get("sampling", "fixed")
+    sampling = (table.sidecar or Sidecar()).sampling or "fixed"
     return (f"{table.label}: forward passes per input ({sampling} n0 + n): mean "
             f"{samples.mean():.0f}, median {np.median(samples):.0f}, max {samples.max()}")
 

@@ -1,9 +1,11 @@
 """Certify or predict over a dataset: one result row per example, flushed as produced, resumable.
 
-The row format belongs to `results`. A run first *plans* from the files alone (what is
-finished, whether those rows belong to this run: settings and checkpoint content, by the rows'
-`run` fingerprint), then *executes*. Under torchrun each rank certifies every world_size-th
-example into its own part file and rank 0 merges the parts in index order. Each example's
+The row format belongs to `results`; what is sampled and which row it makes, to the run's
+protocol (`protocols`: fixed n, adaptive n, radii, predict). A run first *plans* from the
+files alone (`ResumePlanner`: what is finished, whether those rows belong to this run:
+settings and checkpoint content, by the rows' `run` fingerprint), then *executes*. Under
+torchrun each rank certifies every world_size-th example into its own part file and rank 0
+merges the parts in index order (`OutputFiles`). Each example's
 noise comes from a generator seeded by (seed, idx), so results do not depend on the sharding.
 Rank 0 holds the output's lock for the whole run: a second process on the same --out is
 refused. Besides fixed n per input, certify samples sequentially at given radii (radii files)
@@ -23,18 +25,19 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import results, sequential
+from . import results
 from .checkpoints import load_for_run
 from .data import dataset_info, get_dataset
 from .distributed import DistContext, batch_memory_guard, init_distributed
 from .io import check_output_path, output_lock
+from .protocols import Protocol, protocol_of
 from .rng import generator
+from .schema import LAYOUTS
+from .sidecar import Sidecar, read, write
 from .smooth import Smooth
 from .stats import ABSTAIN, check_alpha, check_positive_int, check_sample_count
 
 log = logging.getLogger(__name__)
-_KINDS = {"certify": "certify (radius per input)", "radii": "certify at given radii (sequential)",
-          "predict": "predict"}
 _FIX = ("remove it, choose another --out, or pass --restart-stale (restart_if_stale=True) to "
         "discard those rows and recompute")
 
@@ -83,54 +86,39 @@ class RunConfig:
         given = (self.radii, self.max_n, self.confidence_sequence)
         return "fixed" if all(v is None for v in given) else "sequential"
 
+    @property
+    def protocol(self) -> Protocol:
+        return protocol_of(self)
+
     def validate(self) -> RunConfig:
-        if self.mode not in ("certify", "predict"):
-            raise ValueError(f"mode must be certify or predict, got {self.mode!r}")
-        sampling = self.sampling
-        if self.mode == "predict" and sampling != "fixed":
-            raise ValueError("radii, max_n, confidence_sequence and adaptive_n apply to certify "
-                             "only")
-        if self.adaptive_n and (self.radii is not None or self.confidence_sequence is not None):
-            raise ValueError("adaptive_n certifies the radius of each input: radii and "
-                             "confidence_sequence apply to sequential certification only")
-        if self.tolerance is not None and not self.adaptive_n:
-            raise ValueError("tolerance applies to adaptive_n (--adaptive-n) only")
-        if sampling == "sequential":
-            self.method = self.method or "certify"
-            if self.method not in sequential.SEQUENTIAL_METHODS:
-                raise ValueError(f"method must be one of {', '.join(sequential.SEQUENTIAL_METHODS)}"
-                                 f" for sequential certification at radii, got {self.method!r}")
-            self.confidence_sequence = self.confidence_sequence or "mixture"
-            if self.confidence_sequence not in sequential.CONFIDENCE_SEQUENCES:
-                raise ValueError(f"confidence_sequence must be one of "
-                                 f"{', '.join(sequential.CONFIDENCE_SEQUENCES)}, got "
-                                 f"{self.confidence_sequence!r}")
-            if self.radii is not None:
-                self.radii = tuple(float(r) for r in sequential.check_radii(self.radii))
+        self._check_protocol_options()
+        protocol = self.protocol
+        protocol.configure(self)
         self.method = self.method or "both"
-        if self.method not in results.LAYOUTS:
-            raise ValueError(
-                f"method must be one of {', '.join(results.LAYOUTS)}, got {self.method!r}"
-            )
-        if self.adaptive_n:
-            self.tolerance = sequential.check_tolerance(
-                0.02 if self.tolerance is None else self.tolerance)
+        if self.method not in LAYOUTS:
+            raise ValueError(f"method must be one of {', '.join(LAYOUTS)}, got {self.method!r}")
         check_alpha(self.alpha)
         for name in ("n0", "n"):
             check_sample_count(getattr(self, name), name)
         for name in ("batch", "grid", "skip"):
             check_positive_int(getattr(self, name), name)
-        if sampling != "fixed":
-            self.max_n = check_sample_count(self.n if self.max_n is None else self.max_n,
-                                            "max_n")
-            if self.batch > self.max_n and sampling == "sequential":
-                raise ValueError(f"max_n must be >= batch ({self.batch}), got {self.max_n}")
+        protocol.check(self)
         if self.max is not None and self.max < 0:
             self.max = None  # Cohen's -1: no limit
         if self.sigma is not None and not self.sigma > 0:
             raise ValueError(f"sigma must be > 0, got {self.sigma}")
         self._check_out()
         return self
+
+    def _check_protocol_options(self) -> None:
+        """Refuse options of one protocol given to another."""
+        if self.mode not in ("certify", "predict"):
+            raise ValueError(f"mode must be certify or predict, got {self.mode!r}")
+        if self.mode == "predict" and self.sampling != "fixed":
+            raise ValueError("radii, max_n, confidence_sequence and adaptive_n apply to certify "
+                             "only")
+        if self.tolerance is not None and not self.adaptive_n:
+            raise ValueError("tolerance applies to adaptive_n (--adaptive-n) only")
 
     def _check_out(self) -> None:
         check_output_path(self.out, "out")
@@ -157,6 +145,154 @@ class Plan:
     discarded: int = 0  # stale rows dropped (restart_if_stale)
 
 
+class OutputFiles:
+    """A run's output: `out`, its sidecar, and the part files of torchrun ranks beside it."""
+
+    def __init__(self, out: Path, header: list[str], sidecar: Sidecar):
+        self.out, self.header, self.sidecar = out, header, sidecar
+
+    def part_path(self, rank: int, world_size: int) -> Path:
+        return self.out if world_size == 1 else self.out.with_name(f"{self.out.name}.part{rank}")
+
+    def part_files(self) -> list[Path]:
+        """The part files next to out, of this run or of an unmerged run with any world size."""
+        prefix = f"{self.out.name}.part"
+        folder = self.out.parent
+        if not folder.is_dir():
+            return []
+        return sorted(p for p in folder.iterdir()
+                      if p.name.startswith(prefix) and p.name[len(prefix):].isdigit())
+
+    def write_sidecar(self) -> None:
+        write(self.out, self.sidecar)
+
+    def fold(self, rows: dict[int, str]) -> None:
+        """Write `rows` (this run's finished rows) as out, then remove the part files."""
+        parts = self.part_files()
+        if rows:
+            self.write_sidecar()
+            results.write_table(self.out, self.header, [rows[i] for i in sorted(rows)])
+        else:
+            self.out.unlink(missing_ok=True)  # with its sidecar: both are smoothcert's
+            results.sidecar_path(self.out).unlink(missing_ok=True)
+        for part in parts:
+            part.unlink(missing_ok=True)
+
+    def finish(self, distributed: bool) -> None:
+        """Merge the ranks' parts; a run without a single row still leaves its (empty) file."""
+        if distributed:
+            rows: dict[int, str] = {}
+            for path in [self.out, *self.part_files()]:
+                if path.exists():
+                    rows.update(results.read_results(path).rows_by_index())
+            self.fold(rows)
+        if not self.out.exists():
+            self.write_sidecar()
+            results.write_table(self.out, self.header, [])
+        elif results.read_sidecar(self.out) != self.sidecar.to_json():
+            self.write_sidecar()  # e.g. a lone result file whose rows proved to be this run's
+
+
+class ResumePlanner:
+    """Reads out and the part files an interrupted run left (any world size), checks that
+    every row belongs to this run, and decides what is left. Writes nothing."""
+
+    def __init__(self, files: OutputFiles, protocol: Protocol, cfg: RunConfig):
+        self.files, self.protocol, self.cfg = files, protocol, cfg
+        self.run_id = files.sidecar.run
+
+    def plan(self, indices: list[int]) -> Plan:
+        self._check_sidecar_is_ours()
+        keep: dict[int, str] = {}
+        stale: list[tuple[Path, results.ResultFile]] = []
+        rewrite, discarded = False, 0
+        for path in [self.files.out, *self.files.part_files()]:
+            if not path.exists():
+                continue
+            table = self._read(path)
+            mine = table.header == self.files.header
+            runs = table.runs() if mine else [None] * len(table.lines)
+            for idx, line, run in zip(table.values["idx"], table.lines, runs, strict=True):
+                if run == self.run_id:
+                    keep.setdefault(idx, line)
+                else:
+                    discarded += 1
+            if not mine or any(run != self.run_id for run in runs):
+                stale.append((path, table))
+            rewrite |= table.cut or path != self.files.out
+        if stale and not self.cfg.restart_if_stale:
+            raise self._stale_error(*stale[0])
+        todo = [i for i in indices if i not in keep]
+        return Plan(keep, todo, rewrite or bool(stale), discarded)
+
+    def _read(self, path: Path) -> results.ResultFile:
+        try:
+            table = results.read_results(path, allow_cut=True)
+        except ValueError as err:
+            raise ValueError(f"out: {err}; smoothcert leaves it as it is: repair or remove "
+                             "it, or choose another --out") from None
+        self._check_kind(table)
+        return table
+
+    def _check_sidecar_is_ours(self) -> None:
+        out = self.files.out
+        try:
+            saved = read(out)
+        except ValueError as err:
+            raise ValueError(f"out: {err}; smoothcert does not overwrite a file it did not "
+                             "write: choose another --out") from None
+        if saved is not None and not saved.is_own:
+            raise ValueError(f"out: '{results.sidecar_path(out)}' exists and is not a "
+                             "smoothcert sidecar; smoothcert does not overwrite it: choose "
+                             "another --out")
+
+    def _check_kind(self, table: results.ResultFile) -> None:
+        """Refuse a file smoothcert did not write, or one of another protocol's kind."""
+        if not table.own:
+            raise ValueError(
+                f"out: '{table.path}' exists and is not a smoothcert result file (its columns "
+                f"are {' '.join(table.header)}); smoothcert does not overwrite it: choose "
+                "another --out"
+            )
+        if table.kind != self.protocol.kind:
+            raise ValueError(f"out: '{table.path}' holds {table.protocol.words} results, this "
+                             f"is a {self.protocol.words} run; choose another --out")
+
+    def _stale_error(self, path: Path, table: results.ResultFile) -> ValueError:
+        """Explain why the rows of `table` are not this run's, as precisely as the files allow."""
+        if table.header != self.files.header:
+            what = ("smoothcert's earlier format (no method/run columns), so whether they "
+                    "match cannot be checked" if not table.native else
+                    f"other columns than --method {self.cfg.method} writes")
+            return ValueError(f"out: '{path}' holds rows in {what}; {_FIX}")
+        other = sorted({run for run in table.runs() if run != self.run_id})
+        saved = read(self.files.out)  # part files have none: out's describes them
+        if saved is None or saved.run not in other:
+            return ValueError(
+                f"out: '{path}' holds rows of another run (fingerprint {other[0]}, this run's "
+                f"is {self.run_id}) and no sidecar says which settings or checkpoint differ; "
+                f"{_FIX}"
+            )
+        return self._changed(path, saved)
+
+    def _changed(self, path: Path, saved: Sidecar) -> ValueError:
+        """What differs between the sidecar of the rows and this run's."""
+        mine = self.files.sidecar
+        if saved.checkpoint_sha256 != mine.checkpoint_sha256:
+            return ValueError(
+                f"out: '{path}' holds results of another checkpoint: sha256 "
+                f"{str(saved.checkpoint_sha256)[:12]}… (from '{saved.checkpoint}'),"
+                f" but '{self.cfg.checkpoint}' is {mine.checkpoint_sha256[:12]}…; {_FIX}"
+            )
+        differ = saved.differences(mine)
+        if not differ:  # its settings are this run's, its fingerprint is not theirs
+            sidecar = results.sidecar_path(self.files.out)
+            return ValueError(
+                f"out: '{sidecar}' was edited: it records run {saved.run}, but its settings "
+                f"give {saved.fingerprint()}, this run's; {_FIX}")
+        return ValueError(f"out: '{path}' was written with different {', '.join(differ)}; {_FIX}")
+
+
 class Runner:
     """Certifies (or predicts) the selected examples of a split into `cfg.out`."""
 
@@ -174,58 +310,33 @@ class Runner:
         self.smooth = Smooth(model, num_classes, self.sigma, amp=cfg.amp)
         self.dataset = get_dataset(self.dataset_name, cfg.split, cfg.data_dir, augment=False)
         self.out = Path(cfg.out)
-        self.kind = "radii" if cfg.sampling == "sequential" else cfg.mode
-        self.radii: tuple[float, ...] = ()
-        if self.kind == "radii":
-            self.radii = cfg.radii or tuple(float(r) for r in sequential.reachable_radii(
-                sequential.TABLE1_RADII, self.sigma, cfg.alpha, cfg.max_n, method=cfg.method,
-                num_classes=num_classes, confidence_sequence=cfg.confidence_sequence,
-                batch_size=cfg.batch))
-            self.columns = results.radii_columns(self.radii)
-        else:
-            self.columns = results.columns(cfg.mode, cfg.method)
+        self.protocol = cfg.protocol
         self.indices = selected_indices(len(self.dataset), cfg.skip, cfg.max)
-        self.meta = self._sidecar(digest, num_classes)
-        self.run_id = self.meta["run"]
+        self.sidecar = self._sidecar(digest, num_classes)
+        self.run_id = self.sidecar.run
+        self.columns = self.protocol.header(self.sidecar)
+        self.files = OutputFiles(self.out, self.columns, self.sidecar)
         self.rows_kept: int | None = None  # this run's rows in the files, once it writes
 
-    def _sidecar(self, digest: str, num_classes: int) -> dict:
+    def _sidecar(self, digest: str, num_classes: int) -> Sidecar:
         """The sidecar this run writes: its settings, the checkpoint's sha256, the fingerprint."""
         cfg = self.cfg
-        main = {"radii": cfg.method, "certify": results.LAYOUTS[cfg.method][0],
-                "predict": "predict"}[self.kind]
         protocol = (f"{cfg.split} split, every {cfg.skip}th example from index 0, "
                     f"{len(self.indices)} examples")
-        meta = {
-            **cfg.extra, "format": results.FORMAT, "mode": cfg.mode, "method": main,
-            "layout": cfg.method, "split": cfg.split, "n0": cfg.n0, "n": cfg.n,
-            "alpha": cfg.alpha, "grid": cfg.grid, "skip": cfg.skip, "max": cfg.max,
-            "seed": cfg.seed, "sigma": self.sigma, "dataset": self.dataset_name, "amp": cfg.amp,
-            "num_classes": num_classes, "checkpoint": str(cfg.checkpoint),
-            "checkpoint_sha256": digest, "checkpoint_format": cfg.format, "arch": cfg.arch,
-            "protocol": protocol,
-        }
-        if cfg.sampling != "fixed":
-            meta.update(sampling=cfg.sampling, max_n=cfg.max_n, n=None)
-        if cfg.sampling == "sequential":
-            meta.update(layout="radii", grid=None, radii=list(self.radii), batch=cfg.batch,
-                        confidence_sequence=cfg.confidence_sequence)
-        if cfg.sampling == "adaptive":
-            meta.update(tolerance=cfg.tolerance)
-        return {**meta, "run": results.fingerprint(meta)}
+        settings = dict(
+            format=results.FORMAT, mode=cfg.mode, split=cfg.split, n0=cfg.n0, n=cfg.n,
+            alpha=cfg.alpha, grid=cfg.grid, skip=cfg.skip, max=cfg.max, seed=cfg.seed,
+            sigma=self.sigma, dataset=self.dataset_name, amp=cfg.amp, num_classes=num_classes,
+            checkpoint=str(cfg.checkpoint), checkpoint_sha256=digest,
+            checkpoint_format=cfg.format, arch=cfg.arch, protocol=protocol)
+        return Sidecar.build(cfg.extra, **{
+            **settings, **self.protocol.settings(cfg, self.sigma, num_classes)})
 
     def part_path(self, rank: int) -> Path:
-        return self.out if self.ctx.world_size == 1 else self.out.with_name(
-            f"{self.out.name}.part{rank}")
+        return self.files.part_path(rank, self.ctx.world_size)
 
     def part_files(self) -> list[Path]:
-        """The part files next to out, of this run or of an unmerged run with any world size."""
-        prefix = f"{self.out.name}.part"
-        folder = self.out.parent
-        if not folder.is_dir():
-            return []
-        return sorted(p for p in folder.iterdir()
-                      if p.name.startswith(prefix) and p.name[len(prefix):].isdigit())
+        return self.files.part_files()
 
     def run(self, on_row: Callable[[], None] | None = None) -> Path:
         """Certify (or predict) what is left; `on_row()` is called after each row written."""
@@ -249,94 +360,9 @@ class Runner:
             return f"{rows} kept by rank {self.ctx.rank} in '{self.out}' and its part files"
         return f"{rows} kept in '{self.out}'"
 
-    # ------------------------------------------------------------ plan: read and decide
-
     def plan(self) -> Plan:
-        """Read out and the part files an interrupted run left (any world size), check that
-        every row belongs to this run, and decide what is left. Writes nothing."""
-        self._check_sidecar_is_ours()
-        keep: dict[int, str] = {}
-        stale: list[tuple[Path, results.ResultFile]] = []
-        rewrite, discarded = False, 0
-        for path in [self.out, *self.part_files()]:
-            if not path.exists():
-                continue
-            try:
-                table = results.read_results(path, allow_cut=True)
-            except ValueError as err:
-                raise ValueError(f"out: {err}; smoothcert leaves it as it is: repair or remove "
-                                 "it, or choose another --out") from None
-            self._check_kind(table)
-            mine = table.header == self.columns
-            runs = table.runs() if mine else [None] * len(table.lines)
-            for idx, line, run in zip(table.values["idx"], table.lines, runs, strict=True):
-                if run == self.run_id:
-                    keep.setdefault(idx, line)
-                else:
-                    discarded += 1
-            if not mine or any(run != self.run_id for run in runs):
-                stale.append((path, table))
-            rewrite |= table.cut or path != self.out
-        if stale and not self.cfg.restart_if_stale:
-            raise self._stale_error(*stale[0])
-        todo = [i for i in self.indices if i not in keep]
-        return Plan(keep, todo, rewrite or bool(stale), discarded)
-
-    def _check_sidecar_is_ours(self) -> None:
-        sidecar = results.sidecar_path(self.out)
-        try:
-            meta = results.read_sidecar(self.out)
-        except ValueError as err:
-            raise ValueError(f"out: {err}; smoothcert does not overwrite a file it did not "
-                             "write: choose another --out") from None
-        if meta is not None and not results.is_own_sidecar(meta):
-            raise ValueError(f"out: '{sidecar}' exists and is not a smoothcert sidecar; "
-                             "smoothcert does not overwrite it: choose another --out")
-
-    def _check_kind(self, table: results.ResultFile) -> None:
-        """Refuse a file smoothcert did not write, or one of the other mode."""
-        if not table.own:
-            raise ValueError(
-                f"out: '{table.path}' exists and is not a smoothcert result file (its columns "
-                f"are {' '.join(table.header)}); smoothcert does not overwrite it: choose "
-                "another --out"
-            )
-        if table.kind != self.kind:
-            raise ValueError(f"out: '{table.path}' holds {_KINDS[table.kind]} results, this "
-                             f"is a {_KINDS[self.kind]} run; choose another --out")
-
-    def _stale_error(self, path: Path, table: results.ResultFile) -> ValueError:
-        """Explain why the rows of `table` are not this run's, as precisely as the files allow."""
-        if table.header != self.columns:
-            what = ("smoothcert's earlier format (no method/run columns), so whether they "
-                    "match cannot be checked" if not table.native else
-                    f"other columns than --method {self.cfg.method} writes")
-            return ValueError(f"out: '{path}' holds rows in {what}; {_FIX}")
-        other = sorted({run for run in table.runs() if run != self.run_id})
-        saved = results.read_sidecar(self.out)  # part files have none: out's describes them
-        if saved is None or saved.get("run") not in other:
-            return ValueError(
-                f"out: '{path}' holds rows of another run (fingerprint {other[0]}, this run's "
-                f"is {self.run_id}) and no sidecar says which settings or checkpoint differ; "
-                f"{_FIX}"
-            )
-        if saved.get("checkpoint_sha256") != self.meta["checkpoint_sha256"]:
-            return ValueError(
-                f"out: '{path}' holds results of another checkpoint: sha256 "
-                f"{str(saved.get('checkpoint_sha256'))[:12]}… (from '{saved.get('checkpoint')}'),"
-                f" but '{self.cfg.checkpoint}' is {self.meta['checkpoint_sha256'][:12]}…; {_FIX}"
-            )
-        differ = [f"{k} (was {saved.get(k)!r}, now {self.meta.get(k)!r})"
-                  for k in (*results.IDENTITY_KEYS, *results.SAMPLING_KEYS)
-                  if saved.get(k) != self.meta.get(k)]
-        if not differ:  # its settings are this run's, its fingerprint is not theirs
-            sidecar = results.sidecar_path(self.out)
-            return ValueError(
-                f"out: '{sidecar}' was edited: it records run {saved['run']}, but its settings "
-                f"give {results.fingerprint(saved)}, this run's; {_FIX}")
-        return ValueError(f"out: '{path}' was written with different {', '.join(differ)}; {_FIX}")
-
-    # ------------------------------------------------------------ execute: write
+        """What is left to do, from the files alone (`ResumePlanner`). Writes nothing."""
+        return ResumePlanner(self.files, self.protocol, self.cfg).plan(self.indices)
 
     def execute(self, plan: Plan, on_row: Callable[[], None] | None = None) -> None:
         ctx = self.ctx
@@ -345,43 +371,14 @@ class Runner:
             log.warning("%s: discarding %d rows of another run (--restart-stale)", self.out,
                         plan.discarded)
         if ctx.is_main and plan.rewrite:
-            self._fold(plan.keep)
+            self.files.fold(plan.keep)
         self.rows_kept = len(plan.keep) if ctx.is_main else 0
         ctx.barrier()
         self._process(plan.todo[ctx.rank :: ctx.world_size], self.part_path(ctx.rank), on_row)
         ctx.barrier()
         if ctx.is_main:
-            self._finish()
+            self.files.finish(ctx.distributed)
         ctx.barrier()
-
-    def _fold(self, rows: dict[int, str]) -> None:
-        """Write `rows` (this run's finished rows) as out, then remove the part files."""
-        parts = self.part_files()
-        if rows:
-            self._write_sidecar()
-            results.write_table(self.out, self.columns, [rows[i] for i in sorted(rows)])
-        else:
-            self.out.unlink(missing_ok=True)  # with its sidecar: both are smoothcert's
-            results.sidecar_path(self.out).unlink(missing_ok=True)
-        for part in parts:
-            part.unlink(missing_ok=True)
-
-    def _finish(self) -> None:
-        """Merge the ranks' parts; a run without a single row still leaves its (empty) file."""
-        if self.ctx.distributed:
-            rows: dict[int, str] = {}
-            for path in [self.out, *self.part_files()]:
-                if path.exists():
-                    rows.update(results.read_results(path).rows_by_index())
-            self._fold(rows)
-        if not self.out.exists():
-            self._write_sidecar()
-            results.write_table(self.out, self.columns, [])
-        elif results.read_sidecar(self.out) != self.meta:
-            self._write_sidecar()  # e.g. a lone result file whose rows proved to be this run's
-
-    def _write_sidecar(self) -> None:
-        results.write_sidecar(self.out, self.meta)
 
     def _process(self, indices: Iterable[int], part: Path,
                  on_row: Callable[[], None] | None = None) -> None:
@@ -389,7 +386,7 @@ class Runner:
         certified = 0
         bar = tqdm(indices, desc=f"{self.cfg.mode} {self.out.name}",
                    disable=not (self.progress and self.ctx.is_main))
-        first = self._write_sidecar if self.ctx.is_main else None
+        first = self.files.write_sidecar if self.ctx.is_main else None
         with results.RowWriter(part, self.columns, before_create=first) as writer:
             for count, idx in enumerate(bar, start=1):
                 with batch_memory_guard(self.cfg.batch):
@@ -404,37 +401,11 @@ class Runner:
     def _row(self, idx: int) -> tuple[list[str], bool]:
         cfg = self.cfg
         x, label = self.dataset[idx]
-        label = int(label)
         streams = {purpose: generator(cfg.seed, purpose, idx, self.ctx.device)
                    for purpose in ("selection", "estimation", "prediction")}
         started = time.time()
-        if cfg.mode == "predict":
-            prediction = self.smooth.predict(x, cfg.n, cfg.alpha, cfg.batch,
-                                             generator=streams["prediction"])
-            return results.predict_row(idx, label, prediction, time.time() - started,
-                                       self.run_id), prediction == label
-        samples = {"generator": streams["selection"],
-                   "estimation_generator": streams["estimation"]}
-        if self.kind == "radii":
-            cert = self.smooth.certify_radii(
-                x, radii=self.radii, alpha=cfg.alpha, max_n=cfg.max_n, batch_size=cfg.batch,
-                n0=cfg.n0, method=cfg.method, confidence_sequence=cfg.confidence_sequence,
-                **samples)
-            return results.radii_row(idx, label, time.time() - started, cert, cfg.method,
-                                     self.run_id), cert.label == label
-        if cfg.adaptive_n:
-            result = self.smooth.certify_adaptive(
-                x, n0=cfg.n0, max_n=cfg.max_n, alpha=cfg.alpha, batch_size=cfg.batch,
-                tolerance=cfg.tolerance, grid=cfg.grid, **samples)
-        else:
-            result = self.smooth.certify_all(x, cfg.n0, cfg.n, cfg.alpha, cfg.batch,
-                                             grid=cfg.grid, **samples)
-        certificates = {"certify": result.certify, "tcertify": result.tcertify,
-                        "tcertify-strict": result.strict}
-        row = results.certify_row(idx, label, time.time() - started, certificates,
-                                  result.selection_counts, result.estimation_counts, cfg.method,
-                                  self.run_id)
-        return row, certificates[results.LAYOUTS[cfg.method][0]].label == label
+        result = self.protocol.sample(self.smooth, x, cfg, self.sidecar, streams)
+        return self.protocol.row(idx, int(label), time.time() - started, result, self.sidecar)
 
 
 def run(cfg: RunConfig, progress: bool = True,
