@@ -17,6 +17,7 @@ _HOMES = {
     "CertifyAllResult": "smooth",
     "Smooth": "smooth",
     "load_checkpoint": "checkpoints",
+    "build_from_spec": "models.spec",
 }
 __all__ = sorted(_HOMES)
 
