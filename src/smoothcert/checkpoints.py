@@ -371,23 +371,23 @@ def load(
     accepted = FILE_KINDS[:-1]  # a pickled model is recognised, with trust_pickle, not named
     if format != "auto" and format not in accepted:
         raise ValueError(f"format must be auto or one of {', '.join(accepted)}, got {format!r}")
-    known = DATASETS.get(dataset) if dataset is not None else None
-    channels = channels or (known.channels if known else 3)
-    wanted = num_classes or (known.num_classes if known else None)
+    given = DATASETS.get(dataset)
+    wanted = num_classes or (given.num_classes if given else None)
     read = _read_network(path, format, arch, dataset, model, model_kwargs, state_dict_key,
-                         trust_pickle, wanted, channels)
-    own = read.format in ("state_dict", "torchscript", "pickle")
-    if own:
+                         trust_pickle, wanted, channels or (given.channels if given else 3))
+    dataset = dataset or read.dataset
+    known = DATASETS.get(dataset)
+    channels = channels or (known.channels if known else 3)
+    if read.format in ("state_dict", "torchscript", "pickle"):
         normalization = normalization_of(mean, std, normalize)
         full = with_input_convention(read.model, normalization, channels)
     else:
         _refuse_convention(path, read.format, mean, std, normalize)
         full, normalization = read.model, _standardisation(read.model)
-    size = image_size or (known.image_size if known else 32)
-    outputs = probe_num_classes(full, channels, size)
+    outputs = probe_num_classes(full, channels, image_size or (known.image_size if known else 32))
     _check_classes(path, outputs, num_classes, read.num_classes, dataset, known)
-    return Loaded(full.to(device).eval(), _sigma(sigma, read.sigma, path), outputs,
-                  dataset or read.dataset, normalization, read.config, read.format)
+    return Loaded(full.to(device).eval(), _sigma(sigma, read.sigma, path), outputs, dataset,
+                  normalization, read.config, read.format)
 
 
 def _read_network(
