@@ -109,9 +109,9 @@ def get_dataset(
     train = split == "train"
     augment = train if augment is None else augment
     if name == "imagefolder":
-        return _imagefolder(_user_root(data_dir), split, augment, image_size)
+        return _imagefolder(_user_source("imagefolder", data_dir), split, augment, image_size)
     if name == "npz":
-        return NpzArrays(_npz_file(data_file), train, image_size)
+        return NpzArrays(_user_source("npz", data_file), train, image_size)
     if name == "mnist":
         return _mnist(train, data_dir, download)
     if name == "cifar10":
@@ -308,23 +308,22 @@ def _imagenet(train: bool, augment: bool, root: Path) -> Dataset:
 # A user's own data ---------------------------------------------------------------------------
 
 
-def _user_root(data_dir: str | os.PathLike | None) -> Path:
-    if data_dir is None:
-        raise ValueError("data_dir: --dataset imagefolder needs --data-dir DIR, a folder with "
-                         "train/ and val/ or test/, each with one sub-folder of images per class")
-    root = Path(data_dir).expanduser()
-    if not root.is_dir():
-        raise MissingDatasetError(f"data_dir: no such folder '{root}'")
-    return root
+# Per user dataset: its option, what it must name, how to check it exists, what it is.
+_USER_SOURCES = {
+    "imagefolder": ("data_dir", "--data-dir DIR, a folder with train/ and val/ or test/, each "
+                    "with one sub-folder of images per class", Path.is_dir, "folder"),
+    "npz": ("data_file", "--data-file F, an .npz archive with x_train, y_train, x_test and "
+            "y_test", Path.is_file, "file"),
+}
 
 
-def _npz_file(data_file: str | os.PathLike | None) -> Path:
-    if data_file is None:
-        raise ValueError("data_file: --dataset npz needs --data-file F, an .npz archive with "
-                         "x_train, y_train, x_test and y_test")
-    path = Path(data_file).expanduser()
-    if not path.is_file():
-        raise MissingDatasetError(f"data_file: no such file '{path}'")
+def _user_source(name: str, given: str | os.PathLike | None) -> Path:
+    option, needs, exists, kind = _USER_SOURCES[name]
+    if given is None:
+        raise ValueError(f"{option}: --dataset {name} needs {needs}")
+    path = Path(given).expanduser()
+    if not exists(path):
+        raise MissingDatasetError(f"{option}: no such {kind} '{path}'")
     return path
 
 
@@ -333,13 +332,13 @@ def _user_info(
     image_size: int | None, mean: Stats, std: Stats,
 ) -> DatasetInfo:
     if name == "imagefolder":
-        root = _user_root(data_dir)
+        root = _user_source("imagefolder", data_dir)
         classes = _folder_classes(root)
         size = _folder_image_size(root, image_size)
         train = partial(_imagefolder, root, "train", False, size)
         info = DatasetInfo(len(classes), 3, size, None, None, tuple(classes))
     else:
-        path = _npz_file(data_file)
+        path = _user_source("npz", data_file)
         arrays = NpzArrays(path, True, image_size)
         num_classes = _npz_num_classes(arrays, NpzArrays(path, False), path)
         train = partial(NpzArrays, path, True)
