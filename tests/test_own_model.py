@@ -91,6 +91,8 @@ def files(tmp_path_factory, network) -> dict[str, Path]:
         torch.jit.trace(network, torch.rand(1, 3, 32, 32)).save(str(paths["torchscript"]))
     paths["pickle"] = where / "whole.pt"
     torch.save(network, paths["pickle"])
+    paths["pickle_in_dict"] = where / "whole_in_dict.pt"
+    torch.save({"model": network, "epoch": 3}, paths["pickle_in_dict"])
     (where / "my_factory.py").write_text(FACTORY)
     return paths
 
@@ -100,7 +102,7 @@ def _options(kind: str, files: dict[str, Path]) -> dict:
         return {"model": f"{files['plain'].parent / 'my_factory.py'}:make"}
     if kind == "custom_key":
         return {"model": SPEC, "state_dict_key": "ema"}
-    if kind == "pickle":
+    if kind.startswith("pickle"):
         return {"trust_pickle": True}
     return {} if kind == "torchscript" else {"model": SPEC}
 
@@ -109,7 +111,7 @@ def _options(kind: str, files: dict[str, Path]) -> dict:
 
 
 @pytest.mark.parametrize("kind", ["plain", "wrapped", "ddp", "custom_key", "factory",
-                                  "torchscript", "pickle"])
+                                  "torchscript", "pickle", "pickle_in_dict"])
 def test_same_weights_give_the_same_predictions_whatever_the_file_kind(kind, files, network):
     loaded = load(files[kind], sigma=0.25, num_classes=3, mean=MEAN, std=STD,
                   **_options(kind, files))
@@ -130,7 +132,9 @@ def test_how_a_state_dict_was_found_is_in_the_config(files):
 
 
 def test_a_torchscript_archive_needs_no_spec_and_no_class_count(files):
-    loaded = load(files["torchscript"], sigma=0.5, normalize=False)
+    with warnings.catch_warnings():  # torch.jit.load's deprecation notice is not shown
+        warnings.simplefilter("error", FutureWarning)
+        loaded = load(files["torchscript"], sigma=0.5, normalize=False)
     assert (loaded.format, loaded.num_classes) == ("torchscript", 3)
 
 
@@ -292,6 +296,14 @@ def test_a_factory_in_an_importable_module_gets_its_kwargs(tmp_path, monkeypatch
 def test_an_unknown_spec_says_what_is_accepted(spec, message):
     with pytest.raises(ValueError, match=message) as err:
         build_from_spec(spec, 3)
+    _one_line(err)
+
+
+def test_a_factory_file_that_fails_to_import_is_one_line(tmp_path):
+    (tmp_path / "broken.py").write_text("import no_such_module_xyz\n")
+    with pytest.raises(ValueError, match=r"importing .*broken\.py' failed .*ModuleNotFoundError: "
+                       r"No module named 'no_such_module_xyz'") as err:
+        build_from_spec(f"{tmp_path / 'broken.py'}:make", 3)
     _one_line(err)
 
 

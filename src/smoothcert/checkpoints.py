@@ -404,9 +404,10 @@ def _read_network(
         raise CheckpointError(f"checkpoint: '{path}' is not a TorchScript archive "
                               "(a zip with code/ and constants.pkl, written by torch.jit.save)")
     state = _read_state(path, trust_pickle)
-    if isinstance(state, nn.Module):
+    pickled = _pickled_model(state)
+    if pickled is not None:
         _refuse_spec(spec, path, "a pickled model")
-        return _Network(state.eval(), "pickle", None, dataset, None, {"format": "pickle"})
+        return _Network(pickled.eval(), "pickle", None, dataset, None, {"format": "pickle"})
     if format == "auto":
         format = _own_format(state, path, spec, state_dict_key)
     if format == "state_dict":
@@ -452,6 +453,14 @@ def _unsafe_read(reader: Callable[..., Any], path: str | os.PathLike, name: str)
         first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
         raise CheckpointError(f"checkpoint: {name} cannot read '{path}': "
                               f"{type(err).__name__}: {first}") from None
+
+
+def _pickled_model(state: Any) -> nn.Module | None:
+    """A whole model (only a trusted pickle holds one): the state, or under a WEIGHTS_KEYS key."""
+    if isinstance(state, nn.Module):
+        return state
+    return next((state[key] for key in WEIGHTS_KEYS if isinstance(_get(state, key), nn.Module)),
+                None)
 
 
 def _own_format(

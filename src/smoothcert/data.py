@@ -486,10 +486,9 @@ class NpzArrays(Dataset):
         return len(self.targets)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = self.data[index]
-        # uint8 / 255 as ToTensor() computes it
-        return (image.float().div(255) if image.dtype == torch.uint8 else image.float()), \
-            self.targets[index]
+        image = self.data[index]  # uint8 / 255 as ToTensor() computes it
+        pixels = image.float().div(255) if image.dtype == torch.uint8 else image.float()
+        return pixels, self.targets[index]
 
 
 def _npz_images(x: np.ndarray, path: Path, name: str) -> torch.Tensor:

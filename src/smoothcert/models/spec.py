@@ -143,7 +143,12 @@ def _import_file(where: str, spec: str) -> Any:
     loader_spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(loader_spec)
     sys.modules[name] = module  # dataclasses and pickling look the module up by name
-    loader_spec.loader.exec_module(module)
+    try:
+        loader_spec.loader.exec_module(module)
+    except Exception as err:  # the user's code: its failure on one line
+        del sys.modules[name]
+        raise ValueError(f"model: importing '{path}' failed (from {spec!r}): "
+                         f"{type(err).__name__}: {err}") from None
     return module
 
 
