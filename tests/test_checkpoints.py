@@ -211,7 +211,7 @@ def test_an_unknown_layout_lists_the_formats_and_the_flag(tmp_path):
     assert str(path) in text and "keys 'weights', 'step'" in text
     for fmt in FORMATS:
         assert fmt in text
-    assert "--checkpoint-format" in text
+    assert "--checkpoint-format" in text and "name it with --model SPEC" in text
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,9 @@ _HOMES = {
     "CertifyAllResult": "smooth",
     "Smooth": "smooth",
     "load_checkpoint": "checkpoints",
+    "load": "checkpoints",
+    "Loaded": "checkpoints",
+    "build_from_spec": "models.spec",
 }
 __all__ = sorted(_HOMES)
 

@@ -259,6 +259,10 @@ class CheckpointError(ValueError):
     """A checkpoint file that is missing, unreadable, corrupted or in no format smoothcert reads."""
 
 
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint whose objects the weights-only loader refuses: loading them would run code."""
+
+
 WEIGHTS_DIGEST = "weights_sha256"  # the key of the weights' checksum in smoothcert's checkpoints
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save since PyTorch 1.6
 _PICKLE_MAGIC = b"\x80"  # the legacy format: a pickle stream (protocol 2 and later)
@@ -329,7 +333,7 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
             raise CheckpointError(
                 f"checkpoint: '{path}' is corrupted; torch.load failed: {reason}"
             ) from None
-        raise CheckpointError(
+        raise UnsafeCheckpointError(
             f"checkpoint: '{path}' holds objects other than tensors and plain values "
             f"({reason}): loading them would run code stored in the file, so smoothcert is "
             "refusing to load it and never runs it. If you trust the file, load it in the "
