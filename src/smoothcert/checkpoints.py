@@ -160,8 +160,8 @@ def detect_format(state: Any, path: str | os.PathLike) -> str:
     raise CheckpointError(
         f"checkpoint: '{path}' is not a smoothcert checkpoint nor in another format smoothcert "
         f"reads: it holds {_describe(state)}. Formats: {formats}. If it is a Cohen-format file "
-        "without 'arch', give --checkpoint-format cohen --model ARCH; if it holds the state_dict of "
-        "another architecture, name it with --model SPEC"
+        "without 'arch', give --checkpoint-format cohen --model ARCH; if it holds the state_dict "
+        "of another architecture, name it with --model SPEC"
     )
 
 
