@@ -15,9 +15,9 @@ from PIL import Image
 from torch import nn
 
 import smoothcert
-from smoothcert.checkpoints import load
 from smoothcert.data import dataset_info, get_dataset
 from smoothcert.io import CheckpointError, UnsafeCheckpointError, save_checkpoint
+from smoothcert.loading import load
 from smoothcert.models import Standardize, build_model
 from smoothcert.models.spec import build_from_spec, parse_model_kwargs
 

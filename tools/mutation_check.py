@@ -163,7 +163,7 @@ MUTANTS = [
            "stats.check_alpha_grid(alpha, grid)\n    stats.check_sample_count(max_n",
            "stats.check_alpha(alpha)\n    stats.check_sample_count(max_n", SMOOTH_TESTS),
     Mutant("the training log's 'noisy accuracy' computed on clean inputs",
-           "src/smoothcert/train.py",
+           "src/smoothcert/evaluation.py",
            "score(model(noisy), x, y)", "score(model(x), x, y)", ("tests/test_train.py",)),
 ]
 

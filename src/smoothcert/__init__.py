@@ -17,8 +17,8 @@ _HOMES = {
     "CertifyAllResult": "smooth",
     "Smooth": "smooth",
     "load_checkpoint": "checkpoints",
-    "load": "checkpoints",
-    "Loaded": "checkpoints",
+    "load": "loading",
+    "Loaded": "loading",
     "build_from_spec": "models.spec",
 }
 __all__ = sorted(_HOMES)

@@ -29,6 +29,7 @@ from . import __version__, rng
 from .checkpoints import load_native
 from .data import get_dataset
 from .distributed import DistContext, batch_memory_guard, init_distributed
+from .evaluation import evaluate, evaluate_denoiser
 from .io import (
     WEIGHTS_DIGEST,
     CheckpointError,
@@ -140,49 +141,6 @@ def draw_noise(
     shape = (len(x) * ctx.world_size, cfg.k, *x.shape[1:])
     noise = torch.randn(shape, generator=generator, device=x.device, dtype=torch.float32)
     return noise[ctx.rank :: ctx.world_size].mul_(cfg.sigma)
-
-
-Score = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, int]]
-
-
-@torch.inference_mode()
-def _clean_and_noisy(
-    model: nn.Module, dataset: Dataset, sigma: float, device: torch.device, batch: int,
-    seed: int, score: Score,
-) -> tuple[float, float]:
-    """The mean of `score(output, x, y)` (a sum and its count) on clean inputs and under one
-    Gaussian draw per example."""
-    model.eval()
-    generator = torch.Generator(device=device).manual_seed(seed)
-    sums = torch.zeros(2, device=device)
-    total = 0
-    for x, y in DataLoader(dataset, batch_size=batch):
-        x, y = x.to(device), y.to(device)
-        noisy = x + sigma * torch.randn(x.shape, generator=generator, device=device)
-        (clean_sum, count), (noisy_sum, _) = score(model(x), x, y), score(model(noisy), x, y)
-        sums += torch.stack([clean_sum, noisy_sum])
-        total += count
-    clean, noisy = (sums / max(total, 1)).tolist()
-    return clean, noisy
-
-
-def evaluate(
-    model: nn.Module, dataset: Dataset, sigma: float, device: torch.device, batch: int, seed: int
-) -> dict[str, float]:
-    """Clean accuracy and accuracy under one Gaussian draw per example."""
-    clean, noisy = _clean_and_noisy(model, dataset, sigma, device, batch, seed,
-                                    lambda out, x, y: ((out.argmax(1) == y).sum(), len(y)))
-    return {"test_clean_acc": clean, "test_noisy_acc": noisy}
-
-
-def evaluate_denoiser(
-    model: nn.Module, dataset: Dataset, sigma: float, device: torch.device, batch: int, seed: int
-) -> dict[str, float]:
-    """A denoiser's mean squared error per pixel (it has no accuracy), on clean inputs and under
-    one Gaussian draw per example."""
-    clean, noisy = _clean_and_noisy(model, dataset, sigma, device, batch, seed,
-                                    lambda out, x, y: ((out - x).square().sum(), x.numel()))
-    return {"test_clean_mse": clean, "test_noisy_mse": noisy}
 
 
 def check_model_fits_objective(model: str, objective: str, network: nn.Module) -> None:
