@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_cli import cli
 
 from smoothcert import results
-from smoothcert.cli import main
 from smoothcert.denoise import Denoised
 from smoothcert.io import weights_digest
 from smoothcert.presets import resolve_config
@@ -23,15 +23,6 @@ diffusers = pytest.importorskip("diffusers")
 
 SMALL_CERTIFY = ["--n0", "10", "--N", "60", "--batch", "60", "--max-examples", "2",
                  "--device", "cpu"]
-
-
-def cli(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        code = main(["--no-progress", *argv])
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")
@@ -95,14 +86,17 @@ def test_certify_behind_a_diffusers_folder_verifies_and_records_unet_and_timeste
     assert meta["denoiser"] == f"diffusers:{ddpm_folder}" and meta["denoiser_sha256"] == expected
 
 
-def test_predict_and_the_sequential_protocols_take_a_denoiser(
+def test_predict_the_other_protocols_and_bf16_take_a_denoiser(
         capsys, trained_checkpoint, denoiser_checkpoint, tmp_path):
     code, out, err = cli(capsys, "predict", str(trained_checkpoint), "--denoiser",
                          str(denoiser_checkpoint), "--out", str(tmp_path / "p.tsv"),
                          "--N", "60", "--batch", "60", "--max-examples", "2", "--device", "cpu")
     assert code == 0 and "abstention rate" in out, err
-    certify_and_verify(capsys, trained_checkpoint, str(denoiser_checkpoint),
-                       tmp_path / "radii.tsv", "--radii", "0.25", "--max-n", "200")
+    for name, options in [("radii", ("--radii", "0.25", "--max-n", "200")),
+                          ("adaptive", ("--adaptive-n", "--max-n", "200")),
+                          ("bf16", ("--amp", "bf16", "--no-channels-last"))]:
+        certify_and_verify(capsys, trained_checkpoint, str(denoiser_checkpoint),
+                           tmp_path / f"{name}.tsv", *options)
 
 
 def test_the_run_fingerprint_covers_the_denoiser_and_resume_refuses_another(
