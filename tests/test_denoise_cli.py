@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_cli import cli
+from test_distributed import in_process, torchrun, without_time
 
 from smoothcert import results
 from smoothcert.denoise import Denoised
@@ -141,3 +142,13 @@ def test_a_denoiser_as_the_classifier_or_a_classifier_as_the_denoiser_is_one_lin
         assert code == 2, err
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
         assert re.search(message, err), err
+
+
+@pytest.mark.slow  # a torchrun launch: two processes that import torch
+def test_two_processes_certify_behind_a_denoiser_the_rows_of_one(
+        trained_checkpoint, denoiser_checkpoint, tmp_path):
+    args = [str(trained_checkpoint), "--denoiser", str(denoiser_checkpoint), "--n0", "10",
+            "--N", "60", "--batch", "60", "--max-examples", "4"]
+    in_process(["certify", *args, "--out", str(tmp_path / "one.tsv")])
+    torchrun(["certify", *args, "--out", "two.tsv"], tmp_path)
+    assert without_time(tmp_path / "two.tsv") == without_time(tmp_path / "one.tsv")
