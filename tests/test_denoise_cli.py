@@ -35,11 +35,11 @@ def denoiser_checkpoint(tmp_path_factory) -> Path:
     return train(cfg, progress=False)
 
 
-def save_ddpm(folder: Path, seed: int = 0) -> Path:
-    """A tiny random one-channel DDPM at 8x8 (the classifier's 28x28 images are resized)."""
+def save_ddpm(folder: Path, seed: int = 0, channels: int = 1) -> Path:
+    """A tiny random DDPM at 8x8 (the classifier's 28x28 images are resized)."""
     torch.manual_seed(seed)
     unet = diffusers.UNet2DModel(
-        sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+        sample_size=8, in_channels=channels, out_channels=channels, layers_per_block=1,
         block_out_channels=(8, 16), norm_num_groups=4,
         down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
     )
@@ -135,6 +135,9 @@ def test_a_denoiser_as_the_classifier_or_a_classifier_as_the_denoiser_is_one_lin
          "denoiser: .*missing.pt' is not a file"),
         ((str(trained_checkpoint), "--denoiser", f"diffusers:{tmp_path}"),
          "denoiser: .* holds neither config.json"),
+        ((str(trained_checkpoint), "--denoiser",
+          f"diffusers:{save_ddpm(tmp_path / 'rgb', channels=3)}"),
+         "denoiser: .* denoises 3-channel images, but the classifier reads 1-channel ones"),
     ]
     for argv, message in cases:
         code, _, err = cli(capsys, "certify", *argv, "--out", str(tmp_path / "r.tsv"),
