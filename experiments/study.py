@@ -74,12 +74,14 @@ def run_dir(study: str, name: str, root: Path | None) -> Path:
 
 
 def certify_config(run_: Run, args: argparse.Namespace, checkpoint: str, tsv: Path) -> RunConfig:
-    return RunConfig(
-        checkpoint=checkpoint, out=str(tsv), method="both",
-        n0=args.n0, n=args.n, alpha=args.alpha, batch=args.batch, skip=args.skip,
-        max=args.max, seed=args.seed, amp=amp_of(args), extra={"label": run_.label or run_.name},
-        **run_.certify,
-    )
+    """`run_.certify` may replace `checkpoint` (the run's own), e.g. by a classifier that the
+    run's checkpoint, a denoiser, is certified in front of (`denoiser`)."""
+    return RunConfig(**{
+        "checkpoint": checkpoint, "out": str(tsv), "method": "both",
+        "n0": args.n0, "n": args.n, "alpha": args.alpha, "batch": args.batch, "skip": args.skip,
+        "max": args.max, "seed": args.seed, "amp": amp_of(args),
+        "extra": {"label": run_.label or run_.name}, **run_.certify,
+    })
 
 
 def amp_of(args: argparse.Namespace) -> str | None:

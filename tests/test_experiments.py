@@ -1,5 +1,6 @@
 """The reproduction-study scripts, end to end at smoke size, in a temporary root."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -112,3 +113,34 @@ def test_cifar_subset_runs_are_valid_and_differ_only_in_the_objective(monkeypatc
               for c in configs]
     assert shared[0] == shared[1]
     assert configs[0].model == "cifar_resnet20" and configs[0].lr_step == 10
+
+
+DENOISED_SMOKE = ["--sigmas", "0.5", "--epochs", "1", "--lr-step", "1", "--denoiser-epochs", "1",
+                  "--train-subset", "64", "--skip", "1000", "--max", "2", "--n0", "10", "--n",
+                  "100", "--batch", "100", "--amp", "none", "--no-progress"]
+
+
+@pytest.mark.slow
+def test_mnist_denoised_certifies_the_clean_lenet_alone_and_behind_each_denoiser(
+        tmp_path: Path) -> None:
+    def study() -> str:
+        done = subprocess.run([sys.executable, str(EXPERIMENTS / "mnist_denoised.py"),
+                               *DENOISED_SMOKE, "--root", str(tmp_path)],
+                              capture_output=True, text=True, timeout=600, check=False)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
+    study()
+    results, runs = tmp_path / "results" / "mnist_denoised", tmp_path / "runs" / "mnist_denoised"
+    clean = str(runs / "clean_s0.5" / "checkpoint.pt")
+    for name, denoiser in [("clean_s0.5", None), ("basic_s0.5", None),
+                           ("mse_s0.5", "mse_s0.5"), ("stability_s0.5", "stability_s0.5")]:
+        meta = json.loads((results / f"{name}.tsv.json").read_text())
+        assert meta["sigma"] == 0.5 and len((results / f"{name}.tsv").read_text().splitlines()) == 3
+        if denoiser:
+            assert meta["checkpoint"] == clean
+            assert meta["denoiser"] == str(runs / denoiser / "checkpoint.pt")
+        else:
+            assert "denoiser" not in meta
+    assert "| clean_s0.5 → |" in (results / "summary.md").read_text()
+    assert study().count("complete, skipped") == 4

@@ -101,7 +101,8 @@ def fake_parsers(tmp_path: Path):
 
 
 # Optional folders a script skips a part for when they are unset: set, so every part runs.
-OPTIONAL_FOLDERS = {"certify_cohen_models.sh": ("CIFAR", "IMAGENET")}
+OPTIONAL_FOLDERS = {"certify_cohen_models.sh": ("CIFAR", "IMAGENET"),
+                    "denoised_smoothing.sh": ("CIFAR", "IMAGENET")}
 # Inputs a script acts on only when they exist (it skips the missing ones): created empty.
 PRESENT = {
     "certify_cohen_models.sh": [
@@ -130,15 +131,32 @@ def test_there_are_scripts_to_check():
     assert {path.name for path in SCRIPTS} >= {"cifar10_table1.sh", "imagenet_table1.sh"}
 
 
-@pytest.mark.parametrize("script", SCRIPTS, ids=[path.name for path in SCRIPTS])
-def test_every_command_line_of_the_script_parses(script, tmp_path):
+def run_script(script: Path, tmp_path: Path) -> list:
+    """The script run with the fake parsers: the calls it made (it must succeed)."""
     with fake_parsers(tmp_path) as (bin_dir, address, calls):
         env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
                    FAKE_PARSER_SOCKET=address, **script_environment(script, tmp_path))
         done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True,
                               timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    return calls
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=[path.name for path in SCRIPTS])
+def test_every_command_line_of_the_script_parses(script, tmp_path):
+    calls = run_script(script, tmp_path)
     commands = [argv[0] for _, argv, _ in calls]
     assert "certify" in commands and "analyze" in commands, commands
     # Every run a script trains is certified afterwards.
     assert commands.count("certify") >= commands.count("train")
+
+
+def test_the_denoised_smoothing_script_certifies_each_dataset_behind_its_ddpm(tmp_path):
+    calls = run_script(SCRIPTS[0].with_name("denoised_smoothing.sh"), tmp_path)
+    runs = [build_parser().parse_args(argv) for _, argv, _ in calls if argv[0] == "certify"]
+    assert {(args.dataset, args.sigma) for args in runs} == {
+        (dataset, sigma) for dataset in ("cifar10", "imagenet") for sigma in (0.25, 0.5, 1.0)}
+    for args in runs:
+        folder = "CIFAR_DDPM" if args.dataset == "cifar10" else "IMAGENET_DDPM"
+        assert args.denoiser == f"diffusers:{tmp_path / folder}"
+        assert (args.n0, args.n, args.alpha, args.max) == (100, 100_000, 0.001, 500)

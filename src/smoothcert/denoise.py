@@ -17,6 +17,7 @@ then gives x0_hat = (x_t - sqrt(1 - a_t) eps_hat(x_t, t*)) / sqrt(a_t), mapped b
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from pathlib import Path
@@ -25,6 +26,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .io import weights_digest
 
 EXTRA_MESSAGE = "DiffusionDenoiser needs the optional extra: pip install 'smoothcert[diffusion]'"
 
@@ -205,3 +208,52 @@ def _size_pair(size: int | tuple[int, int] | list[int] | None) -> tuple[int, int
 
 def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+DIFFUSERS_PREFIX = "diffusers:"
+
+
+def outputs_images(model: nn.Module) -> bool:
+    """Whether `model` (a smoothcert model: standardisation, then the network) is a denoiser."""
+    body = model[-1] if isinstance(model, nn.Sequential) and len(model) else model
+    return bool(getattr(body, "outputs_images", False))
+
+
+def load_denoiser(spec: str, sigma: float, channels: int) -> tuple[nn.Module, str]:
+    """The denoiser named by `spec` (on the CPU, eval mode) and the sha256 of what it computes.
+
+    `spec` is a smoothcert checkpoint of a denoiser (the file's sha256) or `diffusers:FOLDER`
+    (a DiffusionDenoiser at `sigma`: the sha256 of its UNet's weights and of its timestep, which
+    the scheduler and sigma decide). `channels`: the classifier's input channels.
+    """
+    if spec.startswith(DIFFUSERS_PREFIX):
+        denoiser = DiffusionDenoiser.from_pretrained(spec[len(DIFFUSERS_PREFIX):], sigma)
+        weights = weights_digest(denoiser.unet.state_dict())
+        digest = hashlib.sha256(f"{weights}|timestep={denoiser.timestep}".encode()).hexdigest()
+        got = denoiser.unet.config.in_channels
+    else:
+        denoiser, digest, got = _checkpoint_denoiser(spec)
+    if got != channels:
+        raise ValueError(f"denoiser: '{spec}' denoises {got}-channel images, but the classifier "
+                         f"reads {channels}-channel ones")
+    return denoiser, digest
+
+
+def _checkpoint_denoiser(path: str) -> tuple[nn.Module, str, int]:
+    from .checkpoints import load_native
+    from .data import dataset_info
+    from .sidecar import file_sha256
+
+    if not os.path.isfile(path):
+        raise ValueError(f"denoiser: '{path}' is not a file: give a denoiser checkpoint of "
+                         f"`smoothcert train` or {DIFFUSERS_PREFIX}FOLDER")
+    digest = file_sha256(path)  # before loading, as the classifier's
+    try:
+        model, config = load_native(path)
+    except ValueError as err:
+        raise ValueError(f"denoiser: {err}") from None
+    if not outputs_images(model):
+        raise ValueError(f"denoiser: '{path}' is a classifier ({config['model']}), not a "
+                         "denoiser: give it as the CLASSIFIER, or a denoiser trained with "
+                         "--objective denoiser-mse or denoiser-stability as --denoiser")
+    return model, digest, dataset_info(config["dataset"]).channels

@@ -193,6 +193,9 @@ def add_run_options(parser: argparse.ArgumentParser, certify: bool) -> None:
     parser.add_argument("--amp", type=_amp, metavar="{none,bf16,fp16}", help=AMP_HELP)
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                         help="run the model in channels_last memory format (default on)")
+    parser.add_argument("--denoiser", metavar="SPEC", help="denoised smoothing: a denoiser in "
+                        "front of the classifier, a denoiser checkpoint of `smoothcert train` "
+                        "or diffusers:FOLDER (a local UNet2DModel + DDPMScheduler)")
     parser.add_argument("--restart-stale", dest="restart_if_stale", action="store_true",
                         help="discard rows in --out that another run wrote (other settings or "
                         "checkpoint content) and recompute them, instead of refusing")

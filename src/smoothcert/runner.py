@@ -23,11 +23,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from . import results
 from .checkpoints import load_for_run
 from .data import dataset_info, get_dataset
+from .denoise import Denoised, load_denoiser, outputs_images
 from .distributed import DistContext, batch_memory_guard, init_distributed
 from .io import check_output_path, output_lock
 from .protocols import Protocol, protocol_of
@@ -76,6 +78,8 @@ class RunConfig:
     # Input-specific n (Smooth.certify_adaptive) up to max_n, radius loss <= tolerance (0.02).
     adaptive_n: bool = False
     tolerance: float | None = None
+    # Denoised smoothing: a denoiser checkpoint or diffusers:FOLDER in front of the classifier.
+    denoiser: str | None = None
     extra: dict = field(default_factory=dict)
 
     @property
@@ -284,6 +288,10 @@ class ResumePlanner:
                 f"{str(saved.checkpoint_sha256)[:12]}… (from '{saved.checkpoint}'),"
                 f" but '{self.cfg.checkpoint}' is {mine.checkpoint_sha256[:12]}…; {_FIX}"
             )
+        if saved.denoiser_sha256 != mine.denoiser_sha256:
+            return ValueError(f"out: '{path}' holds results of another denoiser: "
+                              f"{_denoiser_text(saved)}, but this run's is "
+                              f"{_denoiser_text(mine)}; {_FIX}")
         differ = saved.differences(mine)
         if not differ:  # its settings are this run's, its fingerprint is not theirs
             sidecar = results.sidecar_path(self.files.out)
@@ -291,6 +299,12 @@ class ResumePlanner:
                 f"out: '{sidecar}' was edited: it records run {saved.run}, but its settings "
                 f"give {saved.fingerprint()}, this run's; {_FIX}")
         return ValueError(f"out: '{path}' was written with different {', '.join(differ)}; {_FIX}")
+
+
+def _denoiser_text(sidecar: Sidecar) -> str:
+    if sidecar.denoiser_sha256 is None:
+        return "none"
+    return f"sha256 {sidecar.denoiser_sha256[:12]}… (from '{sidecar.denoiser}')"
 
 
 class Runner:
@@ -304,6 +318,7 @@ class Runner:
         digest = results.file_sha256(cfg.checkpoint) if os.path.isfile(cfg.checkpoint) else ""
         model, self.dataset_name, self.sigma = load_for_run(
             cfg.checkpoint, cfg.format, cfg.arch, cfg.dataset, cfg.sigma, self.ctx.device)
+        model, self.denoiser_sha256 = self._with_denoiser(model)
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         num_classes = dataset_info(self.dataset_name).num_classes
@@ -318,6 +333,18 @@ class Runner:
         self.files = OutputFiles(self.out, self.columns, self.sidecar)
         self.rows_kept: int | None = None  # this run's rows in the files, once it writes
 
+    def _with_denoiser(self, model: nn.Module) -> tuple[nn.Module, str | None]:
+        """`model`, behind --denoiser if given, and the denoiser's sha256 (None without one)."""
+        cfg = self.cfg
+        if outputs_images(model):
+            raise ValueError(f"checkpoint: '{cfg.checkpoint}' is a denoiser, not a classifier: "
+                             "give a classifier, and this file as --denoiser in front of it")
+        if cfg.denoiser is None:
+            return model, None
+        channels = dataset_info(self.dataset_name).channels
+        denoiser, digest = load_denoiser(cfg.denoiser, self.sigma, channels)
+        return Denoised(denoiser.to(self.ctx.device), model), digest
+
     def _sidecar(self, digest: str, num_classes: int) -> Sidecar:
         """The sidecar this run writes: its settings, the checkpoint's sha256, the fingerprint."""
         cfg = self.cfg
@@ -328,7 +355,8 @@ class Runner:
             alpha=cfg.alpha, grid=cfg.grid, skip=cfg.skip, max=cfg.max, seed=cfg.seed,
             sigma=self.sigma, dataset=self.dataset_name, amp=cfg.amp, num_classes=num_classes,
             checkpoint=str(cfg.checkpoint), checkpoint_sha256=digest,
-            checkpoint_format=cfg.format, arch=cfg.arch, protocol=protocol)
+            checkpoint_format=cfg.format, arch=cfg.arch, protocol=protocol,
+            denoiser=cfg.denoiser, denoiser_sha256=self.denoiser_sha256)
         return Sidecar.build(cfg.extra, **{
             **settings, **self.protocol.settings(cfg, self.sigma, num_classes)})
 
