@@ -24,8 +24,12 @@ IDENTITY_KEYS = ("mode", "method", "split", "n0", "n", "alpha", "grid", "skip", 
 # The settings of sequential ("sequential") and input-specific ("adaptive") sampling: part of
 # the identity where set, so that fixed-n runs keep the fingerprints they always had.
 SAMPLING_KEYS = ("sampling", "radii", "max_n", "confidence_sequence", "batch", "tolerance")
+# A user's model and data (see runner._user_settings): part of the identity where set, so that
+# runs on smoothcert's and the published checkpoints keep their fingerprints.
+USER_KEYS = ("model", "model_kwargs", "normalization", "classes", "image_size")
+_OPTIONAL_IDENTITY = (*SAMPLING_KEYS, *USER_KEYS)
 _TEXT_KEYS = ("method", "label", "protocol", "run")
-_OMITTED_WHEN_NONE = ("label", *SAMPLING_KEYS)
+_OMITTED_WHEN_NONE = ("label", *_OPTIONAL_IDENTITY)
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -74,6 +78,11 @@ class Sidecar:
     confidence_sequence: str | None = None
     batch: int | None = None  # a radii run's look interval
     tolerance: float | None = None
+    model: str | None = None  # a user's file: the spec, or torchscript / pickle
+    model_kwargs: dict[str, Any] | None = None
+    normalization: dict[str, list[float]] | str | None = None  # {'mean', 'std'} or "none"
+    classes: list[str] | None = None  # the class names, by label (imagefolder)
+    image_size: int | None = None  # a user's dataset's
     run: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # keys of other versions, kept as read
     unset: frozenset[str] = field(default=frozenset(), compare=False)  # keys the file lacked
@@ -103,9 +112,10 @@ class Sidecar:
         return {**self.extra, **values}
 
     def identity(self) -> dict[str, Any]:
-        """The settings a run is identified by: IDENTITY_KEYS, and the SAMPLING_KEYS set."""
+        """The settings a run is identified by: IDENTITY_KEYS, and the SAMPLING_KEYS and
+        USER_KEYS set."""
         found = {key: getattr(self, key) for key in IDENTITY_KEYS}
-        found.update({key: getattr(self, key) for key in SAMPLING_KEYS
+        found.update({key: getattr(self, key) for key in _OPTIONAL_IDENTITY
                       if getattr(self, key) is not None})
         return found
 
@@ -117,7 +127,8 @@ class Sidecar:
     def differences(self, other: Sidecar) -> list[str]:
         """Each identity setting that differs, with both values: `n (was 200, now 100)`."""
         return [f"{k} (was {getattr(self, k)!r}, now {getattr(other, k)!r})"
-                for k in (*IDENTITY_KEYS, *SAMPLING_KEYS) if getattr(self, k) != getattr(other, k)]
+                for k in (*IDENTITY_KEYS, *_OPTIONAL_IDENTITY)
+                if getattr(self, k) != getattr(other, k)]
 
     def lacks(self, *keys: str) -> list[str]:
         """Those of `keys` the file did not record."""
