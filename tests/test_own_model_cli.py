@@ -12,7 +12,9 @@ import torch
 from PIL import Image
 from test_cli import cli
 
+import smoothcert
 from smoothcert.models.spec import build_from_spec
+from smoothcert.runner import state_dict_sha256
 
 SPEC = "torchvision:resnet18"
 CLASSES = ("ant", "bee", "cow")
@@ -84,3 +86,68 @@ def test_mistakes_are_one_line_usage_errors(capsys, weights, folder, tmp_path, m
     assert "Traceback" not in err
     assert message in err.strip().splitlines()[-1]
     assert not (tmp_path / "r.tsv").exists()
+
+
+# ---------------------------------------------------------------- from Python
+
+
+class _Pairs(torch.utils.data.Dataset):
+    """Ten 1x8x8 images in [0, 1] with labels 0..2."""
+
+    def __init__(self) -> None:
+        self.x = torch.rand(10, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.x[i], i % 3
+
+
+def _small_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
+
+
+SMALL = dict(n0=4, n=20, batch=20, alpha=0.1)
+
+
+def test_certify_dataset_writes_a_verifiable_resumable_file(tmp_path):
+    from smoothcert.verify import verify
+
+    out = tmp_path / "mem.tsv"
+    model = _small_model()
+    assert smoothcert.certify_dataset(model, _Pairs(), sigma=0.25, out=out, max=4,
+                                      **SMALL) == out
+    sidecar = json.loads(out.with_name("mem.tsv.json").read_text())
+    assert sidecar["checkpoint_sha256"] == state_dict_sha256(model)
+    assert sidecar["num_classes"] == 3 and sidecar["dataset"] == "_Pairs"
+    rows = out.read_text().splitlines()
+    assert len(rows) == 5
+    # resumed: the four rows are kept as written, six more certified
+    smoothcert.certify_dataset(model, _Pairs(), sigma=0.25, out=out, **SMALL)
+    assert out.read_text().splitlines()[:5] == rows and len(out.read_text().splitlines()) == 11
+    assert verify(out) == (10, [])
+    with torch.no_grad():
+        model[1].bias += 1  # other weights: another run's rows
+    with pytest.raises(ValueError, match="another checkpoint"):
+        smoothcert.certify_dataset(model, _Pairs(), sigma=0.25, out=out, **SMALL)
+    predicted = smoothcert.predict_dataset(model, _Pairs(), sigma=0.25, out=tmp_path / "p.tsv",
+                                           max=2, n=20, batch=20, alpha=0.1)
+    assert len(predicted.read_text().splitlines()) == 3
+
+
+def test_certify_dataset_refuses_a_file_option_and_a_wrong_class_count(tmp_path):
+    with pytest.raises(TypeError, match="dataset_dir|data_dir"):
+        smoothcert.certify_dataset(_small_model(), _Pairs(), sigma=0.25, out=tmp_path / "r",
+                                   data_dir="x")
+    with pytest.raises(ValueError, match="outputs 3 classes, num_classes is 10"):
+        smoothcert.certify_dataset(_small_model(), _Pairs(), sigma=0.25, out=tmp_path / "r",
+                                   num_classes=10)
+
+
+def test_smooth_certify_refuses_a_batch_and_names_certify_dataset():
+    smooth = smoothcert.Smooth(_small_model(), 3, 0.25)
+    with pytest.raises(ValueError, match="one example.*certify_dataset"):
+        smooth.certify(torch.rand(2, 1, 8, 8), 4, 20, 0.1, 20)
+    assert smooth.certify(torch.rand(1, 8, 8), 4, 20, 0.1, 20)[1] >= 0  # 1-channel image
