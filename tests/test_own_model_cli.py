@@ -151,3 +151,37 @@ def test_smooth_certify_refuses_a_batch_and_names_certify_dataset():
     with pytest.raises(ValueError, match="one example.*certify_dataset"):
         smooth.certify(torch.rand(2, 1, 8, 8), 4, 20, 0.1, 20)
     assert smooth.certify(torch.rand(1, 8, 8), 4, 20, 0.1, 20)[1] >= 0  # 1-channel image
+
+
+# ---------------------------------------------------------------- train
+
+
+def _train(capsys, folder: Path, out: Path, model: str, *more: str) -> tuple[int, str, str]:
+    return cli(capsys, "train", "--model", model, "--dataset", "imagefolder", "--data-dir",
+               str(folder), "--mean", "0.5,0.5,0.5", "--std", "0.25,0.25,0.25", "--epochs", "1",
+               "--batch", "9", "--eval-subset", "0", "--sigma", "0.25", "--out", str(out), *more)
+
+
+def test_train_on_an_imagefolder_then_certify_and_resume(capsys, folder, tmp_path):
+    run = tmp_path / "run"
+    code, _, err = _train(capsys, folder, run, SPEC)
+    assert code == 0, err
+    built = json.loads((run / "config.json").read_text())["built_for"]
+    assert built["classes"] == list(CLASSES) and built["num_classes"] == 3
+    assert built["normalization"] == {"mean": [0.5] * 3, "std": [0.25] * 3}
+    out = tmp_path / "r.tsv"
+    code, _, err = cli(capsys, "certify", str(run / "checkpoint.pt"), "--data-dir", str(folder),
+                       "--out", str(out), *TINY, "--max-examples", "2")
+    assert code == 0, err
+    sidecar = json.loads(out.with_name("r.tsv.json").read_text())
+    assert sidecar["dataset"] == "imagefolder" and sidecar["classes"] == list(CLASSES)
+    code, _, err = _train(capsys, folder, run, "torchvision:resnet34", "--resume",
+                          "--epochs", "2")
+    assert code == 2 and "different model" in err.strip().splitlines()[-1]
+
+
+def test_train_refuses_data_options_of_another_dataset(capsys, tmp_path):
+    code, _, err = cli(capsys, "train", "--dataset", "mnist", "--mean", "0.5", "--std", "0.2",
+                       "--out", str(tmp_path / "run"))
+    assert code == 2 and "mean applies to dataset imagefolder or npz" in err
+    assert not (tmp_path / "run").exists()

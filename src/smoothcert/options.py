@@ -22,6 +22,9 @@ TRAIN_HELP = {
     "eval_subset": "examples of the test split evaluated after each epoch (0: none)",
     "out": "run directory: config.json, checkpoint.pt, log.jsonl",
     "amp": AMP_HELP,
+    "model": "a registry name (`smoothcert models`), torchvision:NAME, timm:NAME, "
+             "module:callable or file.py:callable",
+    "dataset": "mnist, cifar10, imagenet, imagefolder (--data-dir) or npz (--data-file)",
 }
 # train's options that are not TrainConfig fields: they steer the command, not the run.
 TRAIN_COMMAND_OPTIONS = {"resume"}
