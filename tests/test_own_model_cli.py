@@ -185,3 +185,10 @@ def test_train_refuses_data_options_of_another_dataset(capsys, tmp_path):
                        "--out", str(tmp_path / "run"))
     assert code == 2 and "mean applies to dataset imagefolder or npz" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_verify_says_it_does_not_check_npz_labels():
+    from smoothcert.labels import LabelsUnavailable, split_labels
+
+    with pytest.raises(LabelsUnavailable, match="does not read the labels of an npz file"):
+        split_labels("npz", "test")
