@@ -192,3 +192,14 @@ def test_verify_says_it_does_not_check_npz_labels():
 
     with pytest.raises(LabelsUnavailable, match="does not read the labels of an npz file"):
         split_labels("npz", "test")
+
+
+def test_user_keys_enter_the_fingerprint_only_where_set():
+    from smoothcert.sidecar import IDENTITY_KEYS, Sidecar
+
+    base = Sidecar.build({}, mode="certify", n=100, sigma=0.25)
+    assert set(base.identity()) == set(IDENTITY_KEYS)  # as before issue 23: old runs keep theirs
+    assert Sidecar.build({}, mode="certify", n=100, sigma=0.25, model=None).run == base.run
+    other = Sidecar.build({}, mode="certify", n=100, sigma=0.25, normalization="none")
+    assert other.run != base.run and "normalization" not in base.to_json()
+    assert "normalization (was None, now 'none')" in base.differences(other)
