@@ -122,7 +122,7 @@ def test_train_resume_without_a_checkpoint_is_refused(capsys, tmp_path, before):
         (["--objective", "smoothadv"], "error: eps must be > 0"),  # eps defaults to 0
         (["--eps", "-0.5"], "error: eps must be"),
         (["--steps", "0"], "error: steps must be"),
-        (["--model", "vgg"], "argument --model: invalid choice"),
+        (["--model", "vgg"], "error: model must be one of"),  # or a spec (issue 23)
         (["--preset", "nope"], "argument --preset: invalid choice"),
         (["--lam", "0.2"], "error: lam is read by objective adre, adreadv and consistency only"),
         (["--device", "meta"], "error: device must be 'auto', 'cpu', 'cuda'"),
@@ -321,7 +321,7 @@ def test_an_unknown_dataset_is_an_argparse_error_naming_the_choices(capsys, tmp_
     code, _, stderr = cli(capsys, command, *where, "--out", str(out), "--dataset", "bogus")
     assert code == 2 and "Traceback" not in stderr
     assert f"smoothcert {command}: error: argument --dataset: invalid choice: 'bogus' " \
-           "(choose from 'mnist', 'cifar10', 'imagenet')" in stderr
+           "(choose from 'mnist', 'cifar10', 'imagenet', 'imagefolder', 'npz')" in stderr
     assert not out.exists()
 
 

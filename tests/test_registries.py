@@ -37,7 +37,8 @@ EARLIER_CONFIG_KEYS = [
     "seed", "device", "amp", "channels_last", "out", "preset",
 ]
 # Options added since: configs without them resume (test below).
-NEWER_CONFIG_KEYS = ["classifier"]  # denoiser-stability's frozen classifier (issue 24)
+NEWER_CONFIG_KEYS = ["classifier",  # denoiser-stability's frozen classifier (issue 24)
+                     "data_file", "image_size", "mean", "std", "model_kwargs"]  # issue 23
 
 
 def test_every_objective_has_its_config_and_every_option_is_a_train_option():
@@ -83,7 +84,8 @@ def test_a_registered_model_is_a_choice_and_builds():
         return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(num_classes))
 
     try:
-        assert list_models()[-1] == "toy_linear" and choices()["model"][-1] == "toy_linear"
+        assert list_models()[-1] == "toy_linear"
+        assert resolve_config(model="toy_linear").model == "toy_linear"  # TrainConfig accepts it
         assert build_model("toy_linear", "mnist")(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
         with pytest.raises(ValueError, match="already registered"):
             register_model("toy_linear")(toy_linear)

@@ -20,6 +20,8 @@ _HOMES = {
     "load": "loading",
     "Loaded": "loading",
     "build_from_spec": "models.spec",
+    "certify_dataset": "runner",
+    "predict_dataset": "runner",
 }
 __all__ = sorted(_HOMES)
 

@@ -38,6 +38,7 @@ from .io import (
 )
 from .models import MODELS, Standardize, build_model
 from .models.cifar_resnet import rename_published_keys
+from .models.spec import USER_RECORD, build_recorded, parse_model_kwargs
 
 FORMATS = ("smoothcert", "cohen", "macer")
 _FORMAT_KEYS = {
@@ -182,7 +183,9 @@ def _load_state(
 def _native_model(state: dict, path: str | os.PathLike) -> tuple[nn.Module, dict]:
     config = state["config"]
     try:  # {"model": ..., "config": ...} is a common layout: check that it is ours
-        model = build_model(config["model"], config["dataset"])
+        model = build_recorded(config["model"], parse_model_kwargs(config.get(
+            "model_kwargs")), config[USER_RECORD]) if USER_RECORD in config else build_model(
+            config["model"], config["dataset"])
         model.load_state_dict(state["model"])
         float(config["sigma"])
     except (KeyError, TypeError, ValueError, RuntimeError) as err:

@@ -95,6 +95,8 @@ def split_labels(dataset: str, split: str,
         raise ValueError(f"data_dir: '{data_dir}' does not exist")
     if dataset == "mnist":
         return _mnist_labels(split, data_dir)
+    if dataset == "npz":
+        raise LabelsUnavailable("verify does not read the labels of an npz file")
     if data_dir is None:
         raise LabelsUnavailable(f"the {dataset} labels need --data-dir (the dataset's folder)")
     from .data import get_dataset  # torch and torchvision: only when asked for

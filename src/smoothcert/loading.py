@@ -36,7 +36,8 @@ from .models.spec import (
 
 # Where training scripts commonly keep the state_dict inside a dict.
 WEIGHTS_KEYS = ("state_dict", "model", "net", "model_state_dict")
-FILE_KINDS = (*FORMATS, "state_dict", "torchscript", "pickle")
+USER_FILE_KINDS = ("state_dict", "torchscript", "pickle")  # files of a user's own model
+FILE_KINDS = (*FORMATS, *USER_FILE_KINDS)
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,7 @@ def load(
     dataset = dataset or read.dataset
     known = DATASETS.get(dataset)
     channels = channels or (known.channels if known else 3)
-    if read.format in ("state_dict", "torchscript", "pickle"):
+    if read.format in USER_FILE_KINDS:
         normalization = normalization_of(mean, std, normalize)
         full = with_input_convention(read.model, normalization, channels)
     else:

@@ -22,6 +22,9 @@ TRAIN_HELP = {
     "eval_subset": "examples of the test split evaluated after each epoch (0: none)",
     "out": "run directory: config.json, checkpoint.pt, log.jsonl",
     "amp": AMP_HELP,
+    "model": "a registry name (`smoothcert models`), torchvision:NAME, timm:NAME, "
+             "module:callable or file.py:callable",
+    "dataset": "mnist, cifar10, imagenet, imagefolder (--data-dir) or npz (--data-file)",
 }
 # train's options that are not TrainConfig fields: they steer the command, not the run.
 TRAIN_COMMAND_OPTIONS = {"resume"}
@@ -143,10 +146,10 @@ def _example_count(text: str) -> int:
 def _dataset_name(name: str) -> str:
     """--dataset of certify/predict, checked as argparse checks choices; smoothcert.data (which
     imports torch) is read only when the option is given, so `certify --help` never imports it."""
-    from .data import DATASETS
+    from .data import DATASETS, USER_DATASETS
 
-    if name not in DATASETS:
-        accepted = ", ".join(map(repr, DATASETS))
+    if name not in DATASETS and name not in USER_DATASETS:
+        accepted = ", ".join(map(repr, (*DATASETS, *USER_DATASETS)))
         raise argparse.ArgumentTypeError(f"invalid choice: {name!r} (choose from {accepted})")
     return name
 
@@ -164,13 +167,13 @@ def _sample_count(text: str) -> int:
 
 
 def add_run_options(parser: argparse.ArgumentParser, certify: bool) -> None:
-    parser.add_argument("checkpoint", help="checkpoint.pt of `smoothcert train`, or a Cohen "
-                        "et al./SmoothAdv/Consistency/SmoothMix or MACER checkpoint")
+    parser.add_argument("checkpoint", help="checkpoint.pt of `smoothcert train`, a Cohen "
+                        "et al./SmoothAdv/Consistency/SmoothMix or MACER checkpoint, a "
+                        "state_dict (plain or under a common key), or a TorchScript archive")
     _add_aliased(parser, "--checkpoint-format", "--format", dest="format", default="auto",
-                 choices=["auto", "smoothcert", "cohen", "macer"],
-                 help="the checkpoint's format (default: from its keys)")
-    _add_aliased(parser, "--model", "--arch", dest="arch",
-                 help="a MACER checkpoint's architecture: resnet110 or lenet")
+                 choices=["auto", "smoothcert", "cohen", "macer", "state_dict", "torchscript"],
+                 help="the checkpoint's format (default: from its content)")
+    _add_model_options(parser)
     parser.add_argument("--out", required=True, help="result TSV (re-running resumes it)")
     parser.add_argument("--split", default="test")
     # --N / --max-examples: torchrun swallows --n and --max as abbreviations of its own
@@ -187,8 +190,9 @@ def add_run_options(parser: argparse.ArgumentParser, certify: bool) -> None:
     parser.add_argument("--sigma", type=float, help="noise level: required for Cohen/MACER "
                         "checkpoints, overrides a smoothcert checkpoint's")
     parser.add_argument("--dataset", type=_dataset_name, metavar="NAME",
-                        help="override the checkpoint's dataset (mnist, cifar10, ...)")
-    parser.add_argument("--data-dir", help="dataset folder (or set SMOOTHCERT_DATA)")
+                        help="the data: mnist, cifar10, imagenet, imagefolder (--data-dir) or "
+                        "npz (--data-file); default: the checkpoint's")
+    _add_data_options(parser)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--amp", type=_amp, metavar="{none,bf16,fp16}", help=AMP_HELP)
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
@@ -208,6 +212,57 @@ def add_run_options(parser: argparse.ArgumentParser, certify: bool) -> None:
                      "--radii certify (default) or tcertify")
         parser.add_argument("--grid", type=int, default=10, help="T-CERTIFY alpha' grid size")
         _add_sequential_options(parser)
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    """The model a checkpoint's weights belong to and the input it expects (certify/predict)."""
+    _add_aliased(parser, "--model", "--arch", dest="arch", metavar="SPEC",
+                 help="the architecture of a state_dict: a registry name (`smoothcert "
+                 "models`), torchvision:NAME, timm:NAME, module:callable or file.py:callable; "
+                 "a MACER checkpoint's: resnet110 or lenet")
+    parser.add_argument("--model-kwargs", metavar="JSON",
+                        help="keyword arguments of --model's builder, a JSON object")
+    parser.add_argument("--state-dict-key", metavar="KEY",
+                        help="the key holding the state_dict (default: the file itself or "
+                        "state_dict, model, net, model_state_dict)")
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help="accept a whole pickled model: loading it RUNS THE CODE stored in "
+                        "the file; only for files from a source you trust")
+    parser.add_argument("--mean", type=_channel_values, metavar="M1,M2,...",
+                        help="per-channel mean a user's model expects its input standardised "
+                        "with (with --std)")
+    parser.add_argument("--std", type=_channel_values, metavar="S1,S2,...",
+                        help="per-channel std of the standardisation (with --mean)")
+    parser.add_argument("--no-normalize", dest="normalize", action="store_false",
+                        help="a user's model reads [0, 1] pixels: no standardisation")
+
+
+def _add_data_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", help="dataset folder (or set SMOOTHCERT_DATA); "
+                        "imagefolder: the folder holding train/ and val/ or test/")
+    parser.add_argument("--data-file", metavar="FILE.npz", help="--dataset npz: arrays "
+                        "x_train, y_train, x_test, y_test")
+    parser.add_argument("--image-size", type=_positive_int, metavar="PIXELS",
+                        help="imagefolder/npz: resize (and centre-crop) images to this size")
+
+
+def _channel_values(text: str) -> tuple[float, ...]:
+    """--mean/--std: one number per channel, comma-separated."""
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected one number per channel like "
+                                         f"0.485,0.456,0.406, got {text!r}") from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
 
 
 def _radii(text: str) -> tuple[float, ...]:

@@ -6,7 +6,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields, make_dataclass
 from typing import Literal, get_args
 
-from .data import DATASETS
+from .data import DATASETS, USER_DATASETS
 from .models import list_models
 from .objectives import (
     CommonConfig,
@@ -54,6 +54,16 @@ class TrainConfig(_ObjectiveOptions):
     train_subset: int = 0
     eval_subset: int = 1000
     data_dir: str | None = None
+    data_file: str | None = field(default=None, metadata={"help": "--dataset npz: arrays "
+                                  "x_train, y_train, x_test, y_test"})
+    image_size: int | None = field(default=None, metadata={"help": "imagefolder/npz: the "
+                                   "images' size (default: the first image's shorter side)"})
+    mean: str | None = field(default=None, metadata={"help": "imagefolder/npz: per-channel "
+                             "mean (comma list) or auto (from the training split); none: the "
+                             "model reads [0, 1] pixels"})
+    std: str | None = field(default=None, metadata={"help": "per-channel std, with --mean"})
+    model_kwargs: str | None = field(default=None, metadata={"help": "keyword arguments of "
+                                     "--model's builder, a JSON object"})
     download: bool = False
     workers: int = 0
     seed: int = 0
@@ -81,6 +91,12 @@ class TrainConfig(_ObjectiveOptions):
             value = getattr(self, name)
             if not (name == "amp" and value is None):
                 _one_of(name, value, accepted)
+        if ":" not in self.model:  # torchvision:, timm:, a factory: checked when built
+            _one_of("model", self.model, list_models())
+        given = [n for n in ("data_file", "image_size", "mean", "std") if getattr(self, n)]
+        if given and self.dataset not in USER_DATASETS:
+            raise ValueError(f"{given[0]} applies to dataset imagefolder or npz only (their "
+                             f"models' input), got dataset {self.dataset}")
         self._check_ranges()
         check_options(asdict(self))  # every objective option's range: lam, eps, macer_*, ...
         _check_objective_options(self)
@@ -122,8 +138,7 @@ def _check_objective_options(cfg: TrainConfig) -> None:
 
 def choices() -> dict[str, tuple[str, ...]]:
     """The accepted values of TrainConfig's categorical fields (amp may also be None)."""
-    return {"dataset": tuple(DATASETS), "model": tuple(list_models()),
-            "objective": tuple(list_objectives()),
+    return {"dataset": (*DATASETS, *USER_DATASETS), "objective": tuple(list_objectives()),
             "schedule": SCHEDULES, "amp": AMP}
 
 

@@ -26,7 +26,10 @@ IDENTITY_KEYS = ("mode", "method", "split", "n0", "n", "alpha", "grid", "skip", 
 SAMPLING_KEYS = ("sampling", "radii", "max_n", "confidence_sequence", "batch", "tolerance")
 # The denoiser's content (denoised smoothing): part of the identity where set, likewise.
 DENOISER_KEYS = ("denoiser_sha256",)
-_OPTIONAL_IDENTITY = (*SAMPLING_KEYS, *DENOISER_KEYS)
+# A user's model and data (see runner._user_settings): part of the identity where set, so that
+# runs on smoothcert's and the published checkpoints keep their fingerprints.
+USER_KEYS = ("model", "model_kwargs", "normalization", "classes", "image_size")
+_OPTIONAL_IDENTITY = (*SAMPLING_KEYS, *DENOISER_KEYS, *USER_KEYS)
 _TEXT_KEYS = ("method", "label", "protocol", "run")
 _OMITTED_WHEN_NONE = ("label", "denoiser", *_OPTIONAL_IDENTITY)
 
@@ -80,6 +83,11 @@ class Sidecar:
     tolerance: float | None = None
     denoiser: str | None = None  # certify --denoiser, for display; the content is denoiser_sha256
     denoiser_sha256: str | None = None
+    model: str | None = None  # a user's file: the spec, or torchscript / pickle
+    model_kwargs: dict[str, Any] | None = None
+    normalization: dict[str, list[float]] | str | None = None  # {'mean', 'std'} or "none"
+    classes: list[str] | None = None  # the class names, by label (imagefolder)
+    image_size: int | None = None  # a user's dataset's
     run: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # keys of other versions, kept as read
     unset: frozenset[str] = field(default=frozenset(), compare=False)  # keys the file lacked
@@ -109,8 +117,8 @@ class Sidecar:
         return {**self.extra, **values}
 
     def identity(self) -> dict[str, Any]:
-        """The settings a run is identified by: IDENTITY_KEYS, and the SAMPLING_KEYS and
-        DENOISER_KEYS set."""
+        """The settings a run is identified by: IDENTITY_KEYS, and those of the
+        SAMPLING_KEYS, DENOISER_KEYS and USER_KEYS that are set."""
         found = {key: getattr(self, key) for key in IDENTITY_KEYS}
         found.update({key: getattr(self, key) for key in _OPTIONAL_IDENTITY
                       if getattr(self, key) is not None})

@@ -69,10 +69,11 @@ class Smooth:
     def certify(self, x: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int, *,
                 generator: torch.Generator | None = None,
                 estimation_generator: torch.Generator | None = None) -> tuple[int, float]:
-        """Cohen's CERTIFY: (label, radius), or (ABSTAIN, 0.0).
+        """Cohen's CERTIFY of one example x: (label, radius), or (ABSTAIN, 0.0).
 
         The n0 selection samples are drawn from `generator`, the n estimation samples from
-        `estimation_generator` (from where `generator` left off when it is None).
+        `estimation_generator` (from where `generator` left off when it is None). For CERTIFY
+        and T-CERTIFY on the same samples, use `certify_all`; for a dataset, `certify_dataset`.
         """
         cert = self._certify(x, n0, n, alpha, batch_size, "certify", 1,
                              (generator, estimation_generator))
@@ -82,7 +83,8 @@ class Smooth:
                  grid: int = 10, strict: bool = False,
                  generator: torch.Generator | None = None,
                  estimation_generator: torch.Generator | None = None) -> tuple[int, float]:
-        """The paper's T-CERTIFY (strict=True: alpha' chosen from the selection samples only)."""
+        """The paper's T-CERTIFY (strict=True: alpha' chosen from the selection samples only).
+        `certify_all` gives it with CERTIFY's certificate on the same samples."""
         method = "tcertify-strict" if strict else "tcertify"
         cert = self._certify(x, n0, n, alpha, batch_size, method, grid,
                              (generator, estimation_generator))
@@ -115,8 +117,17 @@ class Smooth:
         """The n0 selection and n estimation counts, after the checks that need no sample."""
         stats.check_alpha_grid(alpha, grid)
         stats.check_sample_count(n, "n")  # before the n0 selection samples are drawn
+        _check_one_example(x)
         generator, estimation_generator = generators
         selection = self.sampler.counts(x, n0, batch_size, generator, name="n0")
         estimation = self.sampler.counts(
             x, n, batch_size, estimation_stream(generator, estimation_generator), name="n")
         return selection, estimation
+
+
+def _check_one_example(x: Any) -> None:
+    """Refuse a batch of images: a single image is [C, H, W] (a 1-channel one [1, H, W])."""
+    if isinstance(x, torch.Tensor) and x.dim() == 4:
+        raise ValueError(f"x: Smooth certifies one example (an image [C, H, W], no batch axis), "
+                         f"got a batch of shape {list(x.shape)}; certify a dataset with "
+                         "smoothcert.certify_dataset(model, dataset, sigma=..., out=...)")

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from . import __version__, rng
 from .checkpoints import load_native
-from .data import get_dataset
+from .data import DATASETS, dataset_info, get_dataset
 from .distributed import DistContext, batch_memory_guard, init_distributed
 from .evaluation import evaluate, evaluate_denoiser
 from .io import (
@@ -43,6 +43,7 @@ from .io import (
     weights_digest,
 )
 from .models import build_model
+from .models.spec import USER_RECORD, build_recorded, parse_model_kwargs
 from .objectives import get_objective, trains_denoiser
 from .presets import TrainConfig, eps_at, lr_factor, upgrade_config
 from .sampling import autocast
@@ -143,6 +144,27 @@ def draw_noise(
     return noise[ctx.rank :: ctx.world_size].mul_(cfg.sigma)
 
 
+def build_network(cfg: TrainConfig) -> tuple[nn.Module, dict]:
+    """The model to train and, for a spec or a user's data, what config.json records of it
+    (classes, channels, image size, normalisation) so that certify rebuilds it."""
+    if cfg.dataset in DATASETS and ":" not in cfg.model and cfg.model_kwargs is None:
+        return build_model(cfg.model, cfg.dataset), {}
+    info = dataset_info(cfg.dataset, cfg.data_dir, data_file=cfg.data_file,
+                        image_size=cfg.image_size, mean=_stats(cfg.mean), std=_stats(cfg.std))
+    record = {USER_RECORD: {
+        "num_classes": info.num_classes, "channels": info.channels,
+        "image_size": info.image_size, "classes": list(info.classes) if info.classes else None,
+        "normalization": None if info.mean is None else {"mean": list(info.mean),
+                                                         "std": list(info.std)}}}
+    network = build_recorded(cfg.model, parse_model_kwargs(cfg.model_kwargs), record[USER_RECORD])
+    return network, record
+
+
+def _stats(text: str | None) -> str | list[str] | None:
+    """--mean/--std: "auto", or one value per channel, comma-separated."""
+    return text if text in (None, "auto") else text.split(",")
+
+
 def check_model_fits_objective(model: str, objective: str, network: nn.Module) -> None:
     """Refuse a classifier trained as a denoiser or a denoiser trained as a classifier."""
     outputs_images = getattr(network, "outputs_images", False)
@@ -173,7 +195,8 @@ class Trainer:
         # The initial weights are a function of the seed too (torch's default seed is random per
         # process): a run is reproducible, and 1 and N processes start from the same weights.
         rng.seed_torch(cfg.seed, "model-init")
-        model = build_model(cfg.model, cfg.dataset).to(device)
+        model, self.record = build_network(cfg)
+        model = model.to(device)
         check_model_fits_objective(cfg.model, cfg.objective, model[-1])
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -211,13 +234,26 @@ class Trainer:
         if download_first and not self.ctx.is_main:
             self.ctx.barrier()
         self.train_set = first_n(
-            get_dataset(cfg.dataset, "train", cfg.data_dir, cfg.download), cfg.train_subset
+            get_dataset(cfg.dataset, "train", cfg.data_dir, cfg.download, **self._data_files()),
+            cfg.train_subset
         )
         self.eval_set = first_n(
-            get_dataset(cfg.dataset, "test", cfg.data_dir, cfg.download), cfg.eval_subset
+            get_dataset(cfg.dataset, "test", cfg.data_dir, cfg.download, **self._data_files()),
+            cfg.eval_subset
         )
         if download_first and self.ctx.is_main:
             self.ctx.barrier()
+
+    def config(self) -> dict:
+        """config.json: the TrainConfig, and a user's data as the model was built for it."""
+        return {**asdict(self.cfg), **self.record}
+
+    def _data_files(self) -> dict:
+        """get_dataset's options for a user's data."""
+        if not self.record:
+            return {}
+        return {"data_file": self.cfg.data_file,
+                "image_size": self.record[USER_RECORD]["image_size"]}
 
     def close(self) -> None:
         """Release the output lock."""
@@ -247,7 +283,7 @@ class Trainer:
             )
         self._check_own_files()
         if self.ctx.is_main:
-            atomic_write_json(self.out / CONFIG, asdict(self.cfg))
+            atomic_write_json(self.out / CONFIG, self.config())
             atomic_write_text(self.out / LOG, "")
         return 0
 
@@ -283,7 +319,7 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         epoch = int(state["epoch"])
         if self.ctx.is_main:
-            atomic_write_json(self.out / CONFIG, asdict(self.cfg))
+            atomic_write_json(self.out / CONFIG, self.config())
             self._truncate_log(epoch)
         logger.info("resuming '%s' after epoch %d of %d", self.out, epoch, self.cfg.epochs)
         return epoch
@@ -388,7 +424,7 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(),
                 "epoch": epoch,
-                "config": asdict(self.cfg),
+                "config": self.config(),
                 "version": __version__,
             },
         )

@@ -225,3 +225,15 @@ def probe_num_classes(model: nn.Module, channels: int, image_size: int) -> int:
         raise ValueError(f"model: must return logits of shape [batch, classes]; on a probe "
                          f"input of shape {list(shape)} it returns {what}")
     return int(out.shape[1])
+
+
+# The config.json / checkpoint config key of a run built by spec or for a user's data.
+USER_RECORD = "built_for"
+
+
+def build_recorded(spec: str, kwargs: Mapping[str, Any] | None, record: Mapping[str, Any]
+                   ) -> nn.Sequential:
+    """`spec` for a user's data as a training run records it (`num_classes`, `channels`,
+    `normalization`), behind its input convention."""
+    network = build_from_spec(spec, record["num_classes"], kwargs, record["channels"])
+    return with_input_convention(network.train(), record["normalization"], record["channels"])
