@@ -27,11 +27,14 @@ RUNS = {
 
 
 def tiny_model(*_args, **_kwargs):
-    """What `load_for_run` gives for the tiny checkpoint: (model, dataset, sigma)."""
+    """What `loading.load` gives for the tiny checkpoint: a smoothcert-format threshold model."""
     sys.path.insert(0, str(HERE))
     from conftest import ThresholdClassifier
 
-    return ThresholdClassifier(THRESHOLDS), "mnist", COMMON["sigma"]
+    from smoothcert.loading import Loaded
+
+    return Loaded(ThresholdClassifier(THRESHOLDS), COMMON["sigma"], len(THRESHOLDS) + 1, "mnist",
+                  None, {}, "smoothcert")
 
 
 def run_fixture(name: str, folder: Path, monkeypatch: pytest.MonkeyPatch | None = None) -> Path:
@@ -39,7 +42,7 @@ def run_fixture(name: str, folder: Path, monkeypatch: pytest.MonkeyPatch | None 
     from smoothcert import runner
 
     patch = monkeypatch or pytest.MonkeyPatch()
-    patch.setattr(runner, "load_for_run", tiny_model)
+    patch.setattr(runner, "load", tiny_model)
     patch.chdir(folder)
     try:
         cfg = runner.RunConfig(checkpoint=CHECKPOINT, out=name, **COMMON, **RUNS[name])

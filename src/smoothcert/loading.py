@@ -21,6 +21,7 @@ from torch import nn
 
 from .checkpoints import FORMATS, _describe, _load_state, _load_weights, _sigma, detect_format
 from .data import DATASETS
+from .denoise import outputs_images
 from .io import (
     CheckpointError,
     UnsafeCheckpointError,
@@ -121,6 +122,9 @@ def load(
     else:
         _refuse_convention(path, read.format, mean, std, normalize)
         full, normalization = read.model, _standardisation(read.model)
+    if outputs_images(full):
+        raise ValueError(f"checkpoint: '{path}' is a denoiser, not a classifier: give a "
+                         "classifier, and this file as --denoiser in front of it")
     outputs = probe_num_classes(full, channels, image_size or (known.image_size if known else 32))
     _check_classes(path, outputs, num_classes, read.num_classes, dataset, known)
     return Loaded(full.to(device).eval(), _sigma(sigma, read.sigma, path), outputs, dataset,

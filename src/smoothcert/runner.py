@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from . import results
 from .checkpoints import ARCHITECTURES
 from .data import USER_DATASETS, DatasetInfo, dataset_info, get_dataset
-from .denoise import Denoised, load_denoiser, outputs_images
+from .denoise import Denoised, load_denoiser
 from .distributed import DistContext, batch_memory_guard, init_distributed
 from .io import check_output_path, output_lock
 from .loading import USER_FILE_KINDS, Loaded, load
@@ -435,9 +435,6 @@ class Runner:
     def _with_denoiser(self, model: nn.Module, source: Source) -> tuple[nn.Module, str | None]:
         """`model`, behind --denoiser if given, and the denoiser's sha256 (None without one)."""
         cfg = self.cfg
-        if outputs_images(model):
-            raise ValueError(f"checkpoint: '{cfg.checkpoint}' is a denoiser, not a classifier: "
-                             "give a classifier, and this file as --denoiser in front of it")
         if cfg.denoiser is None:
             return model, None
         channels = source.dataset[0][0].shape[0]  # a user's dataset has no DATASETS entry
