@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, fields
 from pathlib import Path
 
-from .options import add_demo_arguments, add_run_options, add_train_arguments
+from .options import add_analyze_options, add_demo_arguments, add_run_options, add_train_arguments
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -43,9 +43,10 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     analyze = sub.add_parser("analyze", help="certified-accuracy tables, ACR and plots")
     analyze.add_argument("files", nargs="+", help="result TSVs of `smoothcert certify`")
     style = analyze.add_mutually_exclusive_group()
-    style.add_argument("--latex", action="store_true")
-    style.add_argument("--csv", action="store_true")
-    analyze.add_argument("--plot", help="write a PNG of certified accuracy against radius")
+    style.add_argument("--latex", action="store_true",
+                       help="a LaTeX table (booktabs; pure ASCII; best of each column bold)")
+    style.add_argument("--csv", action="store_true", help="CSV at full precision")
+    add_analyze_options(analyze)
     verify = sub.add_parser("verify", help="recompute every certificate of result files")
     verify.add_argument("files", nargs="+", help="result TSVs of `smoothcert certify`")
     verify.add_argument("--data-dir", help="the dataset's folder, to check each row's label "
@@ -142,7 +143,8 @@ def _analyze(args) -> None:
     from .analyze import analyze
 
     fmt = "latex" if args.latex else "csv" if args.csv else "markdown"
-    print(analyze(args.files, fmt=fmt, plot=args.plot, protocol_note=fmt != "csv"))
+    print(analyze(args.files, radii=args.radii, fmt=fmt, plot=args.plot,
+                  protocol_note=fmt != "csv", methods=args.methods, labels=args.label))
     if args.plot:
         print(f"plot: {args.plot}", file=sys.stderr)
 

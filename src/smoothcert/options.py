@@ -253,3 +253,28 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--amp", type=_amp, metavar="{none,bf16,fp16}", default="bf16",
                         help=f"{AMP_HELP}, for training and certification (default bf16)")
     parser.add_argument("--seed", type=int, default=0)
+
+
+def _methods(text: str) -> tuple[str, ...]:
+    """--methods: comma-separated certification methods."""
+    return tuple(m.strip() for m in text.split(","))
+
+
+class _Labels(argparse.Action):
+    """--label FILE=NAME, repeatable: {file: row name}."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        file, sep, name = values.partition("=")
+        if not (sep and file and name):
+            raise argparse.ArgumentError(self, f"expected FILE=NAME, got {values!r}")
+        setattr(namespace, self.dest, {**(getattr(namespace, self.dest) or {}), file: name})
+
+
+def add_analyze_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--radii", type=_radii, help="the table's radii, comma-separated "
+                        "(default: the Table-1 radii 0, 0.25, ..., 3 that some file can reach)")
+    parser.add_argument("--methods", type=_methods, metavar="M,...", help="the rows' methods: "
+                        "certify, tcertify, strict (default: each file's all)")
+    parser.add_argument("--label", action=_Labels, metavar="FILE=NAME",
+                        help="name FILE's rows NAME (repeatable; default: the file's label)")
+    parser.add_argument("--plot", help="write a PNG of certified accuracy against radius")
