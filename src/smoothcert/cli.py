@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -13,7 +14,13 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, fields
 from pathlib import Path
 
-from .options import add_analyze_options, add_demo_arguments, add_run_options, add_train_arguments
+from .options import (
+    DefaultsHelpFormatter,
+    add_analyze_options,
+    add_demo_arguments,
+    add_run_options,
+    add_train_arguments,
+)
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -34,6 +41,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-progress", action="store_true", help=PROGRESS_HELP)
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    parser.add_argument("--version", action="version", version=f"smoothcert {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a base classifier")
     if argv is None or "train" in argv:
@@ -57,11 +65,30 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     sub.add_parser("objectives", help="list the training objectives (--objective)")
     assert tuple(sub.choices) == COMMANDS
     for command in sub.choices.values():  # the global options after the command too
+        command.formatter_class = DefaultsHelpFormatter
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                              help=DEBUG_HELP)
         command.add_argument("--no-progress", action="store_true", default=argparse.SUPPRESS,
                              help=PROGRESS_HELP)
     return parser
+
+
+def version() -> str:
+    """The installed distribution's version, else the source tree's."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("smoothcert")
+    except PackageNotFoundError:
+        from . import __version__
+
+        return __version__
+
+
+def _is_rank_zero() -> bool:
+    """Whether this process reports the command's result: under torchrun only rank 0 does."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 RESUME_HINT = "run the same command to resume"
@@ -91,7 +118,8 @@ def _train(args) -> None:
 
     with _on_interrupt(hint):
         path = train(cfg, resume=args.resume, progress=not args.no_progress)
-    print(f"checkpoint: {path}")
+    if _is_rank_zero():
+        print(f"checkpoint: {path}")
 
 
 def _demo(args) -> None:
@@ -134,6 +162,8 @@ def _run(args) -> None:
     cfg = RunConfig(mode=args.command, **options)
     with _on_interrupt(lambda: RESUME_HINT):
         path = run(cfg, progress=not args.no_progress)
+    if not _is_rank_zero():
+        return
     print(f"results: {path}")
     if args.command == "predict":
         print(f"abstention rate: {abstention_rate(path):.4f}")

@@ -31,6 +31,19 @@ TRAIN_DEPRECATED_FLAGS = {"--method": "--objective"}
 logger = logging.getLogger(__name__)
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Each option's help ends with its default, unless the help names one already (train's,
+    with a --preset's value) or there is none to show (None, False, a flag's absence)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or "default" in text or default is None
+                or default is False or default is argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+
 class _DeprecatedFlag(argparse.Action):
     """An option's old spelling: stores into the new option's field and logs a warning."""
 
@@ -172,7 +185,7 @@ def add_run_options(parser: argparse.ArgumentParser, certify: bool) -> None:
     _add_aliased(parser, "--model", "--arch", dest="arch",
                  help="a MACER checkpoint's architecture: resnet110 or lenet")
     parser.add_argument("--out", required=True, help="result TSV (re-running resumes it)")
-    parser.add_argument("--split", default="test")
+    parser.add_argument("--split", default="test", help="the dataset's split")
     # --N / --max-examples: torchrun swallows --n and --max as abbreviations of its own
     # options (pytorch/pytorch#120601), so every option needs a spelling it passes through.
     _add_aliased(parser, "--N", "--n", dest="n", type=_sample_count, default=100_000,
@@ -183,13 +196,14 @@ def add_run_options(parser: argparse.ArgumentParser, certify: bool) -> None:
     _add_aliased(parser, "--max-examples", "--max", dest="max", type=_example_count,
                  default=None, help="at most this many examples (a COUNT; Cohen's --max is an "
                  "index)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the noise draws")
     parser.add_argument("--sigma", type=float, help="noise level: required for Cohen/MACER "
                         "checkpoints, overrides a smoothcert checkpoint's")
     parser.add_argument("--dataset", type=_dataset_name, metavar="NAME",
                         help="override the checkpoint's dataset (mnist, cifar10, ...)")
     parser.add_argument("--data-dir", help="dataset folder (or set SMOOTHCERT_DATA)")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto", help="auto (a GPU if any), cpu, cuda, "
+                        "cuda:N or mps")
     parser.add_argument("--amp", type=_amp, metavar="{none,bf16,fp16}", help=AMP_HELP)
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                         help="run the model in channels_last memory format (default on)")
@@ -248,11 +262,11 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
                         help="selection samples (default 100)")
     _add_aliased(parser, "--N", "--n", dest="n", type=_sample_count, default=5_000,
                  help="estimation samples (default 5,000)")
-    parser.add_argument("--alpha", type=float, default=0.001)
+    parser.add_argument("--alpha", type=float, default=0.001, help="failure probability")
     parser.add_argument("--batch", type=int, default=1_000, help="certification batch")
     parser.add_argument("--amp", type=_amp, metavar="{none,bf16,fp16}", default="bf16",
                         help=f"{AMP_HELP}, for training and certification (default bf16)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of training and noise draws")
 
 
 def _methods(text: str) -> tuple[str, ...]:
