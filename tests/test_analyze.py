@@ -546,3 +546,35 @@ def test_the_analyze_command_takes_radii_methods_and_labels(tmp_path, capsys):
     assert exit_.value.code == 2 and "--label: expected FILE=NAME" in capsys.readouterr().err
     assert main(["analyze", path, "--methods", "best"]) == 2
     assert "--methods: unknown method 'best'" in capsys.readouterr().err
+    figure = tmp_path / "sigma.png"
+    assert main(["analyze", path, "--vary-sigma", str(figure)]) == 0
+    assert figure.read_bytes().startswith(an.PNG_SIGNATURE)
+    assert f"plot: {figure}" in capsys.readouterr().err
+
+
+def captured_figures(monkeypatch) -> list:
+    figures: list = []
+    monkeypatch.setattr(an, "save_figure", lambda fig, path: figures.append(fig))
+    return figures
+
+
+def test_the_legend_is_beside_the_curves_not_over_them(tmp_path, monkeypatch):
+    figures = captured_figures(monkeypatch)
+    an.plot_curves(an.load_results(write_runner(tmp_path)), tmp_path / "x.png")
+    (fig,) = figures
+    (ax,) = fig.axes
+    fig.canvas.draw()
+    assert ax.get_legend().get_window_extent().x0 >= ax.get_window_extent().x1
+
+
+def test_vary_sigma_draws_one_curve_per_file_labelled_by_sigma(tmp_path, monkeypatch):
+    files = [write_runner(tmp_path, f"s{s}.tsv", sidecar={**SIDECAR, "sigma": s})
+             for s in (0.25, 0.5)] + [write_cohen(tmp_path)]
+    an.analyze(files, vary_sigma=tmp_path / "sigma.png")
+    assert (tmp_path / "sigma.png").read_bytes().startswith(an.PNG_SIGNATURE)
+    figures = captured_figures(monkeypatch)
+    an.analyze(files, vary_sigma=tmp_path / "sigma.png", methods=["tcertify"])
+    (ax,) = figures[0].axes
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "σ = 0.25", "σ = 0.5", "sigma_0.25: CERTIFY"]  # Cohen's file: no sidecar, its name
+    assert [line.get_linestyle() for line in ax.get_lines()] == ["-", "-", "--"]

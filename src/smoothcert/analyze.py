@@ -345,8 +345,23 @@ def plot_curves(
     if title:
         ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    # Beside the axes, never over the curves (the saved figure grows to hold it).
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
     save_figure(fig, path)
+
+
+def sigma_curves(tables: Sequence[ResultFile], names: Sequence[str | None],
+                 wanted: set[str] | None = None) -> list[ResultCurve]:
+    """Cohen's vary-sigma figure's curves: one per file, its main method (the first of `wanted`
+    it holds), named by the file's sigma (by its name where the sidecar has none)."""
+    curves = []
+    for table, name in zip(tables, names, strict=True):
+        own = curves_of(table, name)
+        curve = next((c for c in own if wanted is None or c.method in wanted), own[0])
+        sigma = table.sidecar.sigma if table.sidecar is not None else None
+        curve.name = f"σ = {sigma:g}" if sigma is not None else curve.name
+        curves.append(curve)
+    return curves
 
 
 # ---------------------------------------------------------------- entry point
@@ -471,11 +486,13 @@ def analyze(
     protocol_note: bool = True,
     methods: Sequence[str] | None = None,
     labels: Mapping[str, str] | None = None,
+    vary_sigma: str | os.PathLike | None = None,
 ) -> str:
     """Load result files; return their table (after the notes on each file); plot if asked.
 
     `radii`: the table's columns (default: the Table-1 radii some file can reach); `methods`:
-    the rows' methods (--methods names, default all); `labels`: row names by file."""
+    the rows' methods (--methods names, default all); `labels`: row names by file;
+    `vary_sigma`: a PNG of one curve per file, labelled by its sigma."""
     if not paths:
         raise ValueError("analyze: paths must name at least one result file")
     if fmt not in _FORMATS:
@@ -483,8 +500,9 @@ def analyze(
     if radii is not None:
         radii = _check_radii(radii)
     wanted = _method_names(methods)
-    if plot is not None:
-        check_plot_target(Path(plot))  # before any work
+    for target in (plot, vary_sigma):
+        if target is not None:
+            check_plot_target(Path(target))  # before any work
     _refuse_repeats(paths)
     names = _labels_of(paths, labels)
     tables = [read_certified(p) for p in paths]
@@ -493,6 +511,8 @@ def analyze(
     table = format_table(curves, reachable_radii(tables) if radii is None else radii, fmt)
     if plot is not None:
         plot_curves(curves, plot)
+    if vary_sigma is not None:
+        plot_curves(sigma_curves(tables, names, wanted), vary_sigma)
     notes = _notes(tables, fmt, names) if protocol_note else []
     if not notes:
         return table

@@ -174,9 +174,10 @@ def _analyze(args) -> None:
 
     fmt = "latex" if args.latex else "csv" if args.csv else "markdown"
     print(analyze(args.files, radii=args.radii, fmt=fmt, plot=args.plot,
-                  protocol_note=fmt != "csv", methods=args.methods, labels=args.label))
-    if args.plot:
-        print(f"plot: {args.plot}", file=sys.stderr)
+                  protocol_note=fmt != "csv", methods=args.methods, labels=args.label,
+                  vary_sigma=args.vary_sigma))
+    for plot in filter(None, (args.plot, args.vary_sigma)):
+        print(f"plot: {plot}", file=sys.stderr)
 
 
 def is_usage_error(err: BaseException) -> bool:

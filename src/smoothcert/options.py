@@ -292,3 +292,5 @@ def add_analyze_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--label", action=_Labels, metavar="FILE=NAME",
                         help="name FILE's rows NAME (repeatable; default: the file's label)")
     parser.add_argument("--plot", help="write a PNG of certified accuracy against radius")
+    parser.add_argument("--vary-sigma", metavar="PNG", help="write a PNG of one curve per file "
+                        "(its main method, or its first of --methods), labelled by its sigma")
