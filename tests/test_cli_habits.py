@@ -72,3 +72,20 @@ def test_under_torchrun_only_rank_0_prints_the_result_line(capsys, monkeypatch, 
     monkeypatch.setattr(runner, "run", lambda cfg, progress: "r.tsv")
     assert cli.main(["--no-progress", "certify", str(tmp_path / "c.pt"), "--out", "r.tsv"]) == 0
     assert capsys.readouterr().out == printed
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["certify", "c.pt", "--out", "o.tsv", "--checkpoint-format", "cohen"],
+     "smoothcert certify: error: sigma: a cohen checkpoint does not record the noise level"),
+    (["predict", "c.pt", "--out", "o.tsv", "--format", "macer"], "give --sigma"),
+    (["certify", "c.pt", "--out", "o.tsv", "--sigma", "-0.5"],
+     "argument --sigma: must be a positive finite number, got '-0.5'"),
+    (["certify", "c.pt", "--out", "o.tsv", "--sigma", "nan"], "positive finite"),
+    (["objectives", "--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_bad_arguments_are_refused_before_torch_is_imported(tmp_path, argv, message):
+    from test_imports import imported
+
+    names, done = imported("-m", "smoothcert", *argv)
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+    assert not names & {"torch", "torchvision"}

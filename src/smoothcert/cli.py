@@ -20,6 +20,7 @@ from .options import (
     add_demo_arguments,
     add_run_options,
     add_train_arguments,
+    run_argument_problem,
 )
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -255,6 +256,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     with logging_to_stderr():  # a deprecated option's warning
         args = build_parser(argv).parse_args(argv)
+    if args.command in {"certify", "predict"} and (problem := run_argument_problem(args)):
+        print(f"smoothcert {args.command}: error: {problem}", file=sys.stderr)
+        return 2
     try:
         with _sigterm_interrupts():
             return _execute(args)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import typing
 from collections.abc import Collection, Sequence
 from dataclasses import asdict, fields
@@ -176,6 +177,27 @@ def _sample_count(text: str) -> int:
             f"must be an integer in [1, {MAX_SAMPLES}], got {text!r}") from None
 
 
+def _noise_level(text: str) -> float:
+    """--sigma of certify/predict: a positive finite number, checked before torch is imported."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text!r}")
+    return value
+
+
+def run_argument_problem(args: argparse.Namespace) -> str | None:
+    """What certify/predict's arguments alone show to be wrong, before torch or the model is
+    loaded: the published checkpoint formats record no noise level."""
+    if getattr(args, "format", None) in {"cohen", "macer"} and args.sigma is None:
+        return (f"sigma: a {args.format} checkpoint does not record the noise level its model "
+                "was trained with; give --sigma, e.g. 0.25, 0.5 or 1.0 for Cohen et al.'s "
+                "released models")
+    return None
+
+
 def add_run_options(parser: argparse.ArgumentParser, certify: bool) -> None:
     parser.add_argument("checkpoint", help="checkpoint.pt of `smoothcert train`, or a Cohen "
                         "et al./SmoothAdv/Consistency/SmoothMix or MACER checkpoint")
@@ -197,7 +219,7 @@ def add_run_options(parser: argparse.ArgumentParser, certify: bool) -> None:
                  default=None, help="at most this many examples (a COUNT; Cohen's --max is an "
                  "index)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise draws")
-    parser.add_argument("--sigma", type=float, help="noise level: required for Cohen/MACER "
+    parser.add_argument("--sigma", type=_noise_level, help="noise level: required for Cohen/MACER "
                         "checkpoints, overrides a smoothcert checkpoint's")
     parser.add_argument("--dataset", type=_dataset_name, metavar="NAME",
                         help="override the checkpoint's dataset (mnist, cifar10, ...)")
