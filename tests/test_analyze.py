@@ -4,6 +4,7 @@ import csv
 import io
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -222,8 +223,76 @@ def test_latex_table_escapes_names(tmp_path):
     text = an.format_table(curves[:1], RADII, fmt="latex")
     for rule in (r"\toprule", r"\midrule", r"\bottomrule", r"\begin{tabular}", r"\end{tabular}"):
         assert rule in text
-    assert r"adre\_λ0.1 100\%: CERTIFY & 0.60 & 0.40 & 0.20 & 0.20 & 0.00" in text
-    assert r"& 0.260 & 5 \\" in text
+    assert r"adre\_$\lambda0.1$ 100\%: CERTIFY & \textbf{0.60} & \textbf{0.40} & " in text
+    assert r"& 0.00 & \textbf{0.260} & 5 \\" in text  # a column of zeros has no best
+
+
+def test_latex_labels_are_math_and_the_output_pure_ascii(tmp_path):
+    label = "Basic σ=0.5, λ = 0.2 at α −1 (café)"
+    path = write_runner(tmp_path, sidecar={**SIDECAR, "label": label, "alpha": 0.001, "grid": 10})
+    text = an.analyze([path], fmt="latex")
+    assert r"Basic $\sigma=0.5$, $\lambda=0.2$ at $\alpha$ $-$1 (cafe): CERTIFY &" in text
+    assert text.isascii()
+    assert "% T-CERTIFY (paper mode) picks alpha' " in text and "2alpha - alpha/grid" in text
+
+
+def test_latex_bolds_the_best_of_each_column_ties_all(tmp_path):
+    curves = an.load_results(write_runner(tmp_path))  # CERTIFY, T-CERTIFY, strict
+    rows = [line.split(" & ")[1:-1] for line in
+            an.format_table(curves, RADII, fmt="latex").splitlines() if ": " in line]
+    bold = [[cell.startswith(r"\textbf{") for cell in row] for row in rows]
+    # radius 0: 0.60 for all three; 0.25: T-CERTIFY's 0.60 alone; 0.5: 0.40 twice; ACR 0.430
+    assert [b[0] for b in bold] == [True, True, True]
+    assert [b[1] for b in bold] == [False, True, False]
+    assert [b[2] for b in bold] == [False, True, True]
+    assert [b[-1] for b in bold] == [False, True, False]
+
+
+@pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex not installed")
+def test_latex_table_compiles_with_pdflatex(tmp_path):
+    label = "Basic σ=0.5 λ=0.2 α −1 adre_x 100%"
+    table = an.analyze([write_runner(tmp_path, sidecar={**SIDECAR, "label": label})],
+                       fmt="latex")
+    (tmp_path / "t.tex").write_text("\\documentclass{article}\\usepackage{booktabs}\n"
+                                    f"\\begin{{document}}\n{table}\\end{{document}}\n")
+    subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "t.tex"],
+                   cwd=tmp_path, check=True, capture_output=True, timeout=120)
+    assert (tmp_path / "t.pdf").is_file()
+
+
+def test_default_columns_are_the_radii_some_file_can_reach(tmp_path):
+    # sigma 1, n = 1000, alpha 0.001: CERTIFY's largest radius is Phi^-1(0.001^(1/1000)) = 2.46
+    # and paper-mode T-CERTIFY's (at 2 alpha - alpha/grid) Phi^-1(0.0019^(1/1000)) = 2.496
+    sidecar = {**SIDECAR, "sigma": 1.0, "alpha": 0.001, "grid": 10, "num_classes": 10}
+    head = an.analyze([write_runner(tmp_path, sidecar=sidecar)]).splitlines()[3]
+    assert head.endswith("| 2.00 | 2.25 | ACR | n |")
+    cohen = an.analyze([write_cohen(tmp_path)]).splitlines()[2]  # sigma unknown: every radius
+    assert cohen.endswith("| 3.00 | ACR | n |")
+
+
+def test_radii_methods_and_labels_choose_columns_and_rows(tmp_path):
+    a, b = write_runner(tmp_path, "a.tsv"), write_cohen(tmp_path)
+    text = an.analyze([a, b], radii=[0.0, 0.5], fmt="csv", methods=["certify", "strict"],
+                      labels={str(a): "ADRE σ=0.5"})
+    rows = list(csv.reader(io.StringIO(text)))
+    assert rows[0] == ["# ADRE σ=0.5: every 20th test image (500 points)"]  # the notes too
+    rows = [r for r in rows if not r[0].startswith("#")]
+    assert rows[0] == ["method", "0.0", "0.5", "ACR", "n"]
+    assert [r[:3] for r in rows[1:]] == [["ADRE σ=0.5: CERTIFY", "0.6", "0.2"],
+                                         ["ADRE σ=0.5: T-CERTIFY (strict)", "0.6", "0.4"],
+                                         ["sigma_0.25: CERTIFY", "0.6", "0.4"]]
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"methods": ["certify", "best"]}, "--methods: unknown method 'best'; accepted: certify"),
+    ({"methods": ["strict"], "paths": "cohen"}, "no file holds them"),
+    ({"labels": {"other.tsv": "x"}}, "--label other.tsv=...: 'other.tsv' is not one of"),
+    ({"radii": [-1.0]}, "radii must be"),
+])
+def test_bad_analyze_options_name_the_option(tmp_path, options, message):
+    paths = [write_cohen(tmp_path) if options.pop("paths", "") else write_runner(tmp_path)]
+    with pytest.raises(ValueError, match=re.escape(message)):
+        an.analyze(paths, **options)
 
 
 def test_csv_table_full_precision(tmp_path):
@@ -460,3 +529,52 @@ def test_a_radii_row_beyond_the_files_largest_radius_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"radii\.tsv, line 2: column 'radius' 0.75 exceeds the "
                        r"largest radius 0.5 \(the file's largest radius"):
         an.analyze([path])
+
+
+def test_the_analyze_command_takes_radii_methods_and_labels(tmp_path, capsys):
+    from smoothcert.cli import main
+
+    path = str(write_runner(tmp_path))
+    assert main(["analyze", path, "--csv", "--radii", "0,0.5", "--methods", "tcertify,strict",
+                 "--label", f"{path}=ADRE"]) == 0
+    rows = list(csv.reader(io.StringIO(capsys.readouterr().out)))
+    assert [r[:3] for r in rows if r] == [["method", "0.0", "0.5"],
+                                     ["ADRE: T-CERTIFY (paper mode)", "0.6", "0.4"],
+                                     ["ADRE: T-CERTIFY (strict)", "0.6", "0.4"]]
+    with pytest.raises(SystemExit) as exit_:
+        main(["analyze", path, "--label", "ADRE"])
+    assert exit_.value.code == 2 and "--label: expected FILE=NAME" in capsys.readouterr().err
+    assert main(["analyze", path, "--methods", "best"]) == 2
+    assert "--methods: unknown method 'best'" in capsys.readouterr().err
+    figure = tmp_path / "sigma.png"
+    assert main(["analyze", path, "--vary-sigma", str(figure)]) == 0
+    assert figure.read_bytes().startswith(an.PNG_SIGNATURE)
+    assert f"plot: {figure}" in capsys.readouterr().err
+
+
+def captured_figures(monkeypatch) -> list:
+    figures: list = []
+    monkeypatch.setattr(an, "save_figure", lambda fig, path: figures.append(fig))
+    return figures
+
+
+def test_the_legend_is_beside_the_curves_not_over_them(tmp_path, monkeypatch):
+    figures = captured_figures(monkeypatch)
+    an.plot_curves(an.load_results(write_runner(tmp_path)), tmp_path / "x.png")
+    (fig,) = figures
+    (ax,) = fig.axes
+    fig.canvas.draw()
+    assert ax.get_legend().get_window_extent().x0 >= ax.get_window_extent().x1
+
+
+def test_vary_sigma_draws_one_curve_per_file_labelled_by_sigma(tmp_path, monkeypatch):
+    files = [write_runner(tmp_path, f"s{s}.tsv", sidecar={**SIDECAR, "sigma": s})
+             for s in (0.25, 0.5)] + [write_cohen(tmp_path)]
+    an.analyze(files, vary_sigma=tmp_path / "sigma.png")
+    assert (tmp_path / "sigma.png").read_bytes().startswith(an.PNG_SIGNATURE)
+    figures = captured_figures(monkeypatch)
+    an.analyze(files, vary_sigma=tmp_path / "sigma.png", methods=["tcertify"])
+    (ax,) = figures[0].axes
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "σ = 0.25", "σ = 0.5", "sigma_0.25: CERTIFY"]  # Cohen's file: no sidecar, its name
+    assert [line.get_linestyle() for line in ax.get_lines()] == ["-", "-", "--"]

@@ -303,7 +303,7 @@ def test_a_file_written_with_the_old_spellings_is_resumed_with_the_new_ones(
     [(["--n", "0"], "argument --n: must be an integer in [1, "),
      (["--alpha", "2"], "error: alpha must be"),
      (["--method", "foo"], "argument --method: invalid choice"),
-     (["--sigma", "-1"], "error: sigma must be"),
+     (["--sigma", "-1"], "argument --sigma: must be a positive finite number"),
      (["--max-examples", "-5"], "argument --max-examples: must be a count >= 0"),
      (["--max", "two"], "argument --max: expected a count of examples")],
 )

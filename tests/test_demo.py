@@ -145,3 +145,23 @@ def test_the_report_names_the_autocast_dtype_the_demo_ran_with(amp, said):
     report = render_report(args, [], {}, np.array([0.5]), (np.zeros(1), np.zeros(1)), {}, {},
                            [], 60.0)
     assert said in " ".join(report.split())
+
+
+def test_examples_png_says_which_t_certify_mode_it_shows(monkeypatch, tmp_path):
+    import argparse
+
+    import torch
+
+    from smoothcert import demo
+    from smoothcert.analyze import ResultCurve
+
+    figures: list = []
+    monkeypatch.setattr(demo, "save_figure", lambda fig, path: figures.append(fig))
+    monkeypatch.setattr(smoothcert.data, "get_dataset",
+                        lambda name, split: [(torch.zeros(1, 4, 4), 3)] * 50)
+    models = [demo.DemoModel("basic", "Basic", {})]
+    curve = ResultCurve("x", np.linspace(0, 1, 5), np.ones(5, bool), method="tcertify")
+    args = argparse.Namespace(skip=10, num_certify=5, seed=0, sigma=1.0)
+    demo.plot_examples(args, models, {"basic": {"tcertify": curve}}, tmp_path / "e.png")
+    title = figures[0].get_suptitle()
+    assert "T-CERTIFY (paper mode)" in title and "2α − α/grid" in title

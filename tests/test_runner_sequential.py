@@ -11,7 +11,7 @@ import pytest
 from scipy.stats import norm
 
 from smoothcert import results, sequential
-from smoothcert.analyze import analyze
+from smoothcert.analyze import DEFAULT_RADII, analyze
 from smoothcert.data import get_dataset
 from smoothcert.rng import generator
 from smoothcert.runner import RunConfig, run
@@ -155,7 +155,7 @@ def test_runs_resume_and_never_mix_protocols(trained_checkpoint, radii_file, ada
 
 
 def test_analyze_puts_radii_and_adaptive_files_beside_each_other(radii_file, adaptive_file):
-    table = analyze([radii_file, adaptive_file])
+    table = analyze([radii_file, adaptive_file], radii=DEFAULT_RADII)  # every Table-1 radius
     lines = table.splitlines()
     sequential_row = next(line for line in lines if "T-CERTIFY, sequential" in line)
     cells = [c.strip() for c in sequential_row.split("|")[1:-1]]

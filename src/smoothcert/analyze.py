@@ -11,7 +11,9 @@ from __future__ import annotations
 import csv
 import io
 import os
-from collections.abc import Sequence
+import re
+import unicodedata
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,14 +54,15 @@ class ResultCurve:
 # ---------------------------------------------------------------- reading
 
 
-def curves_of(table: ResultFile) -> list[ResultCurve]:
-    """A curve for the main columns of a parsed result file and one per further method."""
+def curves_of(table: ResultFile, label: str | None = None) -> list[ResultCurve]:
+    """A curve for the main columns of a parsed result file and one per further method, named
+    after `label` (default: the file's own label)."""
     curves = []
     protocol = table.protocol
     for method in table.methods:
         predict, radius, correct = table.method_columns(method)
         curves.append(ResultCurve(
-            name=f"{table.label}: {protocol.curve_label(method)}",
+            name=f"{label or table.label}: {protocol.curve_label(method)}",
             radius=radius,
             correct=(correct == 1) & (predict != -1),
             method=method,
@@ -192,12 +195,42 @@ def _fixed(value: float, digits: int) -> str:
     return "-" if np.isnan(value) else f"{value:.{digits}f}"
 
 
+# Greek letters and symbols of labels and notes: LaTeX math in a cell, words in a comment.
+_SYMBOLS = {"α": "alpha", "β": "beta", "γ": "gamma", "δ": "delta", "ε": "varepsilon",
+            "η": "eta", "λ": "lambda", "μ": "mu", "σ": "sigma", "τ": "tau", "ℓ": "ell"}
+_ASCII = {"−": "-", "–": "-", "—": "-", "′": "'", "×": "x", "≥": ">=", "≤": "<=", "…": "..."}
+# A symbol with the value it is set to ("σ=0.5", "λ0.1") is one formula, as is a lone minus.
+_FORMULA = re.compile(
+    rf"([{''.join(_SYMBOLS)}])((?:\s*=\s*)?[−-]?[0-9][0-9.]*(?:e[−+-]?[0-9]+)?)?|−")
+
+
+def _ascii(text: str) -> str:
+    """`text` in ASCII: symbols as words (σ -> sigma), accents dropped, anything else '?'."""
+    text = "".join(_SYMBOLS.get(ch, "").removeprefix("var") or _ASCII.get(ch, ch) for ch in text)
+    return "".join(ch if ch.isascii() else
+                   unicodedata.normalize("NFKD", ch).encode("ascii", "ignore").decode() or "?"
+                   for ch in text)
+
+
 def _latex_escape(text: str) -> str:
     special = {
         "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
         "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\^{}",
     }  # fmt: skip
-    return "".join(special.get(ch, ch) for ch in text)
+    return "".join(special.get(ch, ch) for ch in _ascii(text))
+
+
+def latex_text(text: str) -> str:
+    """A label as pdflatex reads it without Unicode set-up: "σ=0.5" -> "$\\sigma=0.5$", a minus
+    "$-$", LaTeX's special characters escaped; pure ASCII."""
+    out, end = [], 0
+    for match in _FORMULA.finditer(text):
+        out.append(_latex_escape(text[end:match.start()]))
+        symbol, value = match.groups()
+        value = re.sub(r"\s", "", value or "").replace("−", "-")
+        out.append(rf"$\{_SYMBOLS[symbol]}{value}$" if symbol else "$-$")
+        end = match.end()
+    return "".join(out) + _latex_escape(text[end:])
 
 
 def _table_rows(curves: Sequence[ResultCurve], radii: np.ndarray) -> list[tuple]:
@@ -220,6 +253,15 @@ def _markdown(rows: list[tuple], radii: np.ndarray) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _bold_best(cells: list[list[str]]) -> list[list[str]]:
+    """Each column's best value (as printed: ties all) in \\textbf{}; none in a column of
+    zeros, where no method certifies anything."""
+    columns = list(zip(*cells, strict=True))
+    best = [max((float(c) for c in column if c != "-"), default=0.0) for column in columns]
+    return [[rf"\textbf{{{c}}}" if c != "-" and b > 0 and float(c) == b else c
+             for c, b in zip(row, best, strict=True)] for row in cells]
+
+
 def _latex(rows: list[tuple], radii: np.ndarray) -> str:
     k = len(radii)
     lines = [
@@ -230,9 +272,10 @@ def _latex(rows: list[tuple], radii: np.ndarray) -> str:
         " & " + " & ".join(f"{r:.2f}" for r in radii) + r" & & \\",
         r"\midrule",
     ]
-    for name, acc, acr, n in rows:
-        cells = [_latex_escape(name), *(_fixed(a, 2) for a in acc), _fixed(acr, 3), str(n)]
-        lines.append(" & ".join(cells) + r" \\")
+    numbers = _bold_best([[*(_fixed(a, 2) for a in acc), _fixed(acr, 3)]
+                          for _, acc, acr, _ in rows]) if rows else []
+    for (name, *_, n), cells in zip(rows, numbers, strict=True):
+        lines.append(" & ".join([latex_text(name), *cells, str(n)]) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines) + "\n"
 
@@ -302,23 +345,39 @@ def plot_curves(
     if title:
         ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    # Beside the axes, never over the curves (the saved figure grows to hold it).
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
     save_figure(fig, path)
+
+
+def sigma_curves(tables: Sequence[ResultFile], names: Sequence[str | None],
+                 wanted: set[str] | None = None) -> list[ResultCurve]:
+    """Cohen's vary-sigma figure's curves: one per file, its main method (the first of `wanted`
+    it holds), named by the file's sigma (by its name where the sidecar has none)."""
+    curves = []
+    for table, name in zip(tables, names, strict=True):
+        own = curves_of(table, name)
+        curve = next((c for c in own if wanted is None or c.method in wanted), own[0])
+        sigma = table.sidecar.sigma if table.sidecar is not None else None
+        curve.name = f"σ = {sigma:g}" if sigma is not None else curve.name
+        curves.append(curve)
+    return curves
 
 
 # ---------------------------------------------------------------- entry point
 
 
-def _notes(tables: list[ResultFile], fmt: str) -> list[str]:
+def _notes(tables: list[ResultFile], fmt: str, names: Sequence[str | None]) -> list[str]:
     """What a reader of the table must know: each file's protocol, rounded radii, and the
-    guarantee of each T-CERTIFY mode."""
+    guarantee of each T-CERTIFY mode; each file named as its rows (`names`, or its label)."""
     sidecars = [(t, t.sidecar or Sidecar()) for t in tables]
+    label = {id(t): name or t.label for t, name in zip(tables, names, strict=True)}
     protocols = {s.protocol for _, s in sidecars if s.protocol}
-    notes = [f"{t.label}: {s.protocol}" for t, s in sidecars if s.protocol]
+    notes = [f"{label[id(t)]}: {s.protocol}" for t, s in sidecars if s.protocol]
     if len(protocols) > 1:
         notes.append("warning: the files follow different test protocols; compare with care")
     notes += [
-        f"{t.label}: radii rounded to 3 significant digits (Cohen's certify.py prints "
+        f"{label[id(t)]}: radii rounded to 3 significant digits (Cohen's certify.py prints "
         "{:.3}, which rounds up: certified accuracy at the table's radii may be overstated)"
         for t in tables if t.rounded
     ]
@@ -331,10 +390,11 @@ def _notes(tables: list[ResultFile], fmt: str) -> list[str]:
                      f"its provable failure probability is {level}; "
                      f"{METHOD_LABELS['tcertify-strict']} and CERTIFY hold at α exactly")
     if any(s.sampling for _, s in sidecars):
-        notes += [note for note in map(_samples_note, tables) if note]
-        notes += [note for t, s in sidecars if (note := t.protocol.note(t.label, s))]
-    prefix = {"markdown": "", "latex": "% ", "csv": "# "}[fmt]
-    return [prefix + note for note in notes]
+        notes += [note for t in tables if (note := _samples_note(t, label[id(t)]))]
+        notes += [note for t, s in sidecars if (note := t.protocol.note(label[id(t)], s))]
+    if fmt == "latex":
+        return ["% " + _ascii(note) for note in notes]
+    return [{"markdown": "", "csv": "# "}[fmt] + note for note in notes]
 
 
 def samples_per_input(table: ResultFile) -> np.ndarray | None:
@@ -346,12 +406,12 @@ def samples_per_input(table: ResultFile) -> np.ndarray | None:
     return None
 
 
-def _samples_note(table: ResultFile) -> str:
+def _samples_note(table: ResultFile, label: str) -> str:
     samples = samples_per_input(table)
     if samples is None or samples.size == 0:
         return ""
     sampling = (table.sidecar or Sidecar()).sampling or "fixed"
-    return (f"{table.label}: forward passes per input ({sampling} n0 + n): mean "
+    return (f"{label}: forward passes per input ({sampling} n0 + n): mean "
             f"{samples.mean():.0f}, median {np.median(samples):.0f}, max {samples.max()}")
 
 
@@ -371,27 +431,89 @@ def _refuse_repeats(paths: Sequence[str | os.PathLike]) -> None:
         seen[key] = path
 
 
+# --methods names: the certification methods, strict T-CERTIFY as "strict" for short.
+METHOD_CHOICES = {"certify": "certify", "tcertify": "tcertify", "strict": "tcertify-strict",
+                  "tcertify-strict": "tcertify-strict"}
+
+
+def reachable_radii(tables: Sequence[ResultFile], radii: np.ndarray = DEFAULT_RADII
+                    ) -> np.ndarray:
+    """The `radii` at which some row's certified accuracy can be > 0: up to the largest radius
+    any file's n, sigma and alpha allow (beyond, every column is 0). At least the first."""
+    radii = _check_radii(radii)
+    largest = max((float(limit.max()) for t in tables for limit in t.protocol.radius_limits(
+        t.values, t.methods, t.header, t.sidecar)[0].values() if limit.size), default=0.0)
+    reached = radii[radii <= largest * (1 + 1e-9)]
+    return reached if reached.size else radii[:1]
+
+
+def _method_names(methods: Sequence[str] | None) -> set[str] | None:
+    """The certification methods `methods` (--methods names) name, None for all."""
+    if methods is None:
+        return None
+    unknown = [m for m in methods if m not in METHOD_CHOICES]
+    if unknown or not methods:
+        raise ValueError(f"analyze: --methods: unknown method {', '.join(map(repr, unknown))}; "
+                         "accepted: certify, tcertify, strict (comma-separated)")
+    return {METHOD_CHOICES[m] for m in methods}
+
+
+def _chosen(curves: list[ResultCurve], wanted: set[str] | None) -> list[ResultCurve]:
+    if wanted is None:
+        return curves
+    chosen = [c for c in curves if c.method in wanted]
+    if not chosen:
+        raise ValueError(f"analyze: --methods {','.join(sorted(wanted))}: no file holds them")
+    return chosen
+
+
+def _labels_of(paths: Sequence[str | os.PathLike], labels: Mapping[str, str] | None
+               ) -> list[str | None]:
+    """Each file's row name from `labels` ({file as named: name}), None for its own label."""
+    labels = dict(labels or {})
+    unknown = [f for f in labels if f not in map(str, paths)]
+    if unknown:
+        raise ValueError(f"analyze: --label {unknown[0]}=...: '{unknown[0]}' is not one of the "
+                         "files analysed (name it as on the command line)")
+    return [labels.get(str(p)) for p in paths]
+
+
 def analyze(
     paths: Sequence[str | os.PathLike],
-    radii: np.ndarray = DEFAULT_RADII,
+    radii: np.ndarray | None = None,
     fmt: str = "markdown",
     plot: str | os.PathLike | None = None,
     protocol_note: bool = True,
+    methods: Sequence[str] | None = None,
+    labels: Mapping[str, str] | None = None,
+    vary_sigma: str | os.PathLike | None = None,
 ) -> str:
-    """Load result files; return their table (after the notes on each file); plot if asked."""
+    """Load result files; return their table (after the notes on each file); plot if asked.
+
+    `radii`: the table's columns (default: the Table-1 radii some file can reach); `methods`:
+    the rows' methods (--methods names, default all); `labels`: row names by file;
+    `vary_sigma`: a PNG of one curve per file, labelled by its sigma."""
     if not paths:
         raise ValueError("analyze: paths must name at least one result file")
     if fmt not in _FORMATS:
         raise ValueError(f"fmt must be one of {', '.join(_FORMATS)}, got {fmt!r}")
-    if plot is not None:
-        check_plot_target(Path(plot))  # before any work
+    if radii is not None:
+        radii = _check_radii(radii)
+    wanted = _method_names(methods)
+    for target in (plot, vary_sigma):
+        if target is not None:
+            check_plot_target(Path(target))  # before any work
     _refuse_repeats(paths)
+    names = _labels_of(paths, labels)
     tables = [read_certified(p) for p in paths]
-    curves = [curve for table in tables for curve in curves_of(table)]
-    table = format_table(curves, radii, fmt)
+    curves = _chosen([curve for table, name in zip(tables, names, strict=True)
+                      for curve in curves_of(table, name)], wanted)
+    table = format_table(curves, reachable_radii(tables) if radii is None else radii, fmt)
     if plot is not None:
         plot_curves(curves, plot)
-    notes = _notes(tables, fmt) if protocol_note else []
+    if vary_sigma is not None:
+        plot_curves(sigma_curves(tables, names, wanted), vary_sigma)
+    notes = _notes(tables, fmt, names) if protocol_note else []
     if not notes:
         return table
     return "\n".join(notes) + ("\n\n" if fmt == "markdown" else "\n") + table

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -13,7 +14,14 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, fields
 from pathlib import Path
 
-from .options import add_demo_arguments, add_run_options, add_train_arguments
+from .options import (
+    DefaultsHelpFormatter,
+    add_analyze_options,
+    add_demo_arguments,
+    add_run_options,
+    add_train_arguments,
+    run_argument_problem,
+)
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -34,6 +42,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-progress", action="store_true", help=PROGRESS_HELP)
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    parser.add_argument("--version", action="version", version=f"smoothcert {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a base classifier")
     if argv is None or "train" in argv:
@@ -43,9 +52,10 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     analyze = sub.add_parser("analyze", help="certified-accuracy tables, ACR and plots")
     analyze.add_argument("files", nargs="+", help="result TSVs of `smoothcert certify`")
     style = analyze.add_mutually_exclusive_group()
-    style.add_argument("--latex", action="store_true")
-    style.add_argument("--csv", action="store_true")
-    analyze.add_argument("--plot", help="write a PNG of certified accuracy against radius")
+    style.add_argument("--latex", action="store_true",
+                       help="a LaTeX table (booktabs; pure ASCII; best of each column bold)")
+    style.add_argument("--csv", action="store_true", help="CSV at full precision")
+    add_analyze_options(analyze)
     verify = sub.add_parser("verify", help="recompute every certificate of result files")
     verify.add_argument("files", nargs="+", help="result TSVs of `smoothcert certify`")
     verify.add_argument("--data-dir", help="the dataset's folder, to check each row's label "
@@ -56,11 +66,30 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     sub.add_parser("objectives", help="list the training objectives (--objective)")
     assert tuple(sub.choices) == COMMANDS
     for command in sub.choices.values():  # the global options after the command too
+        command.formatter_class = DefaultsHelpFormatter
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                              help=DEBUG_HELP)
         command.add_argument("--no-progress", action="store_true", default=argparse.SUPPRESS,
                              help=PROGRESS_HELP)
     return parser
+
+
+def version() -> str:
+    """The installed distribution's version, else the source tree's."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("smoothcert")
+    except PackageNotFoundError:
+        from . import __version__
+
+        return __version__
+
+
+def _is_rank_zero() -> bool:
+    """Whether this process reports the command's result: under torchrun only rank 0 does."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 RESUME_HINT = "run the same command to resume"
@@ -90,7 +119,8 @@ def _train(args) -> None:
 
     with _on_interrupt(hint):
         path = train(cfg, resume=args.resume, progress=not args.no_progress)
-    print(f"checkpoint: {path}")
+    if _is_rank_zero():
+        print(f"checkpoint: {path}")
 
 
 def _demo(args) -> None:
@@ -133,6 +163,8 @@ def _run(args) -> None:
     cfg = RunConfig(mode=args.command, **options)
     with _on_interrupt(lambda: RESUME_HINT):
         path = run(cfg, progress=not args.no_progress)
+    if not _is_rank_zero():
+        return
     print(f"results: {path}")
     if args.command == "predict":
         print(f"abstention rate: {abstention_rate(path):.4f}")
@@ -142,9 +174,11 @@ def _analyze(args) -> None:
     from .analyze import analyze
 
     fmt = "latex" if args.latex else "csv" if args.csv else "markdown"
-    print(analyze(args.files, fmt=fmt, plot=args.plot, protocol_note=fmt != "csv"))
-    if args.plot:
-        print(f"plot: {args.plot}", file=sys.stderr)
+    print(analyze(args.files, radii=args.radii, fmt=fmt, plot=args.plot,
+                  protocol_note=fmt != "csv", methods=args.methods, labels=args.label,
+                  vary_sigma=args.vary_sigma))
+    for plot in filter(None, (args.plot, args.vary_sigma)):
+        print(f"plot: {plot}", file=sys.stderr)
 
 
 def is_usage_error(err: BaseException) -> bool:
@@ -222,6 +256,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     with logging_to_stderr():  # a deprecated option's warning
         args = build_parser(argv).parse_args(argv)
+    if args.command in {"certify", "predict"} and (problem := run_argument_problem(args)):
+        print(f"smoothcert {args.command}: error: {problem}", file=sys.stderr)
+        return 2
     try:
         with _sigterm_interrupts():
             return _execute(args)

@@ -30,6 +30,7 @@ from .analyze import (
     save_figure,
 )
 from .io import atomic_write_json, atomic_write_text
+from .results import METHOD_LABELS
 
 if TYPE_CHECKING:  # both import torch, which the report's functions do not need
     from .presets import TrainConfig
@@ -337,6 +338,12 @@ def _norm_ppf(p: float) -> float:
     return float(norm.ppf(p))
 
 
+# examples.png shows paper-mode T-CERTIFY's radii, and says so: strict mode's differ.
+EXAMPLES_METHOD = "tcertify"
+EXAMPLES_TITLE = (f"Certified radius ({METHOD_LABELS[EXAMPLES_METHOD]}, failure probability "
+                  "2α − α/grid) of a few test digits")
+
+
 def plot_examples(args: argparse.Namespace, models: list[DemoModel], by_method: dict,
                   path: Path, rows: int = 5, copies: int = 3) -> None:
     """A few certified test digits, noisy copies of them and each model's certified radius."""
@@ -348,7 +355,7 @@ def plot_examples(args: argparse.Namespace, models: list[DemoModel], by_method: 
 
     dataset = get_dataset("mnist", "test")
     indices = np.arange(0, len(dataset), args.skip)[: args.num_certify]
-    first = by_method[models[0].name]["tcertify"]
+    first = by_method[models[0].name][EXAMPLES_METHOD]
     # Spread the rows over the range of radii: from the most to the least robust digit.
     order = np.argsort(-_radii_or_zero(first), kind="stable")
     chosen = order[np.linspace(0, len(order) - 1, rows).round().astype(int)]
@@ -369,11 +376,11 @@ def plot_examples(args: argparse.Namespace, models: list[DemoModel], by_method: 
             ax.axis("off")
         text = []
         for model in models:
-            cert = by_method[model.name]["tcertify"]
+            cert = by_method[model.name][EXAMPLES_METHOD]
             radius = cert.radius[position] if cert.correct[position] else 0.0
             verdict = f"r = {radius:.2f}" if cert.correct[position] else "not certified"
             text.append(f"{model.label}:\n  {verdict}")
         axes[row, -1].text(0.0, 0.5, "\n".join(text), fontsize=8, va="center")
         axes[row, -1].axis("off")
-    fig.suptitle("Certified radius (T-CERTIFY) of a few test digits", fontsize=9)
+    fig.suptitle(EXAMPLES_TITLE, fontsize=9)
     save_figure(fig, path)

@@ -304,6 +304,8 @@ def _loss_at(
         floor=cfg.adre_floor,
     )
     terms["acc"] = _noisy_accuracy(logits, y)
+    if not lam:  # not trained: logged, it would read as part of the objective
+        del terms["l_adre"]
     return loss, terms
 
 

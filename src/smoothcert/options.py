@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import typing
 from collections.abc import Collection, Sequence
 from dataclasses import asdict, fields
@@ -32,6 +33,19 @@ TRAIN_COMMAND_OPTIONS = {"resume"}
 TRAIN_DEPRECATED_FLAGS = {"--method": "--objective"}
 
 logger = logging.getLogger(__name__)
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Each option's help ends with its default, unless the help names one already (train's,
+    with a --preset's value) or there is none to show (None, False, a flag's absence)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or "default" in text or default is None
+                or default is False or default is argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
 
 
 class _DeprecatedFlag(argparse.Action):
@@ -166,6 +180,27 @@ def _sample_count(text: str) -> int:
             f"must be an integer in [1, {MAX_SAMPLES}], got {text!r}") from None
 
 
+def _noise_level(text: str) -> float:
+    """--sigma of certify/predict: a positive finite number, checked before torch is imported."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text!r}")
+    return value
+
+
+def run_argument_problem(args: argparse.Namespace) -> str | None:
+    """What certify/predict's arguments alone show to be wrong, before torch or the model is
+    loaded: the published checkpoint formats record no noise level."""
+    if getattr(args, "format", None) in {"cohen", "macer"} and args.sigma is None:
+        return (f"sigma: a {args.format} checkpoint does not record the noise level its model "
+                "was trained with; give --sigma, e.g. 0.25, 0.5 or 1.0 for Cohen et al.'s "
+                "released models")
+    return None
+
+
 def add_run_options(parser: argparse.ArgumentParser, certify: bool) -> None:
     parser.add_argument("checkpoint", help="checkpoint.pt of `smoothcert train`, a Cohen "
                         "et al./SmoothAdv/Consistency/SmoothMix or MACER checkpoint, a "
@@ -175,7 +210,7 @@ def add_run_options(parser: argparse.ArgumentParser, certify: bool) -> None:
                  help="the checkpoint's format (default: from its content)")
     _add_model_options(parser)
     parser.add_argument("--out", required=True, help="result TSV (re-running resumes it)")
-    parser.add_argument("--split", default="test")
+    parser.add_argument("--split", default="test", help="the dataset's split")
     # --N / --max-examples: torchrun swallows --n and --max as abbreviations of its own
     # options (pytorch/pytorch#120601), so every option needs a spelling it passes through.
     _add_aliased(parser, "--N", "--n", dest="n", type=_sample_count, default=100_000,
@@ -186,14 +221,15 @@ def add_run_options(parser: argparse.ArgumentParser, certify: bool) -> None:
     _add_aliased(parser, "--max-examples", "--max", dest="max", type=_example_count,
                  default=None, help="at most this many examples (a COUNT; Cohen's --max is an "
                  "index)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sigma", type=float, help="noise level: required for Cohen/MACER "
+    parser.add_argument("--seed", type=int, default=0, help="seed of the noise draws")
+    parser.add_argument("--sigma", type=_noise_level, help="noise level: required for Cohen/MACER "
                         "checkpoints, overrides a smoothcert checkpoint's")
     parser.add_argument("--dataset", type=_dataset_name, metavar="NAME",
                         help="the data: mnist, cifar10, imagenet, imagefolder (--data-dir) or "
                         "npz (--data-file); default: the checkpoint's")
     _add_data_options(parser)
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto", help="auto (a GPU if any), cpu, cuda, "
+                        "cuda:N or mps")
     parser.add_argument("--amp", type=_amp, metavar="{none,bf16,fp16}", help=AMP_HELP)
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                         help="run the model in channels_last memory format (default on)")
@@ -306,8 +342,35 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
                         help="selection samples (default 100)")
     _add_aliased(parser, "--N", "--n", dest="n", type=_sample_count, default=5_000,
                  help="estimation samples (default 5,000)")
-    parser.add_argument("--alpha", type=float, default=0.001)
+    parser.add_argument("--alpha", type=float, default=0.001, help="failure probability")
     parser.add_argument("--batch", type=int, default=1_000, help="certification batch")
     parser.add_argument("--amp", type=_amp, metavar="{none,bf16,fp16}", default="bf16",
                         help=f"{AMP_HELP}, for training and certification (default bf16)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of training and noise draws")
+
+
+def _methods(text: str) -> tuple[str, ...]:
+    """--methods: comma-separated certification methods."""
+    return tuple(m.strip() for m in text.split(","))
+
+
+class _Labels(argparse.Action):
+    """--label FILE=NAME, repeatable: {file: row name}."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        file, sep, name = values.partition("=")
+        if not (sep and file and name):
+            raise argparse.ArgumentError(self, f"expected FILE=NAME, got {values!r}")
+        setattr(namespace, self.dest, {**(getattr(namespace, self.dest) or {}), file: name})
+
+
+def add_analyze_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--radii", type=_radii, help="the table's radii, comma-separated "
+                        "(default: the Table-1 radii 0, 0.25, ..., 3 that some file can reach)")
+    parser.add_argument("--methods", type=_methods, metavar="M,...", help="the rows' methods: "
+                        "certify, tcertify, strict (default: each file's all)")
+    parser.add_argument("--label", action=_Labels, metavar="FILE=NAME",
+                        help="name FILE's rows NAME (repeatable; default: the file's label)")
+    parser.add_argument("--plot", help="write a PNG of certified accuracy against radius")
+    parser.add_argument("--vary-sigma", metavar="PNG", help="write a PNG of one curve per file "
+                        "(its main method, or its first of --methods), labelled by its sigma")

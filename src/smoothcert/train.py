@@ -411,7 +411,9 @@ class Trainer:
         means = dict(zip(keys, (totals / steps).tolist(), strict=True))
         if "acc" in means:
             means["train_acc"] = means.pop("acc")
-        return {**means, "eps": eps_at(cfg, epoch), "steps": steps}
+        # "batches", not "steps": that is the PGD steps' name; eps only where there is an attack
+        attack = {"eps": eps_at(cfg, epoch)} if hasattr(objective_cfg, "eps") else {}
+        return {**means, **attack, "batches": steps}
 
     def _save(self, epoch: int) -> None:
         weights = self.model.state_dict()
