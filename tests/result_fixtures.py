@@ -39,10 +39,10 @@ def tiny_model(*_args, **_kwargs):
 
 def run_fixture(name: str, folder: Path, monkeypatch: pytest.MonkeyPatch | None = None) -> Path:
     """Run the fixture `name`'s protocol into `folder/name` (folder holds the checkpoint)."""
-    from smoothcert import runner
+    from smoothcert import runner, sources
 
     patch = monkeypatch or pytest.MonkeyPatch()
-    patch.setattr(runner, "load", tiny_model)
+    patch.setattr(sources, "load", tiny_model)
     patch.chdir(folder)
     try:
         cfg = runner.RunConfig(checkpoint=CHECKPOINT, out=name, **COMMON, **RUNS[name])

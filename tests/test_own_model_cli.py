@@ -13,8 +13,8 @@ from PIL import Image
 from test_cli import cli
 
 import smoothcert
+from smoothcert.in_memory import state_dict_sha256
 from smoothcert.models.spec import build_from_spec
-from smoothcert.runner import state_dict_sha256
 
 SPEC = "torchvision:resnet18"
 CLASSES = ("ant", "bee", "cow")

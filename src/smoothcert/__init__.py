@@ -20,8 +20,8 @@ _HOMES = {
     "load": "loading",
     "Loaded": "loading",
     "build_from_spec": "models.spec",
-    "certify_dataset": "runner",
-    "predict_dataset": "runner",
+    "certify_dataset": "in_memory",
+    "predict_dataset": "in_memory",
 }
 __all__ = sorted(_HOMES)
 

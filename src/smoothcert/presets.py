@@ -57,7 +57,7 @@ class TrainConfig(_ObjectiveOptions):
     data_file: str | None = field(default=None, metadata={"help": "--dataset npz: arrays "
                                   "x_train, y_train, x_test, y_test"})
     image_size: int | None = field(default=None, metadata={"help": "imagefolder/npz: the "
-                                   "images' size (default: the first image's shorter side)"})
+                                   "images' size (default the first image's shorter side)"})
     mean: str | None = field(default=None, metadata={"help": "imagefolder/npz: per-channel "
                              "mean (comma list) or auto (from the training split); none: the "
                              "model reads [0, 1] pixels"})

@@ -14,35 +14,28 @@ or with n chosen per input (adaptive n); a file holds rows of one protocol only.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from . import results
-from .checkpoints import ARCHITECTURES
-from .data import USER_DATASETS, DatasetInfo, dataset_info, get_dataset
 from .denoise import Denoised, load_denoiser
 from .distributed import DistContext, batch_memory_guard, init_distributed
 from .io import check_output_path, output_lock
-from .loading import USER_FILE_KINDS, Loaded, load
-from .models.spec import USER_RECORD, parse_model_kwargs
 from .protocols import Protocol, protocol_of
 from .rng import generator
-from .sampling import eval_mode, model_device
 from .schema import LAYOUTS
 from .sidecar import Sidecar, read, write
 from .smooth import Smooth
+from .sources import Source, source_from_files
 from .stats import ABSTAIN, check_alpha, check_positive_int, check_sample_count
 
 log = logging.getLogger(__name__)
@@ -145,93 +138,6 @@ class RunConfig:
             raise ValueError(f"out: '{self.out}' has the name of a torchrun part file of "
                              f"'{stem}', which a run on '{stem}' would take as its own: choose "
                              "another --out")
-
-
-@dataclass(frozen=True)
-class Source:
-    """What a run certifies: a model reading [0, 1] pixels, its examples, and their names."""
-
-    model: nn.Module
-    dataset: Dataset
-    name: str  # the dataset's, as the sidecar records it
-    sigma: float
-    num_classes: int
-    checkpoint_sha256: str  # the content the results belong to
-    record: dict  # the sidecar's further settings: the checkpoint, a user's model and data
-
-
-def source_from_files(cfg: RunConfig, device: torch.device) -> Source:
-    """The checkpoint and dataset `cfg` names."""
-    # Hashed before loading: a checkpoint replaced meanwhile makes the next run recompute.
-    digest = results.file_sha256(cfg.checkpoint) if os.path.isfile(cfg.checkpoint) else ""
-    loaded, info = load_for_data(cfg, device)
-    dataset = get_dataset(loaded.dataset, cfg.split, cfg.data_dir, augment=False,
-                          data_file=cfg.data_file, image_size=info.image_size)
-    record = dict(checkpoint=str(cfg.checkpoint), checkpoint_format=cfg.format, arch=cfg.arch,
-                  **_user_settings(loaded, info))
-    return Source(loaded.model, dataset, loaded.dataset, loaded.sigma, loaded.num_classes,
-                  digest, record)
-
-
-def load_for_data(cfg: RunConfig, device: torch.device) -> tuple[Loaded, DatasetInfo]:
-    """The run's model (`checkpoints.load`) with its dataset named, and that dataset's info;
-    the model's classes and input are checked against the data's."""
-    user = cfg.dataset in USER_DATASETS
-    info = _user_data(cfg, cfg.dataset, cfg.image_size) if user else None
-    loaded = load(
-        cfg.checkpoint, sigma=cfg.sigma, dataset=None if user else cfg.dataset,
-        num_classes=info.num_classes if user else None, model=_spec(cfg),
-        model_kwargs=parse_model_kwargs(cfg.model_kwargs) if isinstance(
-            cfg.model_kwargs, str) else cfg.model_kwargs,
-        state_dict_key=cfg.state_dict_key, trust_pickle=cfg.trust_pickle, mean=cfg.mean,
-        std=cfg.std, normalize=cfg.normalize, format=cfg.format, arch=cfg.arch,
-        channels=info.channels if user else None, image_size=info.image_size if user else None,
-        device=device)
-    built = loaded.config.get(USER_RECORD) or {}  # a smoothcert run on a user's data
-    if user:
-        loaded = replace(loaded, dataset=cfg.dataset)
-    elif loaded.dataset in USER_DATASETS:
-        info = _user_data(cfg, loaded.dataset, cfg.image_size or built.get("image_size"))
-    if loaded.dataset is None:
-        raise ValueError(f"dataset: '{cfg.checkpoint}' does not say which data it was trained "
-                         "on; give --dataset (mnist, cifar10, imagenet, imagefolder or npz)")
-    info = info or dataset_info(loaded.dataset)
-    _check_trained_classes(cfg.checkpoint, built.get("classes"), loaded.num_classes, info)
-    return loaded, info
-
-
-def _spec(cfg: RunConfig) -> str | None:
-    """--model as a state_dict's spec; a MACER architecture's name (--model lenet) is not one,
-    unless --checkpoint-format state_dict says so."""
-    macer = cfg.format in ("auto", "macer") and cfg.arch in ARCHITECTURES["macer"]
-    return None if macer else cfg.arch
-
-
-def _user_data(cfg: RunConfig, name: str, image_size: int | None) -> DatasetInfo:
-    return dataset_info(name, cfg.data_dir, data_file=cfg.data_file, image_size=image_size)
-
-
-def _check_trained_classes(checkpoint: str, trained: list[str] | None, outputs: int,
-                           info: DatasetInfo) -> None:
-    """The model's classes against the data's: their number and (both named) their names."""
-    if outputs != info.num_classes:
-        raise ValueError(f"num_classes: the model in '{checkpoint}' outputs {outputs} classes, "
-                         f"the data has {info.num_classes}")
-    if trained and info.classes and list(info.classes) != list(trained):
-        raise ValueError(f"dataset: '{checkpoint}' was trained on the classes "
-                         f"{', '.join(trained)}, the data has {', '.join(info.classes)}")
-
-
-def _user_settings(loaded: Loaded, info: DatasetInfo) -> dict:
-    """The sidecar's record of a user's model and data: set only where they are a user's, so
-    that runs on smoothcert's and the published checkpoints keep their fingerprints."""
-    settings: dict = {"classes": list(info.classes) if info.classes else None,
-                      "image_size": info.image_size if loaded.dataset in USER_DATASETS else None}
-    if loaded.format in USER_FILE_KINDS:
-        settings.update(model=loaded.config.get("model", loaded.format),
-                        model_kwargs=loaded.config.get("model_kwargs") or None,
-                        normalization=loaded.normalization or "none")
-    return settings
 
 
 def selected_indices(length: int, skip: int, limit: int | None) -> list[int]:
@@ -537,73 +443,6 @@ def run(cfg: RunConfig, progress: bool = True,
 
 
 # RunConfig's fields that name a file's model or data: an in-memory run is given them instead.
-_FILE_OPTIONS = {"checkpoint", "mode", "format", "arch", "model_kwargs", "state_dict_key",
-                 "trust_pickle", "mean", "std", "normalize", "dataset", "data_dir", "data_file",
-                 "image_size", "split"}
-
-
-def certify_dataset(model: nn.Module, dataset: Dataset, *, sigma: float, out: str | os.PathLike,
-                    num_classes: int | None = None, name: str | None = None,
-                    progress: bool = False, **options: Any) -> Path:
-    """Certify each example of `dataset` ((x, label) pairs, x in [0, 1]) with `model` smoothed
-    at `sigma`, into result file `out`: `smoothcert certify`'s loop (resume, `verify`, torchrun)
-    on an in-memory model. `options` are RunConfig's sampling settings (n0, n, alpha, batch,
-    skip, max, seed, method, amp, device, radii, ...). The sidecar identifies the model by its
-    state_dict's sha256 and the data by `name` (default: the dataset's class name); the number
-    of classes is the model's output on the first example (`num_classes`, if given, must agree).
-    """
-    return _run_in_memory("certify", model, dataset, sigma, out, num_classes, name, progress,
-                          options)
-
-
-def predict_dataset(model: nn.Module, dataset: Dataset, *, sigma: float, out: str | os.PathLike,
-                    num_classes: int | None = None, name: str | None = None,
-                    progress: bool = False, **options: Any) -> Path:
-    """Cohen's PREDICT over `dataset`, as `certify_dataset` certifies."""
-    return _run_in_memory("predict", model, dataset, sigma, out, num_classes, name, progress,
-                          options)
-
-
-def _run_in_memory(mode: str, model: nn.Module, dataset: Dataset, sigma: float,
-                   out: str | os.PathLike, num_classes: int | None, name: str | None,
-                   progress: bool, options: dict[str, Any]) -> Path:
-    named = sorted(_FILE_OPTIONS & set(options))
-    if named:
-        raise TypeError(f"{mode}_dataset: {', '.join(named)} name a file's model or data; "
-                        "pass the model and dataset themselves")
-    shown = f"<{type(model).__name__} in memory>"
-    cfg = RunConfig(checkpoint=shown, out=str(out), mode=mode, sigma=sigma, **options)
-    source = Source(model, dataset, name or type(dataset).__name__, sigma,
-                    _model_classes(model, dataset, num_classes), state_dict_sha256(model),
-                    {"checkpoint": shown, "checkpoint_format": "in-memory"})
-    return Runner(cfg, progress=progress, source=source).run()
-
-
-def _model_classes(model: nn.Module, dataset: Dataset, given: int | None) -> int:
-    """The number of classes `model` outputs on `dataset`'s first example, checked."""
-    if len(dataset) == 0:
-        raise ValueError("dataset: holds no examples")
-    x = torch.as_tensor(dataset[0][0])
-    with torch.no_grad(), eval_mode(model):
-        logits = model(x.unsqueeze(0).to(model_device(model)))
-    if logits.dim() != 2 or logits.shape[0] != 1:
-        raise ValueError(f"model: must return logits [batch, classes]; on the first example "
-                         f"(shape {list(x.shape)}, batched) it returns {list(logits.shape)}")
-    if given is not None and given != logits.shape[1]:
-        raise ValueError(f"num_classes: the model outputs {logits.shape[1]} classes, "
-                         f"num_classes is {given}")
-    return int(logits.shape[1])
-
-
-def state_dict_sha256(model: nn.Module) -> str:
-    """The sha256 of `model`'s state_dict: names, dtypes, shapes and values, in name order."""
-    digest = hashlib.sha256()
-    for key, value in sorted(model.state_dict().items()):
-        digest.update(f"{key}|{value.dtype}|{tuple(value.shape)}|".encode())
-        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
-
-
 def abstention_rate(path: str | os.PathLike) -> float:
     """Fraction of rows of a PREDICT result file whose prediction is ABSTAIN."""
     predictions = results.read_results(path, kind="predict").column("predict")

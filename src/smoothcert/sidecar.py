@@ -26,7 +26,7 @@ IDENTITY_KEYS = ("mode", "method", "split", "n0", "n", "alpha", "grid", "skip", 
 SAMPLING_KEYS = ("sampling", "radii", "max_n", "confidence_sequence", "batch", "tolerance")
 # The denoiser's content (denoised smoothing): part of the identity where set, likewise.
 DENOISER_KEYS = ("denoiser_sha256",)
-# A user's model and data (see runner._user_settings): part of the identity where set, so that
+# A user's model and data (see sources._user_settings): part of the identity where set, so that
 # runs on smoothcert's and the published checkpoints keep their fingerprints.
 USER_KEYS = ("model", "model_kwargs", "normalization", "classes", "image_size")
 _OPTIONAL_IDENTITY = (*SAMPLING_KEYS, *DENOISER_KEYS, *USER_KEYS)
