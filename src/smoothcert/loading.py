@@ -71,6 +71,12 @@ class _Network:
     config: dict[str, Any]
 
 
+def _refuse_denoiser(model: nn.Module, path: str | os.PathLike) -> None:
+    if outputs_images(model):
+        raise ValueError(f"checkpoint: '{path}' is a denoiser, not a classifier: give a "
+                         "classifier, and this file as --denoiser in front of it")
+
+
 def _check_format(format: str) -> None:
     accepted = FILE_KINDS[:-1]  # a pickled model is recognised, with trust_pickle, not named
     if format != "auto" and format not in accepted:
@@ -122,9 +128,7 @@ def load(
     else:
         _refuse_convention(path, read.format, mean, std, normalize)
         full, normalization = read.model, _standardisation(read.model)
-    if outputs_images(full):
-        raise ValueError(f"checkpoint: '{path}' is a denoiser, not a classifier: give a "
-                         "classifier, and this file as --denoiser in front of it")
+    _refuse_denoiser(full, path)
     outputs = probe_num_classes(full, channels, image_size or (known.image_size if known else 32))
     _check_classes(path, outputs, num_classes, read.num_classes, dataset, known)
     return Loaded(full.to(device).eval(), _sigma(sigma, read.sigma, path), outputs, dataset,

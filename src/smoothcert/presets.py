@@ -6,8 +6,11 @@ import math
 from dataclasses import asdict, dataclass, field, fields, make_dataclass
 from typing import Literal, get_args
 
-from .data import DATASETS, USER_DATASETS
-from .models import list_models
+from torch import nn
+
+from .data import DATASETS, USER_DATASETS, dataset_info
+from .models import build_model, list_models
+from .models.spec import USER_RECORD, build_recorded, parse_model_kwargs
 from .objectives import (
     CommonConfig,
     check_options,
@@ -247,3 +250,24 @@ def warmup_factor(cfg: TrainConfig, epoch: int) -> float:
 def eps_at(cfg: TrainConfig, epoch: int) -> float:
     """The attack radius of `epoch`: linear warm-up over the first eps_warmup epochs."""
     return cfg.eps * warmup_factor(cfg, epoch)
+
+
+def build_network(cfg: TrainConfig) -> tuple[nn.Module, dict]:
+    """The model to train and, for a spec or a user's data, what config.json records of it
+    (classes, channels, image size, normalisation) so that certify rebuilds it."""
+    if cfg.dataset in DATASETS and ":" not in cfg.model and cfg.model_kwargs is None:
+        return build_model(cfg.model, cfg.dataset), {}
+    info = dataset_info(cfg.dataset, cfg.data_dir, data_file=cfg.data_file,
+                        image_size=cfg.image_size, mean=_stats(cfg.mean), std=_stats(cfg.std))
+    record = {USER_RECORD: {
+        "num_classes": info.num_classes, "channels": info.channels,
+        "image_size": info.image_size, "classes": list(info.classes) if info.classes else None,
+        "normalization": None if info.mean is None else {"mean": list(info.mean),
+                                                         "std": list(info.std)}}}
+    network = build_recorded(cfg.model, parse_model_kwargs(cfg.model_kwargs), record[USER_RECORD])
+    return network, record
+
+
+def _stats(text: str | None) -> str | list[str] | None:
+    """--mean/--std: "auto", or one value per channel, comma-separated."""
+    return text if text in (None, "auto") else text.split(",")

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from . import __version__, rng
 from .checkpoints import load_native
-from .data import DATASETS, dataset_info, get_dataset
+from .data import get_dataset
 from .distributed import DistContext, batch_memory_guard, init_distributed
 from .evaluation import evaluate, evaluate_denoiser
 from .io import (
@@ -42,10 +42,9 @@ from .io import (
     save_checkpoint,
     weights_digest,
 )
-from .models import build_model
-from .models.spec import USER_RECORD, build_recorded, parse_model_kwargs
+from .models.spec import USER_RECORD
 from .objectives import get_objective, trains_denoiser
-from .presets import TrainConfig, eps_at, lr_factor, upgrade_config
+from .presets import TrainConfig, build_network, eps_at, lr_factor, upgrade_config
 from .sampling import autocast
 
 CHECKPOINT = "checkpoint.pt"
@@ -142,27 +141,6 @@ def draw_noise(
     shape = (len(x) * ctx.world_size, cfg.k, *x.shape[1:])
     noise = torch.randn(shape, generator=generator, device=x.device, dtype=torch.float32)
     return noise[ctx.rank :: ctx.world_size].mul_(cfg.sigma)
-
-
-def build_network(cfg: TrainConfig) -> tuple[nn.Module, dict]:
-    """The model to train and, for a spec or a user's data, what config.json records of it
-    (classes, channels, image size, normalisation) so that certify rebuilds it."""
-    if cfg.dataset in DATASETS and ":" not in cfg.model and cfg.model_kwargs is None:
-        return build_model(cfg.model, cfg.dataset), {}
-    info = dataset_info(cfg.dataset, cfg.data_dir, data_file=cfg.data_file,
-                        image_size=cfg.image_size, mean=_stats(cfg.mean), std=_stats(cfg.std))
-    record = {USER_RECORD: {
-        "num_classes": info.num_classes, "channels": info.channels,
-        "image_size": info.image_size, "classes": list(info.classes) if info.classes else None,
-        "normalization": None if info.mean is None else {"mean": list(info.mean),
-                                                         "std": list(info.std)}}}
-    network = build_recorded(cfg.model, parse_model_kwargs(cfg.model_kwargs), record[USER_RECORD])
-    return network, record
-
-
-def _stats(text: str | None) -> str | list[str] | None:
-    """--mean/--std: "auto", or one value per channel, comma-separated."""
-    return text if text in (None, "auto") else text.split(",")
 
 
 def check_model_fits_objective(model: str, objective: str, network: nn.Module) -> None:
