@@ -32,6 +32,7 @@ from torch import nn
 from .data import dataset_info
 from .io import (
     CheckpointError,
+    first_line,
     read_checkpoint,
     read_checkpoint_state,
     verified_state,
@@ -189,10 +190,9 @@ def _native_model(state: dict, path: str | os.PathLike) -> tuple[nn.Module, dict
         model.load_state_dict(state["model"])
         float(config["sigma"])
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise CheckpointError(
             f"checkpoint: '{path}' is not a smoothcert checkpoint: its config and weights "
-            f"do not describe a smoothcert model ({type(err).__name__}: {first_line})"
+            f"do not describe a smoothcert model ({type(err).__name__}: {first_line(err)})"
         ) from None
     return model.eval(), config
 
@@ -263,7 +263,7 @@ def _load_weights(
         if not problems:
             network.load_state_dict(weights)
     except (RuntimeError, TypeError, AttributeError) as err:
-        problems = [str(err).strip().splitlines()[0]]
+        problems = [first_line(err)]
     if problems:
         raise CheckpointError(
             f"checkpoint: the weights in '{path}' do not fit {what}: {'; '.join(problems)}"

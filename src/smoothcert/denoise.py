@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .io import weights_digest
+from .io import first_line, weights_digest
 
 EXTRA_MESSAGE = "DiffusionDenoiser needs the optional extra: pip install 'smoothcert[diffusion]'"
 
@@ -161,10 +161,9 @@ class DiffusionDenoiser(nn.Module):
                 scheduler_dir, local_files_only=True
             )
         except (OSError, ValueError, KeyError, TypeError) as err:
-            first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
             raise ValueError(
                 f"denoiser: '{folder}' does not hold a loadable diffusers UNet2DModel and "
-                f"DDPMScheduler ({type(err).__name__}: {first_line})"
+                f"DDPMScheduler ({type(err).__name__}: {first_line(err)})"
             ) from None
         prediction = scheduler.config.get("prediction_type", "epsilon")
         if prediction != "epsilon":

@@ -283,7 +283,8 @@ def weights_digest(weights: Mapping[str, Any]) -> str:
     return digest.hexdigest()
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
+    """The first non-blank line of an error's message, stripped ("" for none)."""
     return next((line.strip() for line in str(err).splitlines() if line.strip()), "")
 
 
@@ -325,7 +326,7 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
         return torch.load(path, map_location=map_location, weights_only=True)
     except OSError as err:  # a permission or I/O error is not a damaged file
         raise CheckpointError(
-            f"checkpoint: cannot read '{path}': {err.strerror or _first_line(err)}"
+            f"checkpoint: cannot read '{path}': {err.strerror or first_line(err)}"
         ) from None
     except pickle.UnpicklingError as err:
         reason = _refusal_reason(err)
@@ -342,7 +343,7 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
             "otherwise delete it"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, KeyError, ValueError) as err:
-        detail = _first_line(err) or type(err).__name__
+        detail = first_line(err) or type(err).__name__
         raise CheckpointError(
             f"checkpoint: '{path}' is truncated or corrupted; torch.load failed: {detail}"
         ) from None

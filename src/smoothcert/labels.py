@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .io import first_line
+
 SHIPPED_DIR = Path(__file__).resolve().parent / "_data"
 
 
@@ -104,5 +106,5 @@ def split_labels(dataset: str, split: str,
     try:
         targets = get_dataset(dataset, split, data_dir, augment=False).targets
     except (ValueError, OSError) as err:
-        raise LabelsUnavailable(str(err).splitlines()[0]) from None
+        raise LabelsUnavailable(first_line(err)) from None
     return np.asarray(targets, dtype=np.int64), f"{dataset} {split} ({data_dir})"

@@ -25,6 +25,7 @@ from .denoise import outputs_images
 from .io import (
     CheckpointError,
     UnsafeCheckpointError,
+    first_line,
     read_checkpoint,
 )
 from .models.spec import (
@@ -195,9 +196,8 @@ def _unsafe_read(reader: Callable[..., Any], path: str | os.PathLike, name: str)
             warnings.simplefilter("ignore", FutureWarning)
             return reader(str(path), map_location="cpu")
     except Exception as err:  # whatever the file's code or archive raises
-        first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
         raise CheckpointError(f"checkpoint: {name} cannot read '{path}': "
-                              f"{type(err).__name__}: {first}") from None
+                              f"{type(err).__name__}: {first_line(err)}") from None
 
 
 def _pickled_model(state: Any) -> nn.Module | None:
