@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from .io import weights_digest
 from .runner import RunConfig, Runner
 from .sampling import eval_mode, model_device
 from .sources import Source
@@ -75,9 +75,5 @@ def _model_classes(model: nn.Module, dataset: Dataset, given: int | None) -> int
 
 
 def state_dict_sha256(model: nn.Module) -> str:
-    """The sha256 of `model`'s state_dict: names, dtypes, shapes and values, in name order."""
-    digest = hashlib.sha256()
-    for key, value in sorted(model.state_dict().items()):
-        digest.update(f"{key}|{value.dtype}|{tuple(value.shape)}|".encode())
-        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
+    """The sha256 of `model`'s state_dict (`io.weights_digest`: names, dtypes, shapes, values)."""
+    return weights_digest(model.state_dict())

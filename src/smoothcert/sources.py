@@ -50,7 +50,7 @@ def source_from_files(cfg: RunConfig, device: torch.device) -> Source:
 
 
 def load_for_data(cfg: RunConfig, device: torch.device) -> tuple[Loaded, DatasetInfo]:
-    """The run's model (`checkpoints.load`) with its dataset named, and that dataset's info;
+    """The run's model (`loading.load`) with its dataset named, and that dataset's info;
     the model's classes and input are checked against the data's."""
     user = cfg.dataset in USER_DATASETS
     info = _user_data(cfg, cfg.dataset, cfg.image_size) if user else None
