@@ -306,6 +306,15 @@ def test_eval_subset_zero_logs_no_test_metrics(tmp_path):
     assert "test_clean_acc" not in record and "loss" in record
 
 
+def test_a_batch_larger_than_the_training_split_is_refused_before_any_file(tmp_path):
+    # drop_last would leave every epoch without a step: "trained" weights equal to the initial ones
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"batch must be at most the training split's size "
+                                         r"\(64 examples\), got 65"):
+        train(tiny(run, batch=65), progress=False)
+    assert not run.exists() or not any(run.iterdir())
+
+
 # ---------------------------------------------------------------- refusing to clobber or mix runs
 
 

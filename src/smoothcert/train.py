@@ -115,6 +115,14 @@ def check_global_batch(batch: int, world_size: int) -> None:
         )
 
 
+def check_batch_fits(batch: int, examples: int) -> None:
+    """Refuse a batch larger than the training split: every epoch would drop its only batch."""
+    if batch > examples:
+        raise ValueError(
+            f"batch must be at most the training split's size ({examples} examples), got {batch}"
+        )
+
+
 def train_loader(dataset: Dataset, cfg: TrainConfig, ctx: DistContext, epoch: int) -> DataLoader:
     """This rank's loader of `epoch`; cfg.batch was checked by check_global_batch at start-up."""
     # DistributedSampler with one replica is a seeded shuffle, so 1 and N processes agree.
@@ -215,6 +223,7 @@ class Trainer:
             get_dataset(cfg.dataset, "train", cfg.data_dir, cfg.download, **self._data_files()),
             cfg.train_subset
         )
+        check_batch_fits(cfg.batch, len(self.train_set))
         self.eval_set = first_n(
             get_dataset(cfg.dataset, "test", cfg.data_dir, cfg.download, **self._data_files()),
             cfg.eval_subset
