@@ -3,6 +3,7 @@ result line under torchrun."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.metadata
 import re
 
@@ -45,6 +46,24 @@ def test_every_help_shows_the_defaults(capsys, argv, shown):
     assert not re.search(r"\(default[ :][^)]*\) \(default: ", text)  # never two defaults
 
 
+def test_every_option_of_every_command_shows_its_default_and_no_flag_a_value():
+    parser = cli.build_parser(["train"])
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    checked = 0
+    for name, command in commands.choices.items():
+        formatter = command._get_formatter()
+        for action in command._actions:
+            if not action.option_strings or action.help is argparse.SUPPRESS:
+                continue
+            text = formatter._expand_help(action)
+            if action.nargs == 0 and not isinstance(action, argparse.BooleanOptionalAction):
+                assert "(default: " not in text, (name, action.option_strings)  # --no-normalize
+            elif action.default is not None:
+                assert "default" in text, (name, action.option_strings)
+                checked += 1
+    assert checked > 30  # certify's, predict's and demo's
+
+
 def test_train_help_shows_each_default_once(capsys):
     text = help_text(capsys, "train")
     assert "(default: " not in text  # train's help names its (preset's) values itself
@@ -63,15 +82,24 @@ def test_version_prints_the_installed_version(capsys, monkeypatch):
     assert cli.version() == smoothcert.__version__
 
 
-@pytest.mark.parametrize("rank, printed", [("0", "results: r.tsv\n"), ("1", "")])
+@pytest.mark.parametrize("command, printed", [
+    ("certify", "results: r.tsv\n"),
+    ("predict", "results: r.tsv\nabstention rate: 0.2500\n"),
+    ("train", "checkpoint: c.pt\n"),
+])
+@pytest.mark.parametrize("rank", ["0", "1"])
 def test_under_torchrun_only_rank_0_prints_the_result_line(capsys, monkeypatch, tmp_path, rank,
-                                                            printed):
-    from smoothcert import runner
+                                                            command, printed):
+    from smoothcert import runner, train
 
     monkeypatch.setenv("RANK", rank)
     monkeypatch.setattr(runner, "run", lambda cfg, progress: "r.tsv")
-    assert cli.main(["--no-progress", "certify", str(tmp_path / "c.pt"), "--out", "r.tsv"]) == 0
-    assert capsys.readouterr().out == printed
+    monkeypatch.setattr(runner, "abstention_rate", lambda path: 0.25)
+    monkeypatch.setattr(train, "train", lambda cfg, resume, progress: "c.pt")
+    argv = ["--out", str(tmp_path / "run")] if command == "train" else \
+        [str(tmp_path / "c.pt"), "--out", "r.tsv"]
+    assert cli.main(["--no-progress", command, *argv]) == 0
+    assert capsys.readouterr().out == (printed if rank == "0" else "")
 
 
 @pytest.mark.parametrize("argv, message", [

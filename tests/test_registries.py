@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, fields
 import pytest
 import torch
 from test_cli_options import run
+from test_imports import imported
 
 from smoothcert import objectives
 from smoothcert.attacks import noisy_logits
@@ -49,6 +50,15 @@ def test_every_objective_has_its_config_and_every_option_is_a_train_option():
         assert issubclass(config, CommonConfig)
         assert {f.name for f in fields(config)} - {"warmup"} <= names
         assert all(f.metadata.get("help") for f in fields(config) if f.name != "warmup")
+
+
+@pytest.mark.parametrize("command", ["objectives", "models"])
+def test_a_listing_without_torch_prints_what_the_registry_holds(capsys, command):
+    """catalogue.py's copy of the built-in registries (a new built-in without its entry fails)."""
+    names, done = imported("-m", "smoothcert", command)
+    assert done.returncode == 0 and not names & {"torch", "torchvision"}, done.stderr[-2000:]
+    code, out, _ = run(capsys, command)  # this process has imported the registries
+    assert code == 0 and done.stdout == out
 
 
 def test_train_help_of_an_objective_lists_only_its_options(capsys):

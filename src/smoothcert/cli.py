@@ -139,19 +139,17 @@ def _list_presets(args) -> None:
 
 
 def _list_models(args) -> None:
-    from .models import list_models
+    from .catalogue import models
 
-    print("\n".join(list_models()))
+    print("\n".join(models()))
 
 
 def _list_objectives(args) -> None:
-    import inspect
+    from .catalogue import objectives
 
-    from .objectives import get_objective, list_objectives
-
-    width = max(map(len, list_objectives()))
-    for name in list_objectives():
-        summary = inspect.getdoc(get_objective(name)).split("\n\n")[0].replace("\n", " ")
+    listed = objectives()
+    width = max(map(len, listed))
+    for name, summary in listed.items():
         print(f"{name:{width}} {summary}")
 
 

@@ -37,13 +37,15 @@ logger = logging.getLogger(__name__)
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):
     """Each option's help ends with its default, unless the help names one already (train's,
-    with a --preset's value) or there is none to show (None, False, a flag's absence)."""
+    with a --preset's value) or there is none to show (None, False, a flag's absence: the
+    True of a --no-X flag is not its own default)."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
         default = action.default
+        is_flag = action.nargs == 0 and not isinstance(action, argparse.BooleanOptionalAction)
         if (not action.option_strings or "default" in text or default is None
-                or default is False or default is argparse.SUPPRESS):
+                or default is False or is_flag or default is argparse.SUPPRESS):
             return text
         return f"{text} (default: %(default)s)".lstrip()
 

@@ -23,7 +23,6 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
-from tqdm.auto import tqdm
 
 from . import __version__, rng
 from .checkpoints import load_native
@@ -46,6 +45,7 @@ from .models.spec import USER_RECORD
 from .objectives import get_objective, trains_denoiser
 from .presets import TrainConfig, build_network, eps_at, lr_factor, upgrade_config
 from .sampling import autocast
+from .training_progress import EpochBar
 
 CHECKPOINT = "checkpoint.pt"
 CONFIG = "config.json"
@@ -373,22 +373,22 @@ class Trainer:
         loader = train_loader(self.train_set, cfg, ctx, epoch)
         sums: dict[str, torch.Tensor] = {}  # the loss and the objective's terms (no per-step sync)
         self.trained.train()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (
-            self.progress and ctx.is_main), leave=False)
-        for x, y in bar:
-            x = x.to(ctx.device, non_blocking=True)
-            y = y.to(ctx.device, non_blocking=True)
-            if cfg.channels_last and x.dim() == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
-            noise = draw_noise(cfg, ctx, x, noise_gen)
-            with autocast(ctx.device, cfg.amp):
-                loss, terms = self.objective(self.trained, x, y, noise, objective_cfg)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            for key, value in {"loss": loss, **terms}.items():
-                sums[key] = sums.get(key, 0) + value.detach().float()
+        with EpochBar(len(loader), epoch, cfg.epochs, self.progress and ctx.is_main) as bar:
+            for x, y in loader:
+                x = x.to(ctx.device, non_blocking=True)
+                y = y.to(ctx.device, non_blocking=True)
+                if cfg.channels_last and x.dim() == 4:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                noise = draw_noise(cfg, ctx, x, noise_gen)
+                with autocast(ctx.device, cfg.amp):
+                    loss, terms = self.objective(self.trained, x, y, noise, objective_cfg)
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                for key, value in {"loss": loss, **terms}.items():
+                    sums[key] = sums.get(key, 0) + value.detach().float()
+                bar.step(sums)
         keys = sorted(sums)
         totals = torch.stack([sums[key] for key in keys]) if keys else torch.zeros(0)
         if ctx.distributed:  # the logged means are over the global batch, as with 1 process
