@@ -178,6 +178,29 @@ def test_a_sample_count_is_refused_before_torch_is_imported(tmp_path):
     assert not names & {"torch", "torchvision"}
 
 
+@pytest.mark.parametrize("value", ["0", "10001", "99999999999999"])
+def test_a_grid_outside_its_range_is_refused_before_torch_is_imported(tmp_path, value):
+    names, done = imported("-m", "smoothcert", "certify", str(tmp_path / "c.pt"), "--out",
+                           str(tmp_path / "o"), "--grid", value)
+    assert done.returncode == 2
+    assert f"argument --grid: must be an integer in [1, 10000], got '{value}'" in done.stderr
+    assert not names & {"torch", "torchvision"}
+
+
+@pytest.mark.parametrize("command", ["certify", "predict"])
+def test_a_missing_checkpoint_is_refused_before_torch_is_imported(tmp_path, command):
+    names, done = imported("-m", "smoothcert", command, str(tmp_path / "c.pt"), "--out",
+                           str(tmp_path / "o"), "--sigma", "0.25")
+    assert done.returncode == 2
+    assert f"checkpoint: no such file '{tmp_path / 'c.pt'}'" in done.stderr
+    assert not names & {"torch", "torchvision"}
+
+
+def test_run_config_refuses_a_grid_above_the_limit():
+    with pytest.raises(ValueError, match=r"^grid must be an integer in \[1, 10000\], got 10001"):
+        RunConfig(checkpoint="missing.pt", out="o", grid=10_001).validate()
+
+
 @pytest.mark.parametrize("name", ["n0", "n", "max_n"])
 def test_run_config_refuses_a_sample_count_above_the_limit(name):
     sampling = {"adaptive_n": True} if name == "max_n" else {}

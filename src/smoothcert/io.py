@@ -301,13 +301,19 @@ def _refusal_reason(err: BaseException) -> str:
     return lines[0] if lines else "an object the safe loader does not allow"
 
 
+def require_checkpoint_file(path: str | os.PathLike) -> Path:
+    """`path` as a Path; CheckpointError unless it is a file (torch-free: checked first)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint: no such file '{path}'")
+    return path
+
+
 def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     """Whatever torch.save wrote to `path`, loaded with `weights_only=True` (no code runs)."""
     import torch
 
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint: no such file '{path}'")
+    path = require_checkpoint_file(path)
     try:
         with open(path, "rb") as handle:
             head = handle.read(64)

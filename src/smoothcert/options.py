@@ -182,6 +182,17 @@ def _sample_count(text: str) -> int:
             f"must be an integer in [1, {MAX_SAMPLES}], got {text!r}") from None
 
 
+def _grid_size(text: str) -> int:
+    """--grid, checked while parsing, before torch is imported."""
+    from .stats import MAX_GRID, check_grid_size
+
+    try:
+        return check_grid_size(int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be an integer in [1, {MAX_GRID}], got {text!r}") from None
+
+
 def _noise_level(text: str) -> float:
     """--sigma of certify/predict: a positive finite number, checked before torch is imported."""
     try:
@@ -195,11 +206,17 @@ def _noise_level(text: str) -> float:
 
 def run_argument_problem(args: argparse.Namespace) -> str | None:
     """What certify/predict's arguments alone show to be wrong, before torch or the model is
-    loaded: the published checkpoint formats record no noise level."""
+    loaded: the published checkpoint formats record no noise level; a missing checkpoint."""
     if getattr(args, "format", None) in {"cohen", "macer"} and args.sigma is None:
         return (f"sigma: a {args.format} checkpoint does not record the noise level its model "
                 "was trained with; give --sigma, e.g. 0.25, 0.5 or 1.0 for Cohen et al.'s "
                 "released models")
+    from .io import CheckpointError, require_checkpoint_file
+
+    try:
+        require_checkpoint_file(args.checkpoint)
+    except CheckpointError as err:
+        return str(err)
     return None
 
 
@@ -248,7 +265,8 @@ def add_run_options(parser: argparse.ArgumentParser, certify: bool) -> None:
                      help="the methods in the result's columns, the main one first: both "
                      "(default: CERTIFY, T-CERTIFY, strict T-CERTIFY), tcertify, certify; with "
                      "--radii certify (default) or tcertify")
-        parser.add_argument("--grid", type=int, default=10, help="T-CERTIFY alpha' grid size")
+        parser.add_argument("--grid", type=_grid_size, default=10,
+                            help="T-CERTIFY alpha' grid size")
         _add_sequential_options(parser)
 
 

@@ -36,7 +36,7 @@ from .schema import LAYOUTS
 from .sidecar import Sidecar, read, write
 from .smooth import Smooth
 from .sources import Source, source_from_files
-from .stats import ABSTAIN, check_alpha, check_positive_int, check_sample_count
+from .stats import ABSTAIN, check_alpha, check_grid_size, check_positive_int, check_sample_count
 
 log = logging.getLogger(__name__)
 _FIX = ("remove it, choose another --out, or pass --restart-stale (restart_if_stale=True) to "
@@ -111,8 +111,9 @@ class RunConfig:
         check_alpha(self.alpha)
         for name in ("n0", "n"):
             check_sample_count(getattr(self, name), name)
-        for name in ("batch", "grid", "skip"):
+        for name in ("batch", "skip"):
             check_positive_int(getattr(self, name), name)
+        check_grid_size(self.grid)
         protocol.check(self)
         if self.max is not None and self.max < 0:
             self.max = None  # Cohen's -1: no limit

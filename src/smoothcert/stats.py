@@ -22,6 +22,8 @@ ABSTAIN = -1
 CertificationMethod = Literal["certify", "tcertify", "tcertify-strict"]
 METHODS = get_args(CertificationMethod)
 ALPHA_FLOOR = 1e-100
+# T-CERTIFY computes one bound per alpha' of the grid for every example; the paper's has 10.
+MAX_GRID = 10_000
 # The most samples (n0, n, max_n) one input may draw: the statistics are validated up to here
 # (the sequential mixture's rounding margin, sequential._LOG_MARGIN, up to n = 10^7).
 MAX_SAMPLES = 10_000_000
@@ -51,9 +53,17 @@ def check_alpha(alpha: float, name: str = "alpha") -> float:
     return float(alpha)
 
 
+def check_grid_size(grid: int) -> int:
+    """`grid` as an int in [1, MAX_GRID]: T-CERTIFY bounds every alpha' of the grid per example."""
+    grid = check_positive_int(grid, "grid")
+    if grid > MAX_GRID:
+        raise ValueError(f"grid must be an integer in [1, {MAX_GRID}], got {grid}")
+    return grid
+
+
 def check_alpha_grid(alpha: float, grid: int) -> int:
     """`grid` as an int; ValueError unless every alpha' = alpha j / grid is >= ALPHA_FLOOR."""
-    alpha, grid = check_alpha(alpha), check_positive_int(grid, "grid")
+    alpha, grid = check_alpha(alpha), check_grid_size(grid)
     if alpha / grid < ALPHA_FLOOR:
         raise ValueError(
             f"alpha / grid (the smallest alpha' of the T-CERTIFY grid) must be >= "
