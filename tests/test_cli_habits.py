@@ -96,6 +96,7 @@ def test_under_torchrun_only_rank_0_prints_the_result_line(capsys, monkeypatch, 
     monkeypatch.setattr(runner, "run", lambda cfg, progress: "r.tsv")
     monkeypatch.setattr(runner, "abstention_rate", lambda path: 0.25)
     monkeypatch.setattr(train, "train", lambda cfg, resume, progress: "c.pt")
+    (tmp_path / "c.pt").touch()  # certify and predict refuse a missing checkpoint first
     argv = ["--out", str(tmp_path / "run")] if command == "train" else \
         [str(tmp_path / "c.pt"), "--out", "r.tsv"]
     assert cli.main(["--no-progress", command, *argv]) == 0

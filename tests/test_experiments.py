@@ -116,7 +116,7 @@ def test_cifar_subset_runs_are_valid_and_differ_only_in_the_objective(monkeypatc
 
 
 DENOISED_SMOKE = ["--sigmas", "0.5", "--epochs", "1", "--lr-step", "1", "--denoiser-epochs", "1",
-                  "--train-subset", "64", "--skip", "1000", "--max", "2", "--n0", "10", "--n",
+                  "--train-subset", "128", "--skip", "1000", "--max", "2", "--n0", "10", "--n",
                   "100", "--batch", "100", "--amp", "none", "--no-progress"]
 
 
