@@ -187,11 +187,24 @@ def test_train_refuses_data_options_of_another_dataset(capsys, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_verify_says_it_does_not_check_npz_labels():
-    from smoothcert.labels import LabelsUnavailable, split_labels
-
-    with pytest.raises(LabelsUnavailable, match="does not read the labels of an npz file"):
-        split_labels("npz", "test")
+def test_verify_checks_npz_labels_against_the_data_file(capsys, weights, tmp_path):
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (4, SIZE, SIZE, 3), dtype=np.uint8)
+    y = np.array([0, 1, 2, 1])
+    arrays, relabelled = tmp_path / "a.npz", tmp_path / "b.npz"
+    np.savez(arrays, x_train=x, y_train=y, x_test=x, y_test=y)
+    np.savez(relabelled, x_train=x, y_train=y, x_test=x, y_test=np.array([0, 1, 2, 2]))
+    out = tmp_path / "r.tsv"
+    code, _, err = cli(capsys, "certify", str(weights), "--model", SPEC, "--no-normalize",
+                       "--dataset", "npz", "--data-file", str(arrays), "--out", str(out), *TINY)
+    assert code == 0, err
+    code, _, err = cli(capsys, "verify", str(out), "--data-file", str(arrays))
+    assert code == 0 and f"labels checked against npz test ({arrays})" in err
+    code, text, _ = cli(capsys, "verify", str(out), "--data-file", str(relabelled))
+    assert code == 1 and "(idx 3): label 1, but npz test" in text
+    assert "labels example 3 as 2" in text
+    code, _, err = cli(capsys, "verify", str(out))
+    assert code == 0 and "labels not checked: the npz labels need --data-file" in err
 
 
 def test_user_keys_enter_the_fingerprint_only_where_set():

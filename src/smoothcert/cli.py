@@ -60,6 +60,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     verify.add_argument("files", nargs="+", help="result TSVs of `smoothcert certify`")
     verify.add_argument("--data-dir", help="the dataset's folder, to check each row's label "
                         "(MNIST: the shipped copy by default; the others: not checked without)")
+    verify.add_argument("--data-file", help="an npz dataset's archive, to check each row's label "
+                        "(not checked without)")
     add_demo_arguments(sub.add_parser("demo", help="the offline end-to-end MNIST job"))
     sub.add_parser("presets", help="list the training presets and their main settings")
     sub.add_parser("models", help="list the base-classifier architectures (--model)")
@@ -217,7 +219,7 @@ def _verify(args) -> int:
 
     failed = False
     for path in args.files:
-        report = check_file(path, args.data_dir)
+        report = check_file(path, args.data_dir, args.data_file)
         for problem in report.problems:
             print(problem)
         for note in report.notes:

@@ -86,25 +86,28 @@ def _mnist_labels(split: str, data_dir: str | os.PathLike | None) -> tuple[np.nd
     return labels.astype(np.int64), f"MNIST {split} ({where})"
 
 
-def split_labels(dataset: str, split: str,
-                 data_dir: str | os.PathLike | None = None) -> tuple[np.ndarray, str]:
+def split_labels(dataset: str, split: str, data_dir: str | os.PathLike | None = None,
+                 data_file: str | os.PathLike | None = None) -> tuple[np.ndarray, str]:
     """The labels of `split` of `dataset`, by example index, and what they were read from.
 
     Raises LabelsUnavailable (saying why) when they cannot be read. Only MNIST is read
-    without `data_dir` (smoothcert ships it); the others import `smoothcert.data`.
+    without `data_dir` (smoothcert ships it); an npz dataset is read from `data_file`; the
+    others import `smoothcert.data`.
     """
-    if data_dir is not None and not Path(data_dir).expanduser().exists():
-        raise ValueError(f"data_dir: '{data_dir}' does not exist")
+    for name, given in (("data_dir", data_dir), ("data_file", data_file)):
+        if given is not None and not Path(given).expanduser().exists():
+            raise ValueError(f"{name}: '{given}' does not exist")
     if dataset == "mnist":
         return _mnist_labels(split, data_dir)
-    if dataset == "npz":
-        raise LabelsUnavailable("verify does not read the labels of an npz file")
-    if data_dir is None:
-        raise LabelsUnavailable(f"the {dataset} labels need --data-dir (the dataset's folder)")
+    source, needed = ((data_file, "--data-file (the .npz archive)") if dataset == "npz"
+                      else (data_dir, "--data-dir (the dataset's folder)"))
+    if source is None:
+        raise LabelsUnavailable(f"the {dataset} labels need {needed}")
     from .data import get_dataset  # torch and torchvision: only when asked for
 
     try:
-        targets = get_dataset(dataset, split, data_dir, augment=False).targets
+        targets = get_dataset(dataset, split, data_dir, augment=False,
+                              data_file=data_file).targets
     except (ValueError, OSError) as err:
         raise LabelsUnavailable(first_line(err)) from None
-    return np.asarray(targets, dtype=np.int64), f"{dataset} {split} ({data_dir})"
+    return np.asarray(targets, dtype=np.int64), f"{dataset} {split} ({source})"

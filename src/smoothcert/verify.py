@@ -128,10 +128,11 @@ def _label_problem(label: int, i: int, labels: np.ndarray | None, source: str) -
 
 
 def _dataset_labels(path: Path, sidecar: Sidecar, data_dir: str | os.PathLike | None,
+                    data_file: str | os.PathLike | None,
                     report: Verification) -> tuple[np.ndarray | None, str]:
     """The labels of the sidecar's dataset split, or None with a note saying why not."""
     try:
-        labels, source = split_labels(sidecar.dataset, sidecar.split, data_dir)
+        labels, source = split_labels(sidecar.dataset, sidecar.split, data_dir, data_file)
     except LabelsUnavailable as err:
         report.notes.append(f"{path}: labels not checked: {err}")
         return None, ""
@@ -139,11 +140,12 @@ def _dataset_labels(path: Path, sidecar: Sidecar, data_dir: str | os.PathLike | 
     return labels, source
 
 
-def check_file(path: str | os.PathLike,
-               data_dir: str | os.PathLike | None = None) -> Verification:
+def check_file(path: str | os.PathLike, data_dir: str | os.PathLike | None = None,
+               data_file: str | os.PathLike | None = None) -> Verification:
     """Verify a result file: recompute every certificate from its counts and sidecar (as its
     protocol's row check says), check its row set against the protocol and each row's label
-    against the dataset (read from `data_dir`; MNIST's shipped copy without).
+    against the dataset (read from `data_dir`, an npz dataset from `data_file`; MNIST's
+    shipped copy without).
 
     A torchrun part file `<out>.part<rank>` is checked with out's sidecar.
     """
@@ -157,7 +159,7 @@ def check_file(path: str | os.PathLike,
         report.problems.append(f"{sidecar_path(part_of or path)}: records run "
                                f"{sidecar.run}, but its settings give {run} (edited?)")
     check = _row_check(path, table, sidecar, report)
-    labels, source = _dataset_labels(path, sidecar, data_dir, report)
+    labels, source = _dataset_labels(path, sidecar, data_dir, data_file, report)
     _check_row_set(path, table.values["idx"], sidecar, None if labels is None else len(labels),
                    part_of, report)
     for i, lineno in enumerate(table.line_numbers):
@@ -181,8 +183,8 @@ def _row_check(path: Path, table: ResultFile, sidecar: Sidecar,
         return lambda _value: [note]
 
 
-def verify(path: str | os.PathLike,
-           data_dir: str | os.PathLike | None = None) -> tuple[int, list[str]]:
+def verify(path: str | os.PathLike, data_dir: str | os.PathLike | None = None,
+           data_file: str | os.PathLike | None = None) -> tuple[int, list[str]]:
     """`check_file`'s rows recomputed and problems (its notes left out)."""
-    report = check_file(path, data_dir)
+    report = check_file(path, data_dir, data_file)
     return report.rows, report.problems
