@@ -39,7 +39,8 @@ EARLIER_CONFIG_KEYS = [
 ]
 # Options added since: configs without them resume (test below).
 NEWER_CONFIG_KEYS = ["classifier",  # denoiser-stability's frozen classifier (issue 24)
-                     "data_file", "image_size", "mean", "std", "model_kwargs"]  # issue 23
+                     "data_file", "image_size", "mean", "std", "model_kwargs",  # issue 23
+                     "init"]  # train --init: fine-tuning (Study 7)
 
 
 def test_every_objective_has_its_config_and_every_option_is_a_train_option():

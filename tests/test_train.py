@@ -315,6 +315,44 @@ def test_a_batch_larger_than_the_training_split_is_refused_before_any_file(tmp_p
     assert not run.exists() or not any(run.iterdir())
 
 
+def test_init_starts_from_another_runs_weights_and_a_fresh_optimizer(tmp_path):
+    first = tmp_path / "first"
+    train(tiny(first, epochs=2), progress=False)
+    saved = torch.load(first / CHECKPOINT, weights_only=True)
+    with Trainer(tiny(tmp_path / "tuned", init=str(first / CHECKPOINT)), progress=False) as t:
+        assert_same_state(t.model.state_dict(), saved["model"])
+        assert t.start_epoch == 0 and not t.optimizer.state  # no momentum carried over
+    with Trainer(tiny(tmp_path / "scratch"), progress=False) as t:
+        assert not torch.equal(t.model.state_dict()["1.9.weight"], saved["model"]["1.9.weight"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(model="cifar_resnet20"), r"was trained with model 'lenet'; train with the same model "
+                                   r"to start from it, got 'cifar_resnet20'"),
+    (dict(init="missing.pt"), r"init: checkpoint: no such file 'missing.pt'"),
+])
+def test_init_refuses_another_model_or_a_missing_file_before_any_file(tmp_path, overrides,
+                                                                       message):
+    first = tmp_path / "first"
+    train(tiny(first), progress=False)
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match=message):
+        Trainer(tiny(run, **{"init": str(first / CHECKPOINT), **overrides}), progress=False)
+    assert not run.exists() or not any(run.iterdir())
+
+
+def test_init_refuses_weights_of_another_shape_naming_the_key(tmp_path):
+    first = tmp_path / "first"
+    train(tiny(first), progress=False)
+    state = torch.load(first / CHECKPOINT, weights_only=True)
+    state["model"]["1.9.weight"] = state["model"]["1.9.weight"][:5]
+    state[sc_io.WEIGHTS_DIGEST] = sc_io.weights_digest(state["model"])
+    torch.save(state, tmp_path / "cut.pt")
+    with pytest.raises(ValueError, match=r"init: checkpoint: the weights in .*cut.pt' do not fit "
+                                         r"this run's lenet: wrong shape '1.9.weight' \(5, 512\)"):
+        Trainer(tiny(tmp_path / "run", init=str(tmp_path / "cut.pt")), progress=False)
+
+
 # ---------------------------------------------------------------- refusing to clobber or mix runs
 
 

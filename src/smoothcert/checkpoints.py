@@ -216,7 +216,7 @@ def _foreign_model(
         weights = {k[len("module."):]: v for k, v in weights.items()}
     info = dataset_info(spec.dataset)
     network = MODELS[spec.model](num_classes=info.num_classes, in_channels=info.channels)
-    _load_weights(network, spec.rename(weights), path, f"{format} architecture '{name}'")
+    load_weights(network, spec.rename(weights), path, f"{format} architecture '{name}'")
     return nn.Sequential(Standardize(spec.mean, spec.std), network).eval(), spec.dataset
 
 
@@ -243,7 +243,7 @@ def _architecture_name(state: dict, format: str, path: str | os.PathLike, arch: 
     return arch
 
 
-def _load_weights(
+def load_weights(
     network: nn.Module, weights: dict[str, Any], path: str | os.PathLike, what: str
 ) -> None:
     """Strictly load `weights`, or say which keys are missing, unexpected or of another shape."""

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoints import FORMATS, _describe, _load_state, _load_weights, _sigma, detect_format
+from .checkpoints import FORMATS, _describe, _load_state, _sigma, detect_format, load_weights
 from .data import DATASETS
 from .denoise import outputs_images
 from .io import (
@@ -264,7 +264,7 @@ def _state_dict_network(
     if all(k.startswith("module.") for k in weights):  # saved from DataParallel or DDP
         weights = {k[len("module."):]: v for k, v in weights.items()}
     network = build_from_spec(spec, num_classes, model_kwargs, channels)
-    _load_weights(network, weights, path, f"model {spec!r} with {num_classes} classes")
+    load_weights(network, weights, path, f"model {spec!r} with {num_classes} classes")
     config = {"format": "state_dict", "model": spec, "model_kwargs": dict(model_kwargs or {}),
               "state_dict_key": key}
     return _Network(network.eval(), "state_dict", num_classes, dataset, None, config)

@@ -67,6 +67,9 @@ class TrainConfig(_ObjectiveOptions):
     std: str | None = field(default=None, metadata={"help": "per-channel std, with --mean"})
     model_kwargs: str | None = field(default=None, metadata={"help": "keyword arguments of "
                                      "--model's builder, a JSON object"})
+    init: str | None = field(default=None, metadata={"help": "start from the weights of this "
+                             "checkpoint of `smoothcert train` (fine-tuning): the same --model, "
+                             "--model-kwargs and --dataset; optimizer and schedule start anew"})
     download: bool = False
     workers: int = 0
     seed: int = 0

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 from . import __version__, rng
-from .checkpoints import load_native
+from .checkpoints import load_native, load_weights
 from .data import get_dataset
 from .distributed import DistContext, batch_memory_guard, init_distributed
 from .evaluation import evaluate, evaluate_denoiser
@@ -163,6 +163,31 @@ def check_model_fits_objective(model: str, objective: str, network: nn.Module) -
         )
 
 
+# What a checkpoint must share with a run to initialise its model (--init).
+INIT_KEYS = ("model", "model_kwargs", "dataset")
+
+
+def load_initial_weights(model: nn.Module, cfg: TrainConfig) -> None:
+    """Load `cfg.init`'s model weights into `model`; ValueError (naming `init`) for a file that
+    is not a smoothcert training checkpoint of the same architecture and classes."""
+    try:
+        state = read_checkpoint_state(cfg.init)
+    except ValueError as err:
+        raise ValueError(f"init: {err}") from None
+    saved = upgrade_config(state.get("config") or {})
+    for key in INIT_KEYS:
+        if key not in saved:
+            raise ValueError(f"init: '{cfg.init}' is not a checkpoint of `smoothcert train` "
+                             f"(its config lacks {key})")
+        if saved[key] != getattr(cfg, key):
+            raise ValueError(f"init: '{cfg.init}' was trained with {key} {saved[key]!r}; train "
+                             f"with the same {key} to start from it, got {getattr(cfg, key)!r}")
+    try:
+        load_weights(model, state["model"], cfg.init, f"this run's {cfg.model}")
+    except CheckpointError as err:  # e.g. the data's classes differ: another head's shape
+        raise ValueError(f"init: {err}") from None
+
+
 class Trainer:
     """One training run in `cfg.out`: config.json, checkpoint.pt (every epoch) and log.jsonl.
 
@@ -184,6 +209,8 @@ class Trainer:
         model, self.record = build_network(cfg)
         model = model.to(device)
         check_model_fits_objective(cfg.model, cfg.objective, model[-1])
+        if cfg.init:
+            load_initial_weights(model, cfg)
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
