@@ -134,8 +134,7 @@ def test_mnist_denoised_certifies_the_clean_lenet_alone_and_behind_each_denoiser
     results, runs = tmp_path / "results" / "mnist_denoised", tmp_path / "runs" / "mnist_denoised"
     clean = str(runs / "clean_s0.5" / "checkpoint.pt")
     for name, denoiser in [("clean_s0.5", None), ("basic_s0.5", None),
-                           ("mse_s0.5", "mse_s0.5"), ("stability_s0.5", "stability_s0.5"),
-                           ("tuned_s0.5", "tuned_s0.5")]:
+                           ("mse_s0.5", "mse_s0.5"), ("stability_s0.5", "stability_s0.5")]:
         meta = json.loads((results / f"{name}.tsv.json").read_text())
         assert meta["sigma"] == 0.5 and len((results / f"{name}.tsv").read_text().splitlines()) == 3
         if denoiser:
@@ -143,7 +142,5 @@ def test_mnist_denoised_certifies_the_clean_lenet_alone_and_behind_each_denoiser
             assert meta["denoiser"] == str(runs / denoiser / "checkpoint.pt")
         else:
             assert "denoiser" not in meta
-    tuned = json.loads((results / "tuned_s0.5.train.json").read_text())["config"]
-    assert tuned["init"] == str(runs / "mse_s0.5" / "checkpoint.pt")
     assert "| clean_s0.5 → |" in (results / "summary.md").read_text()
-    assert study().count("complete, skipped") == 5
+    assert study().count("complete, skipped") == 4
