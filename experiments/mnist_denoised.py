@@ -4,9 +4,9 @@ At each sigma: a *clean* LeNet (the gaussian objective at sigma 0.001, far below
 1/255: training without noise in effect) certified alone at sigma; the same LeNet behind a
 dncnn_small trained with denoiser-mse, and behind one trained with denoiser-stability for it
 (from scratch; `train --init` would fine-tune the MSE one, not measured here); beside the
-Gaussian-trained LeNet of the Table-1 study (Basic, trained here with its recipe). Every result file holds
-CERTIFY and T-CERTIFY from the same samples; the summary has the paired differences +- SE and
-the cost of each run.
+Gaussian-trained LeNet of the Table-1 study (Basic, trained here with its recipe). Every result
+file holds CERTIFY and T-CERTIFY from the same samples; the summary has the paired differences
++- SE and the cost of each run.
 
     python experiments/mnist_denoised.py            # the study of docs/reproduction.md (resumable)
 
