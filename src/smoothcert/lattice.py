@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import numpy as np
 
@@ -113,8 +113,9 @@ class LatticeGaussian:
         while left < right:  # F_left..F_{right-1} share the prefix: more bits decide
             prefix, bits = (prefix << self.word_bits) | draw_word(), bits + self.word_bits
             # floors are nondecreasing in i: those below the prefix are <= U, above it > U
-            left, right = (_first(left, right, lambda i: self.floor(i, bits) >= prefix),
-                           _first(left, right, lambda i: self.floor(i, bits) > prefix))
+            floor_at = partial(self.floor, bits=bits)
+            left, right = (_first_above(left, right, floor_at, prefix - 1),
+                           _first_above(left, right, floor_at, prefix))
         return left
 
     def _threshold_row(self, bits: int) -> list[int]:
@@ -130,11 +131,11 @@ class LatticeGaussian:
         return np.where(first == last, first, -1).astype(np.int32)
 
 
-def _first(low: int, high: int, predicate: Callable[[int], bool]) -> int:
-    """The first i in [low, high) where a monotone `predicate` holds (high if none)."""
+def _first_above(low: int, high: int, value: Callable[[int], int], bound: int) -> int:
+    """The first i in [low, high) with value(i) > bound, value nondecreasing (high if none)."""
     while low < high:
         middle = (low + high) // 2
-        low, high = (low, middle) if predicate(middle) else (middle + 1, high)
+        low, high = (low, middle) if value(middle) > bound else (middle + 1, high)
     return low
 
 

@@ -26,10 +26,11 @@ class Smooth:
     """Smoothed classifier over `base_classifier` (any nn.Module mapping [B, *shape] to logits).
 
     The noise is calibrated to inputs in `input_range` ([0, 1] pixels by default); inputs
-    outside it are refused. `sound=True` samples soundly on the 8-bit lattice (Voráček & Hein;
+    outside it are refused. Give the range a base classifier really takes, or None to accept
+    any finite input. `sound=True` samples soundly on the 8-bit lattice (Voráček & Hein;
     `smoothcert.lattice`, docs/statistics.md): the certificates then hold against lattice
-    perturbations even for a base classifier that reads the low bits of its float inputs. Give the range a base classifier really takes, or None to accept
-    any finite input. Sampling (`self.sampler`, a NoiseSampler) runs the base classifier in
+    perturbations even for a base classifier that reads the low bits of its inputs.
+    Sampling (`self.sampler`, a NoiseSampler) runs the base classifier in
     eval mode and then gives every submodule its previous mode back, even when sampling fails.
     The base classifier is untrusted: each of its outputs must be finite logits, one row per
     input and num_classes columns, or sampling stops with a ValueError.
