@@ -89,8 +89,7 @@ class LatticeGaussian:
             if i > mirror:
                 self._floors[key] = (1 << bits) - 1 - self.floor(mirror, bits)
             else:
-                self._floors[key] = _cdf_floor(2 * (i - self.half_width) + 1,
-                                               2 * LEVELS * self.sigma, bits)
+                self._floors[key] = _cdf_floor(2 * (i - self.half_width) + 1, self.sigma, bits)
         return self._floors[key]
 
     def probabilities(self) -> np.ndarray:
@@ -139,8 +138,8 @@ def _first_above(low: int, high: int, value: Callable[[int], int], bound: int) -
     return low
 
 
-def _cdf_floor(numerator: int, denominator: float, bits: int) -> int:
-    """floor(Phi(numerator / denominator) 2^bits) for a nonzero numerator, with enough working
+def _cdf_floor(numerator: int, sigma: float, bits: int) -> int:
+    """floor(Phi(numerator / (510 sigma)) 2^bits) for an odd numerator, with enough working
     precision that the floor is certain (the fraction's distance to an integer exceeds the
     error bound); sigma, a double, is an exact binary fraction."""
     import mpmath
@@ -148,8 +147,8 @@ def _cdf_floor(numerator: int, denominator: float, bits: int) -> int:
     precision = bits + 64
     while True:
         with mpmath.workprec(precision):
-            value = mpmath.ldexp(mpmath.ncdf(mpmath.mpf(numerator) / mpmath.mpf(denominator)),
-                                 bits)
+            z = mpmath.mpf(numerator) / (2 * LEVELS * mpmath.mpf(sigma))
+            value = mpmath.ldexp(mpmath.ncdf(z), bits)
             whole = int(mpmath.floor(value))
             fraction = value - whole
             error = mpmath.ldexp(max(value, 1), 16 - precision)  # mpmath's, with room
