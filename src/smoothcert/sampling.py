@@ -145,16 +145,24 @@ class LatticeNoise:
 
     def fill(self, out: torch.Tensor, points: torch.Tensor,
              generator: torch.Generator | None) -> torch.Tensor:
-        """`out` [size, *points.shape] filled with the classifier's inputs at lattice `points`."""
+        """`out` [size, *points.shape] filled with the classifier's inputs at lattice `points`.
+
+        Each uniform's top guide_bits bits are drawn first; the guide table gives the bin of
+        most; only where a threshold falls in the guide bucket are the word's other bits drawn
+        (independent of the first, so the word is uniform) and the bin searched for."""
         guide, thresholds, inputs = self._device_tables(out.device)
-        words = _random_words(torch.empty(out.shape, dtype=torch.int64, device=out.device),
-                              self.distribution.word_bits, generator)
-        shift = self.distribution.word_bits - self.distribution.guide_bits
-        bins = torch.index_select(guide, 0, (words >> shift).view(-1)).view(out.shape)
-        unsure = (bins < 0).nonzero(as_tuple=True)  # a threshold in the word's guide bucket
-        if len(unsure[0]):
-            bins[unsure] = self._search(words[unsure], thresholds, generator)
-        torch.index_select(inputs, 0, bins.add_(points).view(-1), out=out.view(-1))
+        d = self.distribution
+        buckets = _random_buckets(out.numel(), d.guide_bits, out.device, generator)
+        bins = torch.index_select(guide, 0, buckets)
+        unsure = (bins < 0).nonzero().flatten()
+        if len(unsure):
+            rest = d.word_bits - d.guide_bits
+            words = buckets[unsure].long() << rest
+            if rest:
+                words |= _random_words(torch.empty_like(words), rest, generator)
+            bins[unsure] = self._search(words, thresholds, generator)
+        torch.index_select(inputs, 0, bins.view(out.shape).add_(points).view(-1),
+                           out=out.view(-1))
         return out
 
     def _search(self, words: torch.Tensor, thresholds: torch.Tensor,
@@ -178,6 +186,18 @@ class LatticeNoise:
             self._tables[device] = tuple(torch.from_numpy(t).to(device) for t in (
                 d.guide, d.thresholds, d.inputs()))
         return self._tables[device]
+
+
+def _random_buckets(count: int, bits: int, device: torch.device,
+                    generator: torch.Generator | None) -> torch.Tensor:
+    """`count` independent uniform integers in [0, 2**bits) (int32). 16 bits: four from each
+    64-bit draw, as torch's generator costs about as much per element whatever the width."""
+    if bits != 16:
+        return torch.empty(count, dtype=torch.int32, device=device).random_(
+            0, 1 << bits, generator=generator)
+    words = torch.empty((count + 3) // 4, dtype=torch.int64, device=device)
+    words.random_(-(1 << 63), None, generator=generator)  # all 64 bits
+    return words.view(torch.uint16)[:count].to(torch.int32)
 
 
 def _random_words(words: torch.Tensor, bits: int, generator: torch.Generator | None
