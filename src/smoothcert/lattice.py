@@ -13,7 +13,7 @@ A draw is exact. The CDF values F_i = Phi((i - B + 1/2)/(255 sigma)) are irratio
 in [0, 1) is read WORD_BITS bits at a time, and the bin (#{i : F_i <= U}) is decided by the
 first word unless that word equals floor(F_i 2^WORD_BITS) for some i; then further words are
 read and compared with floor(F_i 2^bits) at the longer precision (`resolve`), until decided.
-With 63-bit words that happens once in about 10^15 draws. docs/statistics.md derives the
+With 63-bit words that happens about once in 10^16 draws. docs/statistics.md derives the
 certificate.
 """
 

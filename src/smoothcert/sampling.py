@@ -168,7 +168,7 @@ class LatticeNoise:
     def _search(self, words: torch.Tensor, thresholds: torch.Tensor,
                 generator: torch.Generator | None) -> torch.Tensor:
         """The bins of `words` by binary search; a word equal to a threshold's floor (once in
-        about 10^15 draws) is decided by further words (`LatticeGaussian.resolve`)."""
+        about 10^16 draws) is decided by further words (`LatticeGaussian.resolve`)."""
         left = torch.searchsorted(thresholds, words)
         tied = (left != torch.searchsorted(thresholds, words, right=True)).nonzero()
         for i in tied.flatten().tolist():
