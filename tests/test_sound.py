@@ -13,9 +13,9 @@ import pytest
 import torch
 from conftest import InputRecorder, ThresholdClassifier
 from scipy.stats import chisquare, norm
+from test_cli import cli
 
 from smoothcert import Smooth
-from smoothcert.cli import main
 from smoothcert.lattice import LEVELS, LatticeGaussian, check_sound, lattice_gaussian
 from smoothcert.results import check_file
 from smoothcert.runner import RunConfig, run
@@ -303,15 +303,6 @@ def test_the_sidecar_records_sound_and_keeps_other_fingerprints():
     assert plain.run == Sidecar.build({}, mode="certify", sigma=0.5, n=100, sound=None).run
     assert sound.run != plain.run
     assert sound.differences(plain) == ["sound (was 'exact', now None)"]
-
-
-def cli(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        code = main(["--no-progress", *argv])
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_certify_sound_through_the_cli_is_verified_and_never_mixed(trained_checkpoint,
