@@ -28,7 +28,7 @@ import numpy as np
 LEVELS = 255  # the lattice step is 1/LEVELS: 8-bit images
 SOUND_MODES = ("exact", "round")  # refuse inputs off the lattice, or round them onto it
 WORD_BITS = 63  # torch's int64 random_() draws [0, 2**63) uniformly
-GUIDE_BITS = 16  # the guide table is indexed by a word's top bits
+GUIDE_BITS = 16  # the guide table is indexed by a word's top bits (a uint16: see sampling)
 
 
 def check_sound(sound: object) -> str | None:

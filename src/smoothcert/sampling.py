@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from . import stats
-from .lattice import LEVELS, WORD_BITS, check_sound, lattice_gaussian
+from .lattice import GUIDE_BITS, LEVELS, WORD_BITS, check_sound, lattice_gaussian
 from .perf import AMP
 
 AMP_DTYPES = dict(zip(AMP, (torch.bfloat16, torch.float16), strict=True))
@@ -190,9 +190,10 @@ class LatticeNoise:
 
 def _random_buckets(count: int, bits: int, device: torch.device,
                     generator: torch.Generator | None) -> torch.Tensor:
-    """`count` independent uniform integers in [0, 2**bits) (int32). 16 bits: four from each
-    64-bit draw, as torch's generator costs about as much per element whatever the width."""
-    if bits != 16:
+    """`count` independent uniform integers in [0, 2**bits) (int32). GUIDE_BITS (16): four
+    from each 64-bit draw, as torch's generator costs about as much per element whatever the
+    width."""
+    if bits != GUIDE_BITS:
         return torch.empty(count, dtype=torch.int32, device=device).random_(
             0, 1 << bits, generator=generator)
     words = torch.empty((count + 3) // 4, dtype=torch.int64, device=device)
