@@ -4,10 +4,11 @@ distribution and its integer thresholds. No torch here; `sampling.LatticeNoise` 
 An input is a lattice point x = a/255 (a = 0..255 per pixel). The noise is the Gaussian
 N(0, sigma^2) rounded to the same lattice: the offset b (in units of 1/255) has probability
 Phi((b + 1/2)/(255 sigma)) - Phi((b - 1/2)/(255 sigma)). The base classifier sees
-fl32(clip(a + b)/255), the integer sum clipped to [-255 k, 255 (k + 1)] with the paper's
-k = max(1, floor(6 sigma)): a function of the lattice point a + b alone. Offsets beyond
-B = 255 (k + 1) are drawn as +-B: for every a in 0..255 the clipped sum is the same, so the
-classifier's input has exactly the distribution of the untruncated one.
+fl32(clip(a + b)/255), the integer sum clipped to [-255 k, 255 (k + 1)] with the authors'
+k = max(1, floor(6 sigma)) (their script clips the noisy image to [-k, k + 1]): a function
+of the lattice point a + b alone. Offsets beyond B = 255 (k + 1) are drawn as +-B: for every
+a in 0..255 the clipped sum is the same, so the classifier's input has exactly the
+distribution of the untruncated one.
 
 A draw is exact. The CDF values F_i = Phi((i - B + 1/2)/(255 sigma)) are irrational; a uniform U
 in [0, 1) is read WORD_BITS bits at a time, and the bin (#{i : F_i <= U}) is decided by the
@@ -44,7 +45,7 @@ def check_sound(sound: object) -> str | None:
 
 
 def clip_levels(sigma: float) -> int:
-    """The paper's k = max(1, floor(6 sigma)): inputs are clipped to [-k, k + 1]."""
+    """The authors' k = max(1, floor(6 sigma)): noisy inputs are clipped to [-k, k + 1]."""
     return max(1, int(6 * sigma))
 
 
