@@ -1,9 +1,10 @@
 """Mutation check: plant known bugs in a copy of the source tree; the tests must catch each.
 
 Each mutant is plain data: a name, a file, a text to replace (every occurrence; it must occur)
-and its replacement, and the test files that must fail on it. For each mutant the source and
-test trees are copied to a temporary folder, the text is replaced there, and pytest runs the
-listed tests (fast ones only, stopping at the first failure) against the copy. A mutant is
+and its replacement, and the test files (or single tests, `file::test`) that must fail on it.
+For each mutant the source and test trees are copied to a temporary folder, the text is
+replaced there, and pytest runs the listed tests (fast ones only, stopping at the first
+failure) against the copy. A mutant is
 KILLED when a test fails, SURVIVED when all pass; the table names the first failing test.
 Exit status 0 only when every mutant is killed.
 
