@@ -1,9 +1,10 @@
 """Mutation check: plant known bugs in a copy of the source tree; the tests must catch each.
 
 Each mutant is plain data: a name, a file, a text to replace (every occurrence; it must occur)
-and its replacement, and the test files that must fail on it. For each mutant the source and
-test trees are copied to a temporary folder, the text is replaced there, and pytest runs the
-listed tests (fast ones only, stopping at the first failure) against the copy. A mutant is
+and its replacement, and the test files (or single tests, `file::test`) that must fail on it.
+For each mutant the source and test trees are copied to a temporary folder, the text is
+replaced there, and pytest runs the listed tests (fast ones only, stopping at the first
+failure) against the copy. A mutant is
 KILLED when a test fails, SURVIVED when all pass; the table names the first failing test.
 Exit status 0 only when every mutant is killed.
 
@@ -29,6 +30,8 @@ STATS = "src/smoothcert/stats.py"
 SMOOTH = "src/smoothcert/smooth.py"
 SAMPLING = "src/smoothcert/sampling.py"
 SEQUENTIAL_SAMPLING = "src/smoothcert/sequential_sampling.py"
+LATTICE = "src/smoothcert/lattice.py"
+SOUND_TESTS = "tests/test_sound.py::"
 RUNNER = "src/smoothcert/runner.py"
 CONFIDENCE = "src/smoothcert/sequential/confidence.py"
 RADII = "src/smoothcert/sequential/radii.py"
@@ -162,6 +165,22 @@ MUTANTS = [
     Mutant("adaptive n: alpha / grid checked only after sampling", SEQUENTIAL_SAMPLING,
            "stats.check_alpha_grid(alpha, grid)\n    stats.check_sample_count(max_n",
            "stats.check_alpha(alpha)\n    stats.check_sample_count(max_n", SMOOTH_TESTS),
+    Mutant("sound noise one level off (thresholds at b + 3/2)", LATTICE,
+           "_cdf_floor(2 * (i - self.half_width) + 1, self.sigma, bits)",
+           "_cdf_floor(2 * (i - self.half_width) + 3, self.sigma, bits)",
+           (SOUND_TESTS + "test_the_noise_is_the_rounded_gaussian_over_a_million_draws",)),
+    Mutant("sound: the noisy lattice sum not clipped", LATTICE,
+           "np.clip(sums, self.low, self.high)", "sums",
+           (SOUND_TESTS + "test_the_noise_is_the_rounded_gaussian_over_a_million_draws",)),
+    Mutant("sound: a word tied with a threshold decided by that word alone", LATTICE,
+           "while left < right:  # F_left", "while False:  # F_left",
+           (SOUND_TESTS + "test_resolve_gives_the_bin_of_the_whole_uniform",)),
+    Mutant("sound: inputs off the lattice accepted", SAMPLING,
+           'if self.mode == "exact":', "if False:",
+           (SOUND_TESTS + "test_inputs_off_the_lattice_are_refused_unless_rounding_is_asked",)),
+    Mutant("sound not part of the run fingerprint", "src/smoothcert/sidecar.py",
+           "*USER_KEYS, *NOISE_KEYS)", "*USER_KEYS)",
+           (SOUND_TESTS + "test_the_sidecar_records_sound_and_keeps_other_fingerprints",)),
     Mutant("the training log's 'noisy accuracy' computed on clean inputs",
            "src/smoothcert/evaluation.py",
            "score(model(noisy), x, y)", "score(model(x), x, y)", ("tests/test_train.py",)),

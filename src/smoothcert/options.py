@@ -10,6 +10,7 @@ import typing
 from collections.abc import Collection, Sequence
 from dataclasses import asdict, fields
 
+from .lattice import SOUND_MODES
 from .perf import AMP
 
 AMP_HELP = f"autocast dtype: {', '.join(AMP)} or none (float32)"
@@ -252,6 +253,10 @@ def add_run_options(parser: argparse.ArgumentParser, certify: bool) -> None:
     parser.add_argument("--amp", type=_amp, metavar="{none,bf16,fp16}", help=AMP_HELP)
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                         help="run the model in channels_last memory format (default on)")
+    parser.add_argument("--sound", nargs="?", const="exact", choices=SOUND_MODES,
+                        help="sound sampling on the 8-bit lattice (Voracek & Hein): certificates "
+                        "no float rounding can break; --sound (exact) refuses inputs off the "
+                        "lattice a/255, --sound round rounds them onto it")
     parser.add_argument("--denoiser", metavar="SPEC", help="denoised smoothing: a denoiser in "
                         "front of the classifier, a denoiser checkpoint of `smoothcert train` "
                         "or diffusers:FOLDER (a local UNet2DModel + DDPMScheduler)")

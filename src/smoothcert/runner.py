@@ -30,6 +30,7 @@ from . import results
 from .denoise import Denoised, load_denoiser
 from .distributed import DistContext, batch_memory_guard, init_distributed
 from .io import check_output_path, output_lock
+from .lattice import check_sound
 from .protocols import Protocol, protocol_of
 from .rng import generator
 from .schema import LAYOUTS
@@ -87,6 +88,9 @@ class RunConfig:
     tolerance: float | None = None
     # Denoised smoothing: a denoiser checkpoint or diffusers:FOLDER in front of the classifier.
     denoiser: str | None = None
+    # Sound sampling on the 8-bit lattice (smoothcert.lattice): "exact" (True) refuses inputs
+    # off the lattice, "round" rounds them onto it; None: ordinary float32 Gaussian noise.
+    sound: str | bool | None = None
     extra: dict = field(default_factory=dict)
 
     @property
@@ -114,6 +118,7 @@ class RunConfig:
         for name in ("batch", "skip"):
             check_positive_int(getattr(self, name), name)
         check_grid_size(self.grid)
+        self.sound = check_sound(self.sound)
         protocol.check(self)
         if self.max is not None and self.max < 0:
             self.max = None  # Cohen's -1: no limit
@@ -329,7 +334,8 @@ class Runner:
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.dataset_name, self.sigma, self.dataset = source.name, source.sigma, source.dataset
-        self.smooth = Smooth(model, source.num_classes, self.sigma, amp=cfg.amp)
+        self.smooth = Smooth(model, source.num_classes, self.sigma, amp=cfg.amp,
+                             sound=cfg.sound)
         self.out = Path(cfg.out)
         self.protocol = cfg.protocol
         self.indices = selected_indices(len(self.dataset), cfg.skip, cfg.max)
@@ -358,7 +364,7 @@ class Runner:
             alpha=cfg.alpha, grid=cfg.grid, skip=cfg.skip, max=cfg.max, seed=cfg.seed,
             sigma=self.sigma, dataset=self.dataset_name, amp=cfg.amp, num_classes=num_classes,
             checkpoint_sha256=source.checkpoint_sha256, protocol=protocol, denoiser=cfg.denoiser,
-            denoiser_sha256=self.denoiser_sha256, **source.record)
+            denoiser_sha256=self.denoiser_sha256, sound=cfg.sound, **source.record)
         return Sidecar.build(cfg.extra, **{
             **settings, **self.protocol.settings(cfg, self.sigma, num_classes)})
 

@@ -1,9 +1,10 @@
 """Noisy copies of one input through the base classifier, counted per class.
 
 `NoiseSampler` is what every certificate rests on: it checks the input against the range the
-noise is calibrated to, draws the Gaussian noise in float32, runs the base classifier in eval
-mode (under autocast when asked), checks each of its untrusted outputs and counts the votes.
-`Smooth` and the sequential procedures only ask it for counts.
+noise is calibrated to, draws the noise (`GaussianNoise`: float32 Gaussian; `LatticeNoise`: the
+sound sampling of `lattice`), runs the base classifier in eval mode (under autocast when
+asked), checks each of its untrusted outputs and counts the votes. `Smooth` and the sequential
+procedures only ask it for counts.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from . import stats
+from .lattice import GUIDE_BITS, LEVELS, WORD_BITS, check_sound, lattice_gaussian
 from .perf import AMP
 
 AMP_DTYPES = dict(zip(AMP, (torch.bfloat16, torch.float16), strict=True))
@@ -100,13 +102,123 @@ def estimation_stream(
     return generator if estimation_generator is None else estimation_generator
 
 
+class GaussianNoise:
+    """Cohen's noisy copies: x + N(0, sigma^2 I) drawn by torch in float32, one float32 sum."""
+
+    def __init__(self, sigma: float):
+        self.sigma = sigma
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def fill(self, out: torch.Tensor, x: torch.Tensor,
+             generator: torch.Generator | None) -> torch.Tensor:
+        """`out` [size, *x.shape] filled with noisy copies of x."""
+        return out.normal_(0.0, self.sigma, generator=generator).add_(x)
+
+
+class LatticeNoise:
+    """Sound noisy copies (`lattice`): x = a/255 on the 8-bit lattice, the offsets b of the
+    Gaussian rounded to the lattice drawn exactly, the classifier's input fl32(clip(a + b)/255).
+
+    mode "exact" refuses an x off the lattice, "round" rounds it to the nearest lattice point.
+    """
+
+    def __init__(self, sigma: float, mode: str, word_bits: int = WORD_BITS):
+        self.mode = mode
+        self.distribution = lattice_gaussian(sigma, word_bits)
+        self._tables: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """The lattice points a (int32) of x, a float32 tensor in [0, 1]."""
+        levels = torch.round(x.double() * LEVELS)
+        if self.mode == "exact":
+            off = (levels / LEVELS).float() != x
+            if bool(off.any()):
+                value = float(x[off][0])
+                raise ValueError(
+                    f"x: sound sampling takes inputs on the 8-bit lattice a/255 (a = 0..255), "
+                    f"but {int(off.sum())} of its {x.numel()} values are not (e.g. {value!r}, "
+                    f"near {int(round(value * LEVELS))}/255); pass sound='round' (--sound "
+                    "round) to round them onto the lattice")
+        return levels.to(torch.int32)
+
+    def fill(self, out: torch.Tensor, points: torch.Tensor,
+             generator: torch.Generator | None) -> torch.Tensor:
+        """`out` [size, *points.shape] filled with the classifier's inputs at lattice `points`.
+
+        Each uniform's top guide_bits bits are drawn first; the guide table gives the bin of
+        most; only where a threshold falls in the guide bucket are the word's other bits drawn
+        (independent of the first, so the word is uniform) and the bin searched for."""
+        guide, thresholds, inputs = self._device_tables(out.device)
+        d = self.distribution
+        buckets = _random_buckets(out.numel(), d.guide_bits, out.device, generator)
+        bins = torch.index_select(guide, 0, buckets)
+        unsure = (bins < 0).nonzero().flatten()
+        if len(unsure):
+            rest = d.word_bits - d.guide_bits
+            words = buckets[unsure].long() << rest
+            if rest:
+                words |= _random_words(torch.empty_like(words), rest, generator)
+            bins[unsure] = self._search(words, thresholds, generator)
+        torch.index_select(inputs, 0, bins.view(out.shape).add_(points).view(-1),
+                           out=out.view(-1))
+        return out
+
+    def _search(self, words: torch.Tensor, thresholds: torch.Tensor,
+                generator: torch.Generator | None) -> torch.Tensor:
+        """The bins of `words` by binary search; a word equal to a threshold's floor (once in
+        about 10^16 draws) is decided by further words (`LatticeGaussian.resolve`)."""
+        left = torch.searchsorted(thresholds, words)
+        tied = (left != torch.searchsorted(thresholds, words, right=True)).nonzero()
+        for i in tied.flatten().tolist():
+            left[i] = self.distribution.resolve(
+                int(words[i]), lambda: self._word(words.device, generator))
+        return left.to(torch.int32)
+
+    def _word(self, device: torch.device, generator: torch.Generator | None) -> int:
+        word = torch.empty(1, dtype=torch.int64, device=device)
+        return int(_random_words(word, self.distribution.word_bits, generator))
+
+    def _device_tables(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        if device not in self._tables:
+            d = self.distribution
+            self._tables[device] = tuple(torch.from_numpy(t).to(device) for t in (
+                d.guide, d.thresholds, d.inputs()))
+        return self._tables[device]
+
+
+def _random_buckets(count: int, bits: int, device: torch.device,
+                    generator: torch.Generator | None) -> torch.Tensor:
+    """`count` independent uniform integers in [0, 2**bits) (int32). GUIDE_BITS (16): four
+    from each 64-bit draw, as torch's generator costs about as much per element whatever the
+    width."""
+    if bits != GUIDE_BITS:
+        return torch.empty(count, dtype=torch.int32, device=device).random_(
+            0, 1 << bits, generator=generator)
+    words = torch.empty((count + 3) // 4, dtype=torch.int64, device=device)
+    words.random_(-(1 << 63), None, generator=generator)  # all 64 bits
+    return words.view(torch.uint16)[:count].to(torch.int32)
+
+
+def _random_words(words: torch.Tensor, bits: int, generator: torch.Generator | None
+                  ) -> torch.Tensor:
+    """`words` (int64) filled with independent uniform integers in [0, 2**bits)."""
+    if bits == WORD_BITS:  # random_() of an int64 tensor: [0, 2**63), the whole range
+        return words.random_(generator=generator)
+    return words.random_(0, 1 << bits, generator=generator)
+
+
 class NoiseSampler:
     """Counts of `base_classifier`'s votes on noisy copies x + N(0, sigma^2 I) of one input.
 
     The noise is calibrated to inputs in `input_range` ([0, 1] pixels by default; None: any
-    finite input); inputs outside it are refused. The base classifier runs in eval mode, each
-    submodule's previous mode given back afterwards, even when sampling fails. Its outputs are
-    untrusted: each must be finite logits, one row per input and num_classes columns, or
+    finite input); inputs outside it are refused. `sound` (True or "exact", or "round") draws
+    the sound noise of `LatticeNoise` instead (inputs in [0, 1] only): certificates then hold
+    against perturbations on the 8-bit lattice whatever the base classifier does with the
+    low bits of its float inputs (docs/statistics.md). The base classifier runs in eval mode,
+    each submodule's previous mode given back afterwards, even when sampling fails. Its outputs
+    are untrusted: each must be finite logits, one row per input and num_classes columns, or
     sampling stops with a ValueError.
     """
 
@@ -118,6 +230,7 @@ class NoiseSampler:
         *,
         amp: str | None = None,
         input_range: tuple[float, float] | None = (0.0, 1.0),
+        sound: bool | str | None = None,
     ):
         self.num_classes = check_num_classes(num_classes)
         if amp is not None and amp not in AMP_DTYPES:
@@ -126,6 +239,12 @@ class NoiseSampler:
         self.sigma = stats.check_sigma(sigma)
         self.amp = amp
         self.input_range = None if input_range is None else check_input_range(input_range)
+        self.sound = check_sound(sound)
+        if self.sound and self.input_range != (0.0, 1.0):
+            raise ValueError(f"input_range must be (0, 1) with sound sampling (its lattice is "
+                             f"a/255 in [0, 1]), got {input_range!r}")
+        self.noise = (LatticeNoise(self.sigma, self.sound) if self.sound
+                      else GaussianNoise(self.sigma))
 
     def counts(
         self,
@@ -141,6 +260,7 @@ class NoiseSampler:
         batch_size = stats.check_positive_int(batch_size, "batch_size")
         device = model_device(self.base_classifier)
         x = self._checked_input(x, device)
+        prepared = self.noise.prepare(x)
         counts = torch.zeros(self.num_classes, dtype=torch.long, device=device)
         finite = torch.ones((), dtype=torch.bool, device=device)
         first = True
@@ -149,8 +269,8 @@ class NoiseSampler:
             remaining = num
             while remaining > 0:
                 size = min(batch_size, remaining)
-                # Noise is drawn and added in float32; autocast only casts inside the model.
-                batch = buffer[:size].normal_(0.0, self.sigma, generator=generator).add_(x)
+                # Noisy copies are made in float32; autocast only casts inside the model.
+                batch = self.noise.fill(buffer[:size], prepared, generator)
                 logits = self._forward(batch, x.shape) if first else self.base_classifier(batch)
                 first = False
                 check_logits(logits, size, self.num_classes)

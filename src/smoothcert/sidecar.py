@@ -29,7 +29,10 @@ DENOISER_KEYS = ("denoiser_sha256",)
 # A user's model and data (see sources._user_settings): part of the identity where set, so that
 # runs on smoothcert's and the published checkpoints keep their fingerprints.
 USER_KEYS = ("model", "model_kwargs", "normalization", "classes", "image_size")
-_OPTIONAL_IDENTITY = (*SAMPLING_KEYS, *DENOISER_KEYS, *USER_KEYS)
+# Sound sampling on the 8-bit lattice ("exact" or "round", smoothcert.lattice): part of the
+# identity where set, so that a file never mixes sound and ordinary rows.
+NOISE_KEYS = ("sound",)
+_OPTIONAL_IDENTITY = (*SAMPLING_KEYS, *DENOISER_KEYS, *USER_KEYS, *NOISE_KEYS)
 _TEXT_KEYS = ("method", "label", "protocol", "run")
 _OMITTED_WHEN_NONE = ("label", "denoiser", *_OPTIONAL_IDENTITY)
 
@@ -88,6 +91,7 @@ class Sidecar:
     normalization: dict[str, list[float]] | str | None = None  # {'mean', 'std'} or "none"
     classes: list[str] | None = None  # the class names, by label (imagefolder)
     image_size: int | None = None  # a user's dataset's
+    sound: str | None = None  # None: ordinary sampling; "exact"/"round": sound (lattice.py)
     run: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # keys of other versions, kept as read
     unset: frozenset[str] = field(default=frozenset(), compare=False)  # keys the file lacked
@@ -118,7 +122,7 @@ class Sidecar:
 
     def identity(self) -> dict[str, Any]:
         """The settings a run is identified by: IDENTITY_KEYS, and those of the
-        SAMPLING_KEYS, DENOISER_KEYS and USER_KEYS that are set."""
+        SAMPLING_KEYS, DENOISER_KEYS, USER_KEYS and NOISE_KEYS that are set."""
         found = {key: getattr(self, key) for key in IDENTITY_KEYS}
         found.update({key: getattr(self, key) for key in _OPTIONAL_IDENTITY
                       if getattr(self, key) is not None})

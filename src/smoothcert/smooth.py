@@ -27,7 +27,10 @@ class Smooth:
 
     The noise is calibrated to inputs in `input_range` ([0, 1] pixels by default); inputs
     outside it are refused. Give the range a base classifier really takes, or None to accept
-    any finite input. Sampling (`self.sampler`, a NoiseSampler) runs the base classifier in
+    any finite input. `sound=True` samples soundly on the 8-bit lattice (Voráček & Hein;
+    `smoothcert.lattice`, docs/statistics.md): the certificates then hold against lattice
+    perturbations even for a base classifier that reads the low bits of its inputs.
+    Sampling (`self.sampler`, a NoiseSampler) runs the base classifier in
     eval mode and then gives every submodule its previous mode back, even when sampling fails.
     The base classifier is untrusted: each of its outputs must be finite logits, one row per
     input and num_classes columns, or sampling stops with a ValueError.
@@ -44,7 +47,9 @@ class Smooth:
 
     def __init__(self, base_classifier: nn.Module, num_classes: int, sigma: float,
                  **sampler_options: Any):
-        """sampler_options: `NoiseSampler`'s amp (None, "bf16" or "fp16") and input_range."""
+        """sampler_options: `NoiseSampler`'s amp (None, "bf16" or "fp16"), input_range and
+        sound (False; True or "exact": sound sampling on the 8-bit lattice, inputs off it
+        refused; "round": rounded onto it)."""
         self.sampler = NoiseSampler(base_classifier, num_classes, sigma, **sampler_options)
 
     @property
@@ -58,6 +63,11 @@ class Smooth:
     @property
     def sigma(self) -> float:
         return self.sampler.sigma
+
+    @property
+    def sound(self) -> str | None:
+        """None (ordinary sampling), "exact" or "round" (sound sampling, `lattice`)."""
+        return self.sampler.sound
 
     def predict(self, x: torch.Tensor, n: int, alpha: float, batch_size: int, *,
                 generator: torch.Generator | None = None) -> int:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .labels import LabelsUnavailable, split_labels
+from .lattice import SOUND_MODES
 from .protocols import RowCheck, Unverifiable, protocol_for_file
 from .sidecar import IDENTITY_KEYS, Sidecar, read, sidecar_path
 from .table import ResultFile, read_results
@@ -159,6 +160,7 @@ def check_file(path: str | os.PathLike, data_dir: str | os.PathLike | None = Non
         report.problems.append(f"{sidecar_path(part_of or path)}: records run "
                                f"{sidecar.run}, but its settings give {run} (edited?)")
     check = _row_check(path, table, sidecar, report)
+    _check_sound(path, sidecar, report)
     labels, source = _dataset_labels(path, sidecar, data_dir, data_file, report)
     _check_row_set(path, table.values["idx"], sidecar, None if labels is None else len(labels),
                    part_of, report)
@@ -169,6 +171,19 @@ def check_file(path: str | os.PathLike, data_dir: str | os.PathLike | None = Non
             report.problems.append(f"{path}, line {lineno} (idx {value['idx']}): "
                                    + "; ".join(found))
     return report
+
+
+def _check_sound(path: Path, sidecar: Sidecar, report: Verification) -> None:
+    """Sound sampling changes the noise, not the certificate (docs/statistics.md): the rows
+    are recomputed alike; the sidecar says which sampling they rest on."""
+    if sidecar.sound is None:
+        return
+    if sidecar.sound not in SOUND_MODES:
+        report.problems.append(f"{path}: sidecar's sound {sidecar.sound!r} is none of "
+                               f"{', '.join(SOUND_MODES)}")
+        return
+    report.checked.append(f"sound sampling ({sidecar.sound}): radii against perturbations on "
+                          "the 8-bit lattice")
 
 
 def _row_check(path: Path, table: ResultFile, sidecar: Sidecar,
