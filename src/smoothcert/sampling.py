@@ -9,7 +9,8 @@ mode (under autocast when asked), checks each of its untrusted outputs and count
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -108,6 +109,13 @@ class NoiseSampler:
     submodule's previous mode given back afterwards, even when sampling fails. Its outputs are
     untrusted: each must be finite logits, one row per input and num_classes columns, or
     sampling stops with a ValueError.
+
+    compile=True runs the base classifier compiled by torch.compile (inductor, freezing, static
+    shapes) at its first forward pass: every forward pass then sees `batch_size` inputs, a
+    shorter batch padded with rows whose outputs are dropped, so one graph serves every call
+    with that batch size. Freezing makes the weights constants of the graph: changing them
+    afterwards is not seen. Where compilation fails it warns once and runs eager; `compiled`
+    says which ran (None before the first forward pass).
     """
 
     def __init__(
@@ -118,14 +126,20 @@ class NoiseSampler:
         *,
         amp: str | None = None,
         input_range: tuple[float, float] | None = (0.0, 1.0),
+        compile: bool = False,  # noqa: A002 (the option's name, as in --compile)
     ):
         self.num_classes = check_num_classes(num_classes)
+        if not isinstance(compile, bool):
+            raise ValueError(f"compile must be True or False, got {compile!r}")
         if amp is not None and amp not in AMP_DTYPES:
             raise ValueError(f"amp must be None or one of {', '.join(AMP_DTYPES)}, got {amp!r}")
         self.base_classifier = base_classifier
         self.sigma = stats.check_sigma(sigma)
         self.amp = amp
         self.input_range = None if input_range is None else check_input_range(input_range)
+        self.compile = compile
+        self.compiled: bool | None = None if compile else False
+        self._graph: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def counts(
         self,
@@ -145,13 +159,15 @@ class NoiseSampler:
         finite = torch.ones((), dtype=torch.bool, device=device)
         first = True
         with torch.inference_mode(), autocast(device, self.amp), eval_mode(self.base_classifier):
-            buffer = self._noise_buffer(x, min(batch_size, num), device)
+            padded = self.compiled is not False  # the graph's one shape: batch_size inputs
+            buffer = self._noise_buffer(x, batch_size if padded else min(batch_size, num),
+                                        device, padded)
             remaining = num
             while remaining > 0:
                 size = min(batch_size, remaining)
                 # Noise is drawn and added in float32; autocast only casts inside the model.
-                batch = buffer[:size].normal_(0.0, self.sigma, generator=generator).add_(x)
-                logits = self._forward(batch, x.shape) if first else self.base_classifier(batch)
+                buffer[:size].normal_(0.0, self.sigma, generator=generator).add_(x)
+                logits = self._logits(buffer, size, x.shape, first)
                 first = False
                 check_logits(logits, size, self.num_classes)
                 finite &= torch.isfinite(logits).all()  # checked once at the end: no sync
@@ -201,13 +217,44 @@ class NoiseSampler:
             )
 
     @staticmethod
-    def _noise_buffer(x: torch.Tensor, size: int, device: torch.device) -> torch.Tensor:
+    def _noise_buffer(x: torch.Tensor, size: int, device: torch.device,
+                      padded: bool = False) -> torch.Tensor:
         # Contiguous on purpose: torch fills a channels_last buffer with a slow serial kernel,
-        # and a channels_last model converts its input in its first conv anyway.
-        return torch.empty((size, *x.shape), device=device, dtype=torch.float32)
+        # and a channels_last model converts its input in its first conv anyway. A padded
+        # buffer starts as zeros: rows past a short batch are computed, never counted.
+        make = torch.zeros if padded else torch.empty
+        return make((size, *x.shape), device=device, dtype=torch.float32)
+
+    def _logits(self, buffer: torch.Tensor, size: int, shape: torch.Size,
+                first: bool) -> torch.Tensor:
+        """The base classifier's logits of buffer's first `size` rows; the first forward pass
+        checks that model and input fit together (and compiles, where asked)."""
+        if self.compiled is None:
+            return self._compile(buffer, size, shape)
+        if self._graph is not None:
+            return check_logits(self._graph(buffer), len(buffer))[:size]
+        batch = buffer[:size]
+        return self._forward(batch, shape) if first else self.base_classifier(batch)
+
+    def _compile(self, buffer: torch.Tensor, size: int, shape: torch.Size) -> torch.Tensor:
+        """The first forward pass through the compiled model; eager, with a warning, where
+        compilation fails (and an error where eager fails too: the model's, not inductor's)."""
+        graph = torch.compile(self.base_classifier, dynamic=False, fullgraph=True,
+                              options={"freezing": True})
+        try:
+            logits = graph(buffer)
+        except Exception as err:  # whatever dynamo or inductor raise: eager may still work
+            logits = self._forward(buffer[:size], shape)
+            self.compiled = False
+            reason = (str(err).strip().splitlines() or [""])[0]
+            warnings.warn(f"compile: torch.compile failed ({type(err).__name__}: {reason}); "
+                          "the base classifier runs eager", RuntimeWarning, stacklevel=2)
+            return logits
+        self._graph, self.compiled = graph, True
+        return check_logits(logits, len(buffer))[:size]
 
     def _forward(self, batch: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-        """The first forward pass, which checks that model and input fit together."""
+        """An eager forward pass that checks that model and input fit together."""
         try:
             logits = self.base_classifier(batch)
         except RuntimeError as err:
