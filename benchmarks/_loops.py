@@ -56,9 +56,8 @@ class ChannelsLastNoiseSampler(NoiseSampler):
     """A sampler drawing its noise into a channels_last buffer: measured, not shipped."""
 
     @staticmethod
-    def _noise_buffer(x: torch.Tensor, size: int, device: torch.device,
-                      padded: bool = False) -> torch.Tensor:
-        buffer = NoiseSampler._noise_buffer(x, size, device, padded)
+    def _noise_buffer(x: torch.Tensor, size: int, device: torch.device) -> torch.Tensor:
+        buffer = NoiseSampler._noise_buffer(x, size, device)
         return buffer.contiguous(memory_format=torch.channels_last) if x.dim() == 3 else buffer
 
 

@@ -161,7 +161,9 @@ class NoiseSampler:
         with torch.inference_mode(), autocast(device, self.amp), eval_mode(self.base_classifier):
             padded = self.compiled is not False  # the graph's one shape: batch_size inputs
             buffer = self._noise_buffer(x, batch_size if padded else min(batch_size, num),
-                                        device, padded)
+                                        device)
+            if padded:  # rows past a short batch are computed, never counted
+                buffer.zero_()
             remaining = num
             while remaining > 0:
                 size = min(batch_size, remaining)
@@ -217,13 +219,10 @@ class NoiseSampler:
             )
 
     @staticmethod
-    def _noise_buffer(x: torch.Tensor, size: int, device: torch.device,
-                      padded: bool = False) -> torch.Tensor:
+    def _noise_buffer(x: torch.Tensor, size: int, device: torch.device) -> torch.Tensor:
         # Contiguous on purpose: torch fills a channels_last buffer with a slow serial kernel,
-        # and a channels_last model converts its input in its first conv anyway. A padded
-        # buffer starts as zeros: rows past a short batch are computed, never counted.
-        make = torch.zeros if padded else torch.empty
-        return make((size, *x.shape), device=device, dtype=torch.float32)
+        # and a channels_last model converts its input in its first conv anyway.
+        return torch.empty((size, *x.shape), device=device, dtype=torch.float32)
 
     def _logits(self, buffer: torch.Tensor, size: int, shape: torch.Size,
                 first: bool) -> torch.Tensor:
