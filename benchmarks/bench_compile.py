@@ -6,7 +6,8 @@ noise buffer), in fp32 and under bf16 autocast. Each thread count runs in a proc
 own (inductor's generated code is specialised to the thread count it was compiled with);
 within a process the two variants are timed interleaved on the same input and generator.
 
-compile (s): the first compiled call (one full batch) minus one steady compiled batch.
+compile (s): the first compiled call (one full batch) minus one steady compiled batch, with an
+empty inductor cache (each thread count's process gets its own): what a first run pays.
 break-even n: the estimation samples over which compiling pays for itself, compile time /
 (eager − compiled time per sample); "never" where compiled is not faster.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 
 import torch
@@ -98,7 +100,8 @@ def main(argv=None) -> list[Table]:
     for threads in args.thread_counts.split(","):
         child = [__file__, "--child", "--threads", threads, "--models", args.models,
                  "--dtypes", args.dtypes, "--reps", str(reps), "--seconds", str(seconds)]
-        payload = run_json(child, clean_allocator=False)
+        with tempfile.TemporaryDirectory() as cache:  # a cold compile, as a first run has
+            payload = run_json(child, {"TORCHINDUCTOR_CACHE_DIR": cache}, clean_allocator=False)
         for row in payload["tables"][0]["rows"]:
             table.add(*row)
         meta.setdefault("load_average_by_threads", {})[threads] = payload["meta"]["load_average"]

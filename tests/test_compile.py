@@ -14,6 +14,7 @@ import warnings
 import pytest
 import torch
 from conftest import ThresholdClassifier
+from test_distributed import without_time
 from torch import nn
 
 from smoothcert import Smooth
@@ -231,13 +232,6 @@ def test_an_inductor_compiled_certificate_verifies(trained_checkpoint, tmp_path)
 
 
 # --procs -------------------------------------------------------------------------------------
-
-
-def without_time(path) -> list[list[str]]:
-    """The rows of a result file without their time column (the one that differs)."""
-    rows = [line.split("\t") for line in path.read_text().splitlines()]
-    column = rows[0].index("time")
-    return [row[:column] + row[column + 1:] for row in rows]
 
 
 @pytest.mark.slow  # launches torchrun: two processes that import torch, 15 to 25 s
