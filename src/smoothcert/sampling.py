@@ -126,7 +126,7 @@ class NoiseSampler:
         *,
         amp: str | None = None,
         input_range: tuple[float, float] | None = (0.0, 1.0),
-        compile: bool = False,  # noqa: A002 (the option's name, as in --compile)
+        compile: bool = False,
     ):
         self.num_classes = check_num_classes(num_classes)
         if not isinstance(compile, bool):
