@@ -31,6 +31,8 @@ SCRIPTS = {
     "bench_scaling": ("bench_scaling", []),
     "bench_train": ("bench_train", []),
     "bench_fastpath": ("bench_fastpath", []),
+    "bench_compile": ("bench_compile", []),
+    "bench_procs": ("bench_procs", []),
     "profile_lenet": ("profile_certify", ["--model", "lenet", "--config", "cl+cnoise+bf16"]),
     "profile_resnet110": ("profile_certify", ["--model", "cifar_resnet110", "--config", "fp32",
                                               "--n", "2000"]),

@@ -159,7 +159,7 @@ def _run(args) -> None:
     from .runner import RunConfig, abstention_rate, run
 
     options = {k: v for k, v in vars(args).items()
-               if k not in {"command", "no_progress", "debug"}}
+               if k not in {"command", "no_progress", "debug", "procs"}}
     cfg = RunConfig(mode=args.command, **options)
     with _on_interrupt(lambda: RESUME_HINT):
         path = run(cfg, progress=not args.no_progress)
@@ -259,9 +259,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in {"certify", "predict"} and (problem := run_argument_problem(args)):
         print(f"smoothcert {args.command}: error: {problem}", file=sys.stderr)
         return 2
+    procs = _process_count(args)
+    if procs is not None and (problem := _process_problem(procs)):
+        print(f"smoothcert {args.command}: error: {problem}", file=sys.stderr)
+        return 2
     try:
         with _sigterm_interrupts():
-            return _execute(args)
+            if procs is not None and procs > 1 and "WORLD_SIZE" not in os.environ:
+                return launch_processes(argv, procs)
+            return _execute(args, threads=1 if procs == 1 else None)
     except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: one line, what is kept, no traceback
         if args.debug:
             raise
@@ -270,7 +276,49 @@ def main(argv: Sequence[str] | None = None) -> int:
         return INTERRUPTED
 
 
-def _execute(args: argparse.Namespace) -> int:
+def _process_count(args: argparse.Namespace) -> int | None:
+    """certify/predict --procs as a number (auto: the physical cores), None without it."""
+    procs = getattr(args, "procs", None)
+    if procs != "auto":
+        return procs
+    from .perf import physical_cores
+
+    return physical_cores()
+
+
+def _process_problem(procs: int) -> str | None:
+    """What is wrong with --procs under a torchrun that started this process, if anything."""
+    world = os.environ.get("WORLD_SIZE")
+    if world is None or world == str(procs):
+        return None
+    return (f"procs: this process is one of {world} that torchrun started (WORLD_SIZE), but "
+            f"--procs asks for {procs}: drop --procs under torchrun")
+
+
+def launch_processes(argv: Sequence[str], procs: int) -> int:
+    """Run this very command as `procs` single-thread processes under torchrun (gloo); its
+    exit status. The workers see WORLD_SIZE and run the command itself; the rows they certify
+    are the rows one process certifies (each example's noise has its own stream)."""
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # The workers import this very smoothcert, whichever way this process found it.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(_PACKAGE_DIR.parent),
+                                                      env.get("PYTHONPATH"))))
+    # "--": torchrun would take --n or --max for abbreviations of its own options.
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(procs),
+               "--standalone", "-m", "--", "smoothcert", *argv]
+    proc = subprocess.Popen(command, env=env)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:  # Ctrl-C reached torchrun too; SIGTERM only this process
+        proc.terminate()  # torchrun passes it on to the workers, which say what they kept
+        proc.wait()
+        raise
+
+
+def _execute(args: argparse.Namespace, threads: int | None = None) -> int:
+    """Run the command; `threads`: torch's intra-op threads (default: set_threads())."""
     from .perf import tune_allocator
 
     tune_allocator()  # big batches otherwise page-fault heavily (docs/benchmarks.md)
@@ -278,7 +326,7 @@ def _execute(args: argparse.Namespace) -> int:
     if uses_torch:  # the other commands start without importing torch
         from .perf import set_threads
 
-        set_threads()  # one thread per physical core unless OMP_NUM_THREADS says otherwise
+        set_threads(threads)  # one thread per physical core unless OMP_NUM_THREADS says so
     commands = {"train": _train, "certify": _run, "predict": _run, "analyze": _analyze,
                 "verify": _verify, "demo": _demo, "presets": _list_presets,
                 "models": _list_models, "objectives": _list_objectives}

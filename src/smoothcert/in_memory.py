@@ -27,9 +27,10 @@ def certify_dataset(model: nn.Module, dataset: Dataset, *, sigma: float, out: st
     """Certify each example of `dataset` ((x, label) pairs, x in [0, 1]) with `model` smoothed
     at `sigma`, into result file `out`: `smoothcert certify`'s loop (resume, `verify`, torchrun)
     on an in-memory model. `options` are RunConfig's sampling settings (n0, n, alpha, batch,
-    skip, max, seed, method, amp, device, radii, ...). The sidecar identifies the model by its
-    state_dict's sha256 and the data by `name` (default: the dataset's class name); the number
-    of classes is the model's output on the first example (`num_classes`, if given, must agree).
+    skip, max, seed, method, amp, compile, device, radii, ...). The sidecar identifies the
+    model by its state_dict's sha256 and the data by `name` (default: the dataset's class
+    name); the number of classes is the model's output on the first example (`num_classes`,
+    if given, must agree).
     """
     return _run_in_memory("certify", model, dataset, sigma, out, num_classes, name, progress,
                           options)

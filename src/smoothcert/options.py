@@ -139,6 +139,23 @@ def _add_aliased(parser: argparse.ArgumentParser, flag: str, *aliases: str, help
         parser.add_argument(alias, dest=dest, help=argparse.SUPPRESS, **hidden)
 
 
+MAX_PROCS = 1024
+
+
+def _process_count(text: str) -> int | str:
+    """--procs: 'auto' or a number of processes in [1, MAX_PROCS]."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_PROCS:
+        raise argparse.ArgumentTypeError(
+            f"expected 'auto' or a number of processes from 1 to {MAX_PROCS}, got {text!r}")
+    return value
+
+
 def _amp(text: str) -> str | None:
     """--amp: an autocast dtype, or none (float32)."""
     if text == "none":
@@ -257,6 +274,14 @@ def add_run_options(parser: argparse.ArgumentParser, certify: bool) -> None:
                         help="sound sampling on the 8-bit lattice (Voracek & Hein): certificates "
                         "no float rounding can break; --sound (exact) refuses inputs off the "
                         "lattice a/255, --sound round rounds them onto it")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the model (inductor, frozen weights, static shapes; "
+                        "compiles once, seconds to minutes); eager with a warning where that "
+                        "fails. Recorded in the sidecar: a result file is compiled or eager")
+    parser.add_argument("--procs", type=_process_count, metavar="{auto,N}",
+                        help="N single-thread processes (auto: one per physical core) through "
+                        "torchrun with gloo: the fastest use of a multi-core CPU "
+                        "(docs/benchmarks.md); default: one process, one thread per core")
     parser.add_argument("--denoiser", metavar="SPEC", help="denoised smoothing: a denoiser in "
                         "front of the classifier, a denoiser checkpoint of `smoothcert train` "
                         "or diffusers:FOLDER (a local UNet2DModel + DDPMScheduler)")

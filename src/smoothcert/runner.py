@@ -77,6 +77,7 @@ class RunConfig:
     device: str = "auto"
     amp: str | None = None
     channels_last: bool = True
+    compile: bool = False  # torch.compile the model (NoiseSampler); eager where that fails
     restart_if_stale: bool = False  # discard rows of another run (settings or checkpoint)
     # Sequential certification at radii (sequential.RadiiProcedure): radii (None: the Table-1
     # radii max_n can reach), max_n (None: n), confidence_sequence (None: mixture).
@@ -335,10 +336,11 @@ class Runner:
             model = model.to(memory_format=torch.channels_last)
         self.dataset_name, self.sigma, self.dataset = source.name, source.sigma, source.dataset
         self.smooth = Smooth(model, source.num_classes, self.sigma, amp=cfg.amp,
-                             sound=cfg.sound)
+                             sound=cfg.sound, compile=cfg.compile)
         self.out = Path(cfg.out)
         self.protocol = cfg.protocol
         self.indices = selected_indices(len(self.dataset), cfg.skip, cfg.max)
+        self._settle_compilation()
         self.sidecar = self._sidecar(source)
         self.run_id = self.sidecar.run
         self.columns = self.protocol.header(self.sidecar)
@@ -354,6 +356,16 @@ class Runner:
         denoiser, digest = load_denoiser(cfg.denoiser, source.sigma, channels)
         return Denoised(denoiser.to(self.ctx.device), model), digest
 
+    def _settle_compilation(self) -> None:
+        """Compile (or fall back to eager) on one noisy copy of the first example, before the
+        sidecar records which of the two runs: every row of the run is then computed alike."""
+        if self.smooth.sampler.compiled is not None or not self.indices:
+            return
+        x = self.dataset[self.indices[0]][0]
+        throwaway = torch.Generator(self.ctx.device).manual_seed(0)  # no row's stream
+        with batch_memory_guard(self.cfg.batch):
+            self.smooth.sampler.counts(x, 1, self.cfg.batch, throwaway)
+
     def _sidecar(self, source: Source) -> Sidecar:
         """The sidecar this run writes: its settings, the checkpoint's sha256, the fingerprint."""
         cfg, num_classes = self.cfg, source.num_classes
@@ -362,7 +374,8 @@ class Runner:
         settings = dict(
             format=results.FORMAT, mode=cfg.mode, split=cfg.split, n0=cfg.n0, n=cfg.n,
             alpha=cfg.alpha, grid=cfg.grid, skip=cfg.skip, max=cfg.max, seed=cfg.seed,
-            sigma=self.sigma, dataset=self.dataset_name, amp=cfg.amp, num_classes=num_classes,
+            sigma=self.sigma, dataset=self.dataset_name, amp=cfg.amp,
+            compile=self.smooth.sampler.compiled or None, num_classes=num_classes,
             checkpoint_sha256=source.checkpoint_sha256, protocol=protocol, denoiser=cfg.denoiser,
             denoiser_sha256=self.denoiser_sha256, sound=cfg.sound, **source.record)
         return Sidecar.build(cfg.extra, **{

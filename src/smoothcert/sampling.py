@@ -10,7 +10,8 @@ procedures only ask it for counts.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -220,6 +221,13 @@ class NoiseSampler:
     each submodule's previous mode given back afterwards, even when sampling fails. Its outputs
     are untrusted: each must be finite logits, one row per input and num_classes columns, or
     sampling stops with a ValueError.
+
+    compile=True runs the base classifier compiled by torch.compile (inductor, freezing, static
+    shapes) at its first forward pass: every forward pass then sees `batch_size` inputs, a
+    shorter batch padded with rows whose outputs are dropped, so one graph serves every call
+    with that batch size. Freezing makes the weights constants of the graph: changing them
+    afterwards is not seen. Where compilation fails it warns once and runs eager; `compiled`
+    says which ran (None before the first forward pass).
     """
 
     def __init__(
@@ -231,8 +239,11 @@ class NoiseSampler:
         amp: str | None = None,
         input_range: tuple[float, float] | None = (0.0, 1.0),
         sound: bool | str | None = None,
+        compile: bool = False,
     ):
         self.num_classes = check_num_classes(num_classes)
+        if not isinstance(compile, bool):
+            raise ValueError(f"compile must be True or False, got {compile!r}")
         if amp is not None and amp not in AMP_DTYPES:
             raise ValueError(f"amp must be None or one of {', '.join(AMP_DTYPES)}, got {amp!r}")
         self.base_classifier = base_classifier
@@ -245,6 +256,9 @@ class NoiseSampler:
                              f"a/255 in [0, 1]), got {input_range!r}")
         self.noise = (LatticeNoise(self.sigma, self.sound) if self.sound
                       else GaussianNoise(self.sigma))
+        self.compile = compile
+        self.compiled: bool | None = None if compile else False
+        self._graph: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def counts(
         self,
@@ -265,13 +279,17 @@ class NoiseSampler:
         finite = torch.ones((), dtype=torch.bool, device=device)
         first = True
         with torch.inference_mode(), autocast(device, self.amp), eval_mode(self.base_classifier):
-            buffer = self._noise_buffer(x, min(batch_size, num), device)
+            padded = self.compiled is not False  # the graph's one shape: batch_size inputs
+            buffer = self._noise_buffer(x, batch_size if padded else min(batch_size, num),
+                                        device)
+            if padded:  # rows past a short batch are computed, never counted
+                buffer.zero_()
             remaining = num
             while remaining > 0:
                 size = min(batch_size, remaining)
                 # Noisy copies are made in float32; autocast only casts inside the model.
-                batch = self.noise.fill(buffer[:size], prepared, generator)
-                logits = self._forward(batch, x.shape) if first else self.base_classifier(batch)
+                self.noise.fill(buffer[:size], prepared, generator)
+                logits = self._logits(buffer, size, x.shape, first)
                 first = False
                 check_logits(logits, size, self.num_classes)
                 finite &= torch.isfinite(logits).all()  # checked once at the end: no sync
@@ -326,8 +344,36 @@ class NoiseSampler:
         # and a channels_last model converts its input in its first conv anyway.
         return torch.empty((size, *x.shape), device=device, dtype=torch.float32)
 
+    def _logits(self, buffer: torch.Tensor, size: int, shape: torch.Size,
+                first: bool) -> torch.Tensor:
+        """The base classifier's logits of buffer's first `size` rows; the first forward pass
+        checks that model and input fit together (and compiles, where asked)."""
+        if self.compiled is None:
+            return self._compile(buffer, size, shape)
+        if self._graph is not None:
+            return check_logits(self._graph(buffer), len(buffer))[:size]
+        batch = buffer[:size]
+        return self._forward(batch, shape) if first else self.base_classifier(batch)
+
+    def _compile(self, buffer: torch.Tensor, size: int, shape: torch.Size) -> torch.Tensor:
+        """The first forward pass through the compiled model; eager, with a warning, where
+        compilation fails (and an error where eager fails too: the model's, not inductor's)."""
+        graph = torch.compile(self.base_classifier, dynamic=False, fullgraph=True,
+                              options={"freezing": True})
+        try:
+            logits = graph(buffer)
+        except Exception as err:  # whatever dynamo or inductor raise: eager may still work
+            logits = self._forward(buffer[:size], shape)
+            self.compiled = False
+            reason = (str(err).strip().splitlines() or [""])[0]
+            warnings.warn(f"compile: torch.compile failed ({type(err).__name__}: {reason}); "
+                          "the base classifier runs eager", RuntimeWarning, stacklevel=2)
+            return logits
+        self._graph, self.compiled = graph, True
+        return check_logits(logits, len(buffer))[:size]
+
     def _forward(self, batch: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-        """The first forward pass, which checks that model and input fit together."""
+        """An eager forward pass that checks that model and input fit together."""
         try:
             logits = self.base_classifier(batch)
         except RuntimeError as err:

@@ -32,7 +32,12 @@ USER_KEYS = ("model", "model_kwargs", "normalization", "classes", "image_size")
 # Sound sampling on the 8-bit lattice ("exact" or "round", smoothcert.lattice): part of the
 # identity where set, so that a file never mixes sound and ordinary rows.
 NOISE_KEYS = ("sound",)
-_OPTIONAL_IDENTITY = (*SAMPLING_KEYS, *DENOISER_KEYS, *USER_KEYS, *NOISE_KEYS)
+# How the network ran beyond amp: compile (true: torch.compile'd, `--compile`), part of the
+# identity where set, so that a file never mixes compiled and eager rows and eager runs keep
+# their fingerprints.
+EXECUTION_KEYS = ("compile",)
+_OPTIONAL_IDENTITY = (*SAMPLING_KEYS, *DENOISER_KEYS, *USER_KEYS, *NOISE_KEYS,
+                      *EXECUTION_KEYS)
 _TEXT_KEYS = ("method", "label", "protocol", "run")
 _OMITTED_WHEN_NONE = ("label", "denoiser", *_OPTIONAL_IDENTITY)
 
@@ -70,6 +75,7 @@ class Sidecar:
     sigma: float | None = None
     dataset: str | None = None
     amp: str | None = None
+    compile: bool | None = None  # True where the network ran compiled; None: eager
     num_classes: int | None = None
     checkpoint: str | None = None  # for display; the content is checkpoint_sha256
     checkpoint_sha256: str | None = None
@@ -122,7 +128,7 @@ class Sidecar:
 
     def identity(self) -> dict[str, Any]:
         """The settings a run is identified by: IDENTITY_KEYS, and those of the
-        SAMPLING_KEYS, DENOISER_KEYS, USER_KEYS and NOISE_KEYS that are set."""
+        SAMPLING_KEYS, DENOISER_KEYS, USER_KEYS, NOISE_KEYS and EXECUTION_KEYS that are set."""
         found = {key: getattr(self, key) for key in IDENTITY_KEYS}
         found.update({key: getattr(self, key) for key in _OPTIONAL_IDENTITY
                       if getattr(self, key) is not None})

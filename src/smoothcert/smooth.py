@@ -38,9 +38,9 @@ class Smooth:
     Arguments: Cohen's `Smooth(base_classifier, num_classes, sigma)`, `predict(x, n, alpha,
     batch_size)` and `certify(x, n0, n, alpha, batch_size)` may be given by position, as code
     written against Cohen's `core.Smooth` does; `tcertify` and `certify_all` take the same ones
-    in the same order. Every other argument is keyword-only (amp, input_range, grid, strict, the
-    generators, and everything after x of `certify_radii` and `certify_adaptive`, whose alpha
-    and max_n come in opposite orders and would otherwise swap silently).
+    in the same order. Every other argument is keyword-only (amp, input_range, compile, grid,
+    strict, the generators, and everything after x of `certify_radii` and `certify_adaptive`,
+    whose alpha and max_n come in opposite orders and would otherwise swap silently).
     """
 
     ABSTAIN = ABSTAIN
@@ -49,7 +49,8 @@ class Smooth:
                  **sampler_options: Any):
         """sampler_options: `NoiseSampler`'s amp (None, "bf16" or "fp16"), input_range and
         sound (False; True or "exact": sound sampling on the 8-bit lattice, inputs off it
-        refused; "round": rounded onto it)."""
+        refused; "round": rounded onto it) and compile (torch.compile with freezing and static
+        shapes; eager, warned, where it fails)."""
         self.sampler = NoiseSampler(base_classifier, num_classes, sigma, **sampler_options)
 
     @property
