@@ -58,6 +58,10 @@ ONE_RADIUS = 0.5
 # name -> RadiiProcedure options; "only": the procedure asks about that one radius
 SEQUENTIAL = {
     "seq-certify (mixture)": dict(method="certify", confidence_sequence="mixture"),
+    "seq-certify (mixture, no final look)": dict(method="certify", confidence_sequence="mixture",
+                                                 final_share=0.0),
+    "seq-certify (mixture, precision 0.25)": dict(method="certify",
+                                                  confidence_sequence="mixture", precision=0.25),
     "seq-certify (bonferroni)": dict(method="certify", confidence_sequence="bonferroni"),
     "seq-tcertify (mixture)": dict(method="tcertify", confidence_sequence="mixture"),
     f"seq-certify (mixture, r = {ONE_RADIUS} only)": dict(
@@ -71,6 +75,9 @@ def extra_arguments(parser) -> None:
                         help="every skip-th test image (default: 20 for MNIST, 2 for the "
                              "CIFAR-10 subset)")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--checkpoint", type=Path,
+                        help="certify this checkpoint (one of --models, not trained further) "
+                             "instead of the study's")
     parser.add_argument("--max-n", type=int, default=100_000)
     parser.add_argument("--n0", type=int, default=100)
     parser.add_argument("--alpha", type=float, default=0.001)
@@ -200,7 +207,7 @@ def paired(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
 
 
 def run_model(name: str, args, tables: dict[str, Table]) -> None:
-    model, config = load_model(checkpoint(name))
+    model, config = load_model(args.checkpoint or checkpoint(name))
     model = model.to(memory_format=torch.channels_last)
     sigma = float(config["sigma"])
     smooth = Smooth(model, 10, sigma, amp=None if args.amp == "none" else args.amp)
