@@ -188,12 +188,43 @@ def test_default_radii_are_the_table_1_radii_max_n_can_reach(trained_checkpoint,
     (dict(confidence_sequence="betting"), "confidence_sequence"),
     (dict(mode="predict"), "certify only"),
     (dict(max_n=100), "max_n"),
+    (dict(final_share=1.0), r"final_share must be a number in \[0, 1\)"),
+    (dict(final_share=-0.5), "final_share"),
+    (dict(precision=0.0), "precision must be a finite number > 0"),
+    (dict(precision=float("nan")), "precision"),
+    (dict(adaptive_n=True, precision=0.25), "precision"),
+    (dict(adaptive_n=True, final_share=0.25), "final_share"),
+    (dict(mode="predict", precision=0.25), "certify only"),
 ])
 def test_bad_sequential_options_are_refused_before_any_work(trained_checkpoint, tmp_path,
                                                             options, match):
     with pytest.raises(ValueError, match=match):
         certify(trained_checkpoint, tmp_path / "bad.tsv", **options)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_with_a_final_share_and_a_precision_records_them_and_verifies(
+        trained_checkpoint, radii_file, tmp_path):
+    assert json.loads(Path(f"{radii_file}.json").read_text())["final_share"] == \
+        sequential.FINAL_SHARE
+    assert "precision" not in json.loads(Path(f"{radii_file}.json").read_text())
+    out = certify(trained_checkpoint, tmp_path / "precise.tsv", radii=RADII, final_share=0.2,
+                  precision=0.25)
+    meta = json.loads(Path(f"{out}.json").read_text())
+    assert (meta["final_share"], meta["precision"]) == (0.2, 0.25)
+    assert meta["run"] != json.loads(Path(f"{radii_file}.json").read_text())["run"]
+    model, _ = load_model(trained_checkpoint)
+    smooth = Smooth(model, 10, SIGMA)
+    data = get_dataset("mnist", "test", augment=False)
+    for row in rows(out):
+        idx = int(row["idx"])
+        cert = smooth.certify_radii(
+            data[idx][0], radii=RADII, alpha=0.001, max_n=MAX_N, batch_size=BATCH, n0=N0,
+            final_share=0.2, precision=0.25, generator=generator(0, "selection", idx),
+            estimation_generator=generator(0, "estimation", idx))
+        assert [int(row[f"certified_{r!r}"]) for r in RADII] == list(cert.certified)
+        assert int(row["n"]) == cert.n
+    assert results.verify(out) == (COUNT, [])
 
 
 def test_the_command_line_writes_what_the_api_writes(trained_checkpoint, radii_file,
@@ -215,3 +246,8 @@ def test_the_command_line_writes_what_the_api_writes(trained_checkpoint, radii_f
     assert main(["certify", *common, "--out", str(tmp_path / "bad.tsv"), "--tolerance",
                  "0.1"]) == 2
     assert "smoothcert certify: error: tolerance applies to adaptive_n" in capsys.readouterr().err
+    for flag, value, message in [("--final-share", "1.5", "final_share must be a number in "
+                                  "[0, 1), got 1.5"),
+                                 ("--precision", "-1", "precision must be a finite number > 0")]:
+        assert main(["certify", *common, "--out", str(tmp_path / "bad.tsv"), flag, value]) == 2
+        assert f"smoothcert certify: error: {message}" in capsys.readouterr().err
