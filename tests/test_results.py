@@ -447,11 +447,13 @@ def radii_file(folder: Path, cert, label: int = int(MNIST_TEST_LABELS[0]), **cha
     return path
 
 
+def per_class(count_a: int, n: int) -> tuple[int, ...]:
+    """Ten classes' counts: count_a for class 3, the rest of n for class 4."""
+    return (0, 0, 0, count_a, n - count_a, 0, 0, 0, 0, 0)
+
+
 def test_verify_recomputes_a_radii_certificate_at_its_look(tmp_path):
     from smoothcert.sequential import RadiiCertificate
-
-    def per_class(count_a: int, n: int) -> tuple[int, ...]:
-        return (0, 0, 0, count_a, n - count_a, 0, 0, 0, 0, 0)
 
     # 200 of 200 votes: the mixture's pA bound at alpha is about 0.96 > Phi(0.5 / 0.5) = 0.84.
     right = RadiiCertificate(
@@ -479,9 +481,6 @@ def test_verify_recomputes_a_radii_certificate_at_its_look(tmp_path):
 
 def test_verify_recomputes_a_certificate_of_the_final_look(tmp_path):
     from smoothcert.sequential import RadiiCertificate
-
-    def per_class(count_a: int, n: int) -> tuple[int, ...]:
-        return (0, 0, 0, count_a, n - count_a, 0, 0, 0, 0, 0)
 
     # 880 of max_n = 1000 votes: Clopper-Pearson at the final look's half of alpha certifies
     # 0.5 (its bound 0.85 > Phi(1) = 0.841), the mixture at the other half only 0.25.

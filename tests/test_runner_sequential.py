@@ -49,6 +49,20 @@ def edit(path: Path, idx: int, **changes: str) -> None:
     path.write_text("\n".join([header, *lines]) + "\n")
 
 
+def api_certificates(checkpoint: Path, path: Path, **options):
+    """Each row of a radii file with Smooth.certify_radii's certificate of its input, drawn
+    from the run's streams (options: certify_radii's)."""
+    model, _ = load_model(checkpoint)
+    smooth = Smooth(model, 10, SIGMA)
+    data = get_dataset("mnist", "test", augment=False)
+    for row in rows(path):
+        idx = int(row["idx"])
+        yield row, smooth.certify_radii(
+            data[idx][0], radii=RADII, alpha=0.001, max_n=MAX_N, batch_size=BATCH, n0=N0,
+            generator=generator(0, "selection", idx),
+            estimation_generator=generator(0, "estimation", idx), **options)
+
+
 @pytest.fixture(scope="module")
 def radii_file(trained_checkpoint, tmp_path_factory) -> Path:
     return certify(trained_checkpoint, tmp_path_factory.mktemp("radii") / "radii.tsv",
@@ -71,16 +85,7 @@ def test_radii_rows_are_the_api_s_certificates_on_the_run_s_streams(trained_chec
         "sampling": "sequential", "radii": list(RADII), "max_n": MAX_N,
         "confidence_sequence": "mixture", "batch": BATCH, "method": "tcertify", "n": None,
         "alpha": 0.001, "sigma": SIGMA}
-    model, _ = load_model(trained_checkpoint)
-    smooth = Smooth(model, 10, SIGMA)
-    data = get_dataset("mnist", "test", augment=False)
-    for row in rows(radii_file):
-        idx = int(row["idx"])
-        cert = smooth.certify_radii(
-            data[idx][0], radii=RADII, alpha=0.001, max_n=MAX_N, batch_size=BATCH, n0=N0,
-            method="tcertify",
-            generator=generator(0, "selection", idx), estimation_generator=generator(
-                0, "estimation", idx))
+    for row, cert in api_certificates(trained_checkpoint, radii_file, method="tcertify"):
         assert [int(row[f"certified_{r!r}"]) for r in RADII] == list(cert.certified)
         assert [int(row[f"decided_{r!r}"]) for r in RADII] == list(cert.decided_at)
         assert int(row["samples_used"]) == cert.samples_used == N0 + int(row["n"])
@@ -213,15 +218,8 @@ def test_a_run_with_a_final_share_and_a_precision_records_them_and_verifies(
     meta = json.loads(Path(f"{out}.json").read_text())
     assert (meta["final_share"], meta["precision"]) == (0.2, 0.25)
     assert meta["run"] != json.loads(Path(f"{radii_file}.json").read_text())["run"]
-    model, _ = load_model(trained_checkpoint)
-    smooth = Smooth(model, 10, SIGMA)
-    data = get_dataset("mnist", "test", augment=False)
-    for row in rows(out):
-        idx = int(row["idx"])
-        cert = smooth.certify_radii(
-            data[idx][0], radii=RADII, alpha=0.001, max_n=MAX_N, batch_size=BATCH, n0=N0,
-            final_share=0.2, precision=0.25, generator=generator(0, "selection", idx),
-            estimation_generator=generator(0, "estimation", idx))
+    for row, cert in api_certificates(trained_checkpoint, out, final_share=0.2,
+                                      precision=0.25):
         assert [int(row[f"certified_{r!r}"]) for r in RADII] == list(cert.certified)
         assert int(row["n"]) == cert.n
     assert results.verify(out) == (COUNT, [])
