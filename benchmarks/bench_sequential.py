@@ -75,6 +75,8 @@ def extra_arguments(parser) -> None:
                         help="every skip-th test image (default: 20 for MNIST, 2 for the "
                              "CIFAR-10 subset)")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--procedures", nargs="+", choices=list(SEQUENTIAL),
+                        default=list(SEQUENTIAL), help="the sequential procedures to run")
     parser.add_argument("--checkpoint", type=Path,
                         help="certify this checkpoint (one of --models, not trained further) "
                              "instead of the study's")
@@ -158,7 +160,7 @@ def certify_point(smooth: Smooth, x: torch.Tensor, generator: torch.Generator, r
     procedures = {name: RadiiProcedure(procedure_radii(radii, options), smooth.sigma,
                                        args.alpha, args.max_n, num_classes=smooth.num_classes,
                                        batch_size=args.batch, **procedure_options(options))
-                  for name, options in SEQUENTIAL.items()}
+                  for name, options in SEQUENTIAL.items() if name in args.procedures}
     started = time.perf_counter()
     n_adaptive = {tol: choose_n(selection, args.max_n, smooth.sigma, args.alpha, tol)
                   for tol in args.tolerances}
@@ -234,6 +236,8 @@ def summarise(title: str, radii, rows, tables: dict[str, Table]) -> None:
     passes_fixed = np.array([r["fixed"]["passes"] for _, r in rows])
     time_fixed = sum(r["fixed"]["seconds"] for _, r in rows)
     for name, options in SEQUENTIAL.items():
+        if name not in rows[0][1]["seq"]:
+            continue
         baseline = "tcertify" if "tcertify" in name else "certify"
         certs = [r["seq"][name]["certificate"] for _, r in rows]
         columns = np.searchsorted(radii, procedure_radii(radii, options))
