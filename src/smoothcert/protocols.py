@@ -312,7 +312,8 @@ class Radii(Protocol):
         return {"method": cfg.method, "layout": "radii", "grid": None, "n": None,
                 "sampling": self.sampling, "max_n": cfg.max_n, "radii": list(radii),
                 "batch": cfg.batch, "confidence_sequence": cfg.confidence_sequence,
-                "final_share": cfg.final_share, "precision": cfg.precision}
+                # 0 (no final look) is left out, as in files written before the final look
+                "final_share": cfg.final_share or None, "precision": cfg.precision}
 
     def header(self, sidecar: Sidecar) -> list[str]:
         return schema.radii_columns(sidecar.radii)

@@ -82,7 +82,8 @@ class Sidecar:
     confidence_sequence: str | None = None
     batch: int | None = None  # a radii run's look interval
     tolerance: float | None = None
-    final_share: float | None = None  # a radii run's final look (None: none, as before it)
+    final_share: float | None = None  # a radii run's final look (None: none, as before it;
+    # a run with final_share 0 writes none, so that such files keep their fingerprints)
     precision: float | None = None  # a radii run's stopping precision (None: every radius)
     denoiser: str | None = None  # certify --denoiser, for display; the content is denoiser_sha256
     denoiser_sha256: str | None = None
