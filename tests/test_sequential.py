@@ -413,7 +413,7 @@ def procedure_cases():
                                marks=[pytest.mark.slow] if slow else [])
 
 
-@pytest.mark.parametrize("method,cs_name,options", procedure_cases())
+@pytest.mark.parametrize("method,cs_name,options", list(procedure_cases()))
 def test_procedure_fails_with_probability_at_most_alpha_at_every_radius(method, cs_name,
                                                                        options):
     # Every variant: the sequence alone, with the default final look at max_n (its share of
