@@ -58,6 +58,10 @@ ONE_RADIUS = 0.5
 # name -> RadiiProcedure options; "only": the procedure asks about that one radius
 SEQUENTIAL = {
     "seq-certify (mixture)": dict(method="certify", confidence_sequence="mixture"),
+    "seq-certify (mixture, no final look)": dict(method="certify", confidence_sequence="mixture",
+                                                 final_share=0.0),
+    "seq-certify (mixture, precision 0.25)": dict(method="certify",
+                                                  confidence_sequence="mixture", precision=0.25),
     "seq-certify (bonferroni)": dict(method="certify", confidence_sequence="bonferroni"),
     "seq-tcertify (mixture)": dict(method="tcertify", confidence_sequence="mixture"),
     f"seq-certify (mixture, r = {ONE_RADIUS} only)": dict(
@@ -71,6 +75,11 @@ def extra_arguments(parser) -> None:
                         help="every skip-th test image (default: 20 for MNIST, 2 for the "
                              "CIFAR-10 subset)")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--procedures", nargs="+", choices=list(SEQUENTIAL),
+                        default=list(SEQUENTIAL), help="the sequential procedures to run")
+    parser.add_argument("--checkpoint", type=Path,
+                        help="certify this checkpoint (one of --models, not trained further) "
+                             "instead of the study's")
     parser.add_argument("--max-n", type=int, default=100_000)
     parser.add_argument("--n0", type=int, default=100)
     parser.add_argument("--alpha", type=float, default=0.001)
@@ -151,7 +160,7 @@ def certify_point(smooth: Smooth, x: torch.Tensor, generator: torch.Generator, r
     procedures = {name: RadiiProcedure(procedure_radii(radii, options), smooth.sigma,
                                        args.alpha, args.max_n, num_classes=smooth.num_classes,
                                        batch_size=args.batch, **procedure_options(options))
-                  for name, options in SEQUENTIAL.items()}
+                  for name, options in SEQUENTIAL.items() if name in args.procedures}
     started = time.perf_counter()
     n_adaptive = {tol: choose_n(selection, args.max_n, smooth.sigma, args.alpha, tol)
                   for tol in args.tolerances}
@@ -200,7 +209,7 @@ def paired(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
 
 
 def run_model(name: str, args, tables: dict[str, Table]) -> None:
-    model, config = load_model(checkpoint(name))
+    model, config = load_model(args.checkpoint or checkpoint(name))
     model = model.to(memory_format=torch.channels_last)
     sigma = float(config["sigma"])
     smooth = Smooth(model, 10, sigma, amp=None if args.amp == "none" else args.amp)
@@ -227,6 +236,8 @@ def summarise(title: str, radii, rows, tables: dict[str, Table]) -> None:
     passes_fixed = np.array([r["fixed"]["passes"] for _, r in rows])
     time_fixed = sum(r["fixed"]["seconds"] for _, r in rows)
     for name, options in SEQUENTIAL.items():
+        if name not in rows[0][1]["seq"]:
+            continue
         baseline = "tcertify" if "tcertify" in name else "certify"
         certs = [r["seq"][name]["certificate"] for _, r in rows]
         columns = np.searchsorted(radii, procedure_radii(radii, options))

@@ -215,7 +215,8 @@ def test_a_bonferroni_alpha_too_small_for_its_looks_exits_2_before_any_row(
     code, _, err = run(capsys, "certify", str(trained_checkpoint), "--out", str(out), "--radii",
                        "0.25", "--max-n", "10000", "--batch", "100", "--confidence-sequence",
                        "bonferroni", "--alpha", "3e-100", "--max-examples", "1", "--device",
-                       "cpu")
+                       "cpu", "--final-share", "0")
     assert code == 2 and "Traceback" not in err
-    assert "error: alpha must be >= 8e-100 for certify with the bonferroni confidence" in err
+    assert ("error: alpha must be >= 8e-100 for certify with the bonferroni confidence "
+            "sequence and final share 0") in err
     assert not out.exists()

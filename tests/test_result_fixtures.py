@@ -51,3 +51,11 @@ def test_the_same_protocol_and_seed_write_the_same_rows(name, tmp_path, monkeypa
     out = run_fixture(name, tmp_path, monkeypatch)
     assert without_time(out) == without_time(FIXTURES / name)
     assert Path(f"{out}.json").read_bytes() == (FIXTURES / f"{name}.json").read_bytes()
+
+
+def test_an_old_radii_file_resumes_with_final_share_0_only(tmp_path, monkeypatch):
+    # The default final look is another procedure than the one that wrote the file.
+    copy_fixtures(tmp_path, "radii.tsv", "radii.tsv.json")
+    monkeypatch.setitem(RUNS, "radii.tsv", {**RUNS["radii.tsv"], "final_share": None})
+    with pytest.raises(ValueError, match=r"different final_share \(was None, now 0.5\)"):
+        run_fixture("radii.tsv", tmp_path, monkeypatch)

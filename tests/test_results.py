@@ -426,19 +426,20 @@ def test_sampling_settings_join_the_fingerprint_only_when_set():
     base = settings()
     assert base["run"] == settings(sampling=None, radii=None, tolerance=None)["run"]
     changes = {"sampling": "sequential", "radii": [0.0, 0.5], "max_n": 10_000,
-               "confidence_sequence": "mixture", "batch": 500, "tolerance": 0.02}
+               "confidence_sequence": "mixture", "batch": 500, "tolerance": 0.02,
+               "final_share": 0.5, "precision": 0.25}
     assert set(changes) == set(results.SAMPLING_KEYS)
     for key, value in changes.items():
         assert settings(**{key: value})["run"] != base["run"], key
 
 
-def radii_file(folder: Path, cert, label: int = int(MNIST_TEST_LABELS[0])) -> Path:
+def radii_file(folder: Path, cert, label: int = int(MNIST_TEST_LABELS[0]), **changes) -> Path:
     """A radii file of one row (MNIST's first test example) holding `cert`, with the sidecar of
-    its settings."""
+    its settings (and `changes` to them)."""
     meta = settings(method="certify", layout="radii", n=None, grid=None, sampling="sequential",
                     radii=list(cert.radii), max_n=1000, confidence_sequence="mixture",
                     batch=200, max=1, protocol="test split, every 1th example from index 0, "
-                    "1 examples")
+                    "1 examples", **changes)
     path = folder / "radii.tsv"
     results.write_sidecar(path, meta)
     with results.RowWriter(path, results.radii_columns(cert.radii)) as writer:
@@ -446,11 +447,13 @@ def radii_file(folder: Path, cert, label: int = int(MNIST_TEST_LABELS[0])) -> Pa
     return path
 
 
+def per_class(count_a: int, n: int) -> tuple[int, ...]:
+    """Ten classes' counts: count_a for class 3, the rest of n for class 4."""
+    return (0, 0, 0, count_a, n - count_a, 0, 0, 0, 0, 0)
+
+
 def test_verify_recomputes_a_radii_certificate_at_its_look(tmp_path):
     from smoothcert.sequential import RadiiCertificate
-
-    def per_class(count_a: int, n: int) -> tuple[int, ...]:
-        return (0, 0, 0, count_a, n - count_a, 0, 0, 0, 0, 0)
 
     # 200 of 200 votes: the mixture's pA bound at alpha is about 0.96 > Phi(0.5 / 0.5) = 0.84.
     right = RadiiCertificate(
@@ -474,6 +477,24 @@ def test_verify_recomputes_a_radii_certificate_at_its_look(tmp_path):
     _, problems = results.verify(path)
     assert problems == [f"{path}, line 2 (idx 0): run 0123456789ab, but the sidecar's settings "
                         f"give {results.read_sidecar(path)['run']}"]
+
+
+def test_verify_recomputes_a_certificate_of_the_final_look(tmp_path):
+    from smoothcert.sequential import RadiiCertificate
+
+    # 880 of max_n = 1000 votes: Clopper-Pearson at the final look's half of alpha certifies
+    # 0.5 (its bound 0.85 > Phi(1) = 0.841), the mixture at the other half only 0.25.
+    cert = RadiiCertificate(
+        label=3, radii=(0.0, 0.25, 0.5), certified=(True, True, True), samples_used=1100,
+        n=1000, count_a=880, decided_at=(1000, 1000, 1000), selection_counts=per_class(100, 100),
+        estimation_counts=per_class(880, 1000), certifying_counts=per_class(880, 1000))
+    for name, changes in [("final", dict(final_share=0.5)), ("older", {})]:
+        (tmp_path / name).mkdir()
+        _, problems = results.verify(radii_file(tmp_path / name, cert, **changes))
+        if name == "final":
+            assert problems == []
+        else:  # a file written before the final look: its procedure had none
+            assert len(problems) == 1 and "radius 0.5 is not certified" in problems[0]
 
 
 def test_verify_names_a_fixed_n_row_of_another_run(tmp_path):

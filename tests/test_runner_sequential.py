@@ -49,6 +49,20 @@ def edit(path: Path, idx: int, **changes: str) -> None:
     path.write_text("\n".join([header, *lines]) + "\n")
 
 
+def api_certificates(checkpoint: Path, path: Path, **options):
+    """Each row of a radii file with Smooth.certify_radii's certificate of its input, drawn
+    from the run's streams (options: certify_radii's)."""
+    model, _ = load_model(checkpoint)
+    smooth = Smooth(model, 10, SIGMA)
+    data = get_dataset("mnist", "test", augment=False)
+    for row in rows(path):
+        idx = int(row["idx"])
+        yield row, smooth.certify_radii(
+            data[idx][0], radii=RADII, alpha=0.001, max_n=MAX_N, batch_size=BATCH, n0=N0,
+            generator=generator(0, "selection", idx),
+            estimation_generator=generator(0, "estimation", idx), **options)
+
+
 @pytest.fixture(scope="module")
 def radii_file(trained_checkpoint, tmp_path_factory) -> Path:
     return certify(trained_checkpoint, tmp_path_factory.mktemp("radii") / "radii.tsv",
@@ -71,16 +85,7 @@ def test_radii_rows_are_the_api_s_certificates_on_the_run_s_streams(trained_chec
         "sampling": "sequential", "radii": list(RADII), "max_n": MAX_N,
         "confidence_sequence": "mixture", "batch": BATCH, "method": "tcertify", "n": None,
         "alpha": 0.001, "sigma": SIGMA}
-    model, _ = load_model(trained_checkpoint)
-    smooth = Smooth(model, 10, SIGMA)
-    data = get_dataset("mnist", "test", augment=False)
-    for row in rows(radii_file):
-        idx = int(row["idx"])
-        cert = smooth.certify_radii(
-            data[idx][0], radii=RADII, alpha=0.001, max_n=MAX_N, batch_size=BATCH, n0=N0,
-            method="tcertify",
-            generator=generator(0, "selection", idx), estimation_generator=generator(
-                0, "estimation", idx))
+    for row, cert in api_certificates(trained_checkpoint, radii_file, method="tcertify"):
         assert [int(row[f"certified_{r!r}"]) for r in RADII] == list(cert.certified)
         assert [int(row[f"decided_{r!r}"]) for r in RADII] == list(cert.decided_at)
         assert int(row["samples_used"]) == cert.samples_used == N0 + int(row["n"])
@@ -188,12 +193,36 @@ def test_default_radii_are_the_table_1_radii_max_n_can_reach(trained_checkpoint,
     (dict(confidence_sequence="betting"), "confidence_sequence"),
     (dict(mode="predict"), "certify only"),
     (dict(max_n=100), "max_n"),
+    (dict(final_share=1.0), r"final_share must be a number in \[0, 1\)"),
+    (dict(final_share=-0.5), "final_share"),
+    (dict(precision=0.0), "precision must be a finite number > 0"),
+    (dict(precision=float("nan")), "precision"),
+    (dict(adaptive_n=True, precision=0.25), "precision"),
+    (dict(adaptive_n=True, final_share=0.25), "final_share"),
+    (dict(mode="predict", precision=0.25), "certify only"),
 ])
 def test_bad_sequential_options_are_refused_before_any_work(trained_checkpoint, tmp_path,
                                                             options, match):
     with pytest.raises(ValueError, match=match):
         certify(trained_checkpoint, tmp_path / "bad.tsv", **options)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_with_a_final_share_and_a_precision_records_them_and_verifies(
+        trained_checkpoint, radii_file, tmp_path):
+    assert json.loads(Path(f"{radii_file}.json").read_text())["final_share"] == \
+        sequential.FINAL_SHARE
+    assert "precision" not in json.loads(Path(f"{radii_file}.json").read_text())
+    out = certify(trained_checkpoint, tmp_path / "precise.tsv", radii=RADII, final_share=0.2,
+                  precision=0.25)
+    meta = json.loads(Path(f"{out}.json").read_text())
+    assert (meta["final_share"], meta["precision"]) == (0.2, 0.25)
+    assert meta["run"] != json.loads(Path(f"{radii_file}.json").read_text())["run"]
+    for row, cert in api_certificates(trained_checkpoint, out, final_share=0.2,
+                                      precision=0.25):
+        assert [int(row[f"certified_{r!r}"]) for r in RADII] == list(cert.certified)
+        assert int(row["n"]) == cert.n
+    assert results.verify(out) == (COUNT, [])
 
 
 def test_the_command_line_writes_what_the_api_writes(trained_checkpoint, radii_file,
@@ -215,3 +244,8 @@ def test_the_command_line_writes_what_the_api_writes(trained_checkpoint, radii_f
     assert main(["certify", *common, "--out", str(tmp_path / "bad.tsv"), "--tolerance",
                  "0.1"]) == 2
     assert "smoothcert certify: error: tolerance applies to adaptive_n" in capsys.readouterr().err
+    for flag, value, message in [("--final-share", "1.5", "final_share must be a number in "
+                                  "[0, 1), got 1.5"),
+                                 ("--precision", "-1", "precision must be a finite number > 0")]:
+        assert main(["certify", *common, "--out", str(tmp_path / "bad.tsv"), flag, value]) == 2
+        assert f"smoothcert certify: error: {message}" in capsys.readouterr().err

@@ -270,7 +270,8 @@ def test_tcertify_decisions_use_each_bound_at_its_share_of_alpha():
         procedure = RadiiProcedure(radii, sigma, alpha, 8000, method="tcertify", num_classes=4,
                                    confidence_sequence="bonferroni", first_look=n,
                                    batch_size=n)
-        level = alpha / 2 / len(procedure.cs.looks)  # looks 1000, 2000, 4000, 8000
+        # looks 1000, 2000, 4000, 8000; the final look's share of alpha is kept for n = 8000
+        level = alpha * (1 - procedure.final_share) / 2 / len(procedure.cs.looks)
         pa = stats.clopper_pearson_lower(counts[label], n, level)
         pb = min(stats.pb_upper_bound(others, n, level), 1 - pa)
         radius = stats.certified_radius(pa, pb, sigma)
@@ -382,12 +383,14 @@ def supremum_points(radii, sigma) -> list[float]:
     return [0.5 if r == 0 else float(t) - 1e-9 for r, t in zip(radii, thresholds, strict=True)]
 
 
-def procedure_failure(method: str, cs_name: str, p: float) -> tuple[float, np.ndarray, float]:
+def procedure_failure(method: str, cs_name: str, p: float,
+                      **options) -> tuple[float, np.ndarray, float]:
     """Exact P(some radius certified wrongly) of PROCEDURE at p_A = p, the per-radius
-    certification probabilities, and the mass left out."""
+    certification probabilities, and the mass left out (options: RadiiProcedure's)."""
     def make():
         return RadiiProcedure(**PROCEDURE, method=method, num_classes=2,
-                              confidence_sequence=cs_name, first_look=15, batch_size=60)
+                              confidence_sequence=cs_name, first_look=15, batch_size=60,
+                              **options)
 
     certified, lost = procedure_certifies(make, p)
     wrong = wrong_radii(PROCEDURE["radii"], PROCEDURE["sigma"], p)
@@ -395,15 +398,30 @@ def procedure_failure(method: str, cs_name: str, p: float) -> tuple[float, np.nd
     return (float(certified[wrong].max()) if wrong.any() else 0.0), certified, lost
 
 
-@pytest.mark.parametrize(
-    "method,cs_name", [("certify", "mixture"), ("certify", "bonferroni"),
-                       ("tcertify", "bonferroni"),
-                       pytest.param("tcertify", "mixture", marks=pytest.mark.slow)])
-def test_procedure_fails_with_probability_at_most_alpha_at_every_radius(method, cs_name):
+OPTIONS = {"no final look": dict(final_share=0.0), "final look": {},
+           "precision": dict(precision=0.25)}
+
+
+def procedure_cases():
+    """(method, sequence, options): T-CERTIFY's mixture, and T-CERTIFY's other variants than
+    the default, are slow (the DP tracks more groups)."""
+    for name, options in OPTIONS.items():
+        for method, cs_name in [("certify", "mixture"), ("certify", "bonferroni"),
+                                ("tcertify", "bonferroni"), ("tcertify", "mixture")]:
+            slow = method == "tcertify" and (cs_name == "mixture" or name != "final look")
+            yield pytest.param(method, cs_name, options, id=f"{name}-{method}-{cs_name}",
+                               marks=[pytest.mark.slow] if slow else [])
+
+
+@pytest.mark.parametrize("method,cs_name,options", list(procedure_cases()))
+def test_procedure_fails_with_probability_at_most_alpha_at_every_radius(method, cs_name,
+                                                                       options):
+    # Every variant: the sequence alone, with the default final look at max_n (its share of
+    # alpha), and stopping on a precision of one radius step (a stopping rule).
     alpha, radii = PROCEDURE["alpha"], PROCEDURE["radii"]
     worst = 0.0
     for p in [*supremum_points(radii, PROCEDURE["sigma"]), norm.cdf(1.0) - 0.03]:
-        failure, certified, lost = procedure_failure(method, cs_name, p)
+        failure, certified, lost = procedure_failure(method, cs_name, p, **options)
         assert lost < 1e-9
         assert failure + lost <= alpha, (p, certified)
         worst = max(worst, failure)
@@ -411,6 +429,126 @@ def test_procedure_fails_with_probability_at_most_alpha_at_every_radius(method, 
         if right.any():  # the radii below p are certified at all
             assert certified[right].max() > 0.01
     assert worst > 0.05 * alpha  # the supremum points see the failures
+
+
+def final_look_failure(cs_name: str, level: float, spent=None) -> float:
+    """Exact failure probability of the one radius whose threshold is the level-`level`
+    Clopper-Pearson bound at max_n of 215 votes, just below it (alpha 0.1, final share 0.5);
+    spent: the (pA, pB) levels the final look is given instead of its share."""
+    alpha, max_n, sigma = PROCEDURE["alpha"], PROCEDURE["max_n"], PROCEDURE["sigma"]
+    threshold = stats.clopper_pearson_lower(215, max_n, level)
+
+    def make():
+        procedure = RadiiProcedure([sigma * norm.ppf(threshold)], sigma, alpha, max_n,
+                                   confidence_sequence=cs_name, first_look=15, batch_size=60,
+                                   final_share=0.5)
+        if spent is not None:
+            procedure.final_levels = spent
+        return procedure
+
+    certified, lost = procedure_certifies(make, threshold - 1e-9)
+    assert lost < 1e-9
+    return float(certified[0])
+
+
+@pytest.mark.parametrize("cs_name", ["mixture", "bonferroni"])
+def test_final_look_spends_only_its_share_of_alpha(cs_name):
+    # At a threshold where Clopper-Pearson at the whole alpha is exact (its bound at 215 of
+    # 240 votes), the final look at its share keeps the whole procedure within alpha; given
+    # the whole alpha besides the sequence's share (the union bound broken), it exceeds it.
+    alpha = PROCEDURE["alpha"]
+    assert final_look_failure(cs_name, alpha) <= alpha
+    assert final_look_failure(cs_name, alpha / 2) <= alpha
+    assert final_look_failure(cs_name, alpha, spent=(alpha, 0.0)) > alpha
+
+
+@pytest.mark.parametrize("method", ["certify", "tcertify"])
+@pytest.mark.parametrize("share", [0.0, 0.3, sequential.FINAL_SHARE])
+def test_alpha_is_split_in_advance_between_the_sequence_and_the_final_look(method, share):
+    procedure = RadiiProcedure([0.5], 0.5, 0.01, 1000, method=method, num_classes=3,
+                               batch_size=100, final_share=share)
+    assert sum(procedure.final_levels) == pytest.approx(0.01 * share, rel=1e-12)
+    assert sum(procedure.levels) + sum(procedure.final_levels) == pytest.approx(0.01, rel=1e-12)
+    if method == "tcertify":  # each look splits its share between pA and pB as pa_share says
+        assert procedure.levels[0] == pytest.approx(procedure.levels[1], rel=1e-12)
+
+
+def test_final_look_is_clopper_pearson_on_all_max_n_samples():
+    sigma, alpha, max_n, share = 1.0, 0.01, 2000, 0.5
+    radii = np.arange(0.0, 2.0, 0.01)
+    procedure = RadiiProcedure(radii, sigma, alpha, max_n, first_look=1000, batch_size=1000,
+                               final_share=share)
+    thresholds = norm.cdf(radii / sigma)
+    gained = 0
+    for k in range(1500, 2001, 25):
+        sequence = procedure.cs.reaches(k, max_n, thresholds, alpha * (1 - share))
+        final = stats.clopper_pearson_lower(k, max_n, alpha * share) >= thresholds
+        clear = np.abs(stats.clopper_pearson_lower(k, max_n, alpha * share) - thresholds) > 1e-9
+        expected = sequence | final
+        assert np.array_equal(procedure.certifiable(k, max_n)[clear], expected[clear]), k
+        # before max_n only the sequence certifies
+        assert np.array_equal(procedure.certifiable(k // 2, 1000),
+                              procedure.cs.reaches(k // 2, 1000, thresholds, alpha * (1 - share)))
+        gained += int((final & ~sequence).sum())
+    assert gained > 0  # the final look certifies radii the sequence cannot
+
+
+def run_with_history(procedure: RadiiProcedure, pa: float, rng) -> list[tuple[int, np.ndarray]]:
+    """Drive `procedure` on a Bin(n, pa) path; (n, status) after every look."""
+    history, count = [], 0
+    while (size := procedure.next_batch()) > 0:
+        count += rng.binomial(size, pa)
+        procedure.update(count, procedure.n + size)
+        history.append((procedure.n, procedure.status.copy()))
+    return history
+
+
+@pytest.mark.parametrize("precision", [0.25, 0.5])
+def test_precision_stops_at_the_first_look_where_the_undecided_radii_are_within_it(precision):
+    # Coupled on one path: the procedure with a precision certifies exactly what the one
+    # without it has certified at the same look, and stops at the first look where the latter's
+    # undecided radii all lie within the precision of its largest certified radius.
+    radii, sigma = TABLE1_RADII_BELOW(1.75), 0.5
+    stopped_early = 0
+    for seed, pa in enumerate([0.6, 0.8, 0.9, 0.97, 0.99, 0.995, 0.999, 0.9995, 1.0] * 3):
+        options = dict(max_n=20_000, batch_size=500, first_look=100)
+        full = run_with_history(RadiiProcedure(radii, sigma, 0.001, **options), pa,
+                                np.random.default_rng(seed))
+        short = RadiiProcedure(radii, sigma, 0.001, precision=precision, **options)
+        run_with_history(short, pa, np.random.default_rng(seed))
+        expected = full[-1][0]
+        for n, status in full:
+            certified = radii[status == 1]
+            undecided = radii[status == 0]
+            if certified.size and undecided.size and \
+                    undecided.max() - certified.max() <= precision:
+                expected = n
+                break
+        assert short.n == expected, (pa, seed)
+        at_stop = dict(full)[short.n]
+        assert np.array_equal(short.certified, at_stop == 1)
+        assert np.all(short.decided_at[at_stop == 0] == short.n)  # reported not certified
+        stopped_early += short.n < full[-1][0]
+    assert stopped_early >= 5
+
+
+def TABLE1_RADII_BELOW(top: float) -> np.ndarray:
+    return sequential.TABLE1_RADII[sequential.TABLE1_RADII <= top]
+
+
+def test_precision_never_certifies_more_than_the_sequence():
+    # The mutant of the precision rule: certifying (not dropping) the undecided radii at the
+    # stop fails far more often than alpha at the threshold just above a certified radius.
+    class CertifiesTheRest(RadiiProcedure):
+        def _drop(self, mask):
+            if self._precise():
+                self._certify(mask)
+            super()._drop(mask)
+
+    p = norm.cdf(1.0) - 1e-9  # radius 0.5 is wrong, 0.25 right
+    certified, _ = procedure_certifies(
+        lambda: CertifiesTheRest(**PROCEDURE, first_look=15, batch_size=60, precision=0.25), p)
+    assert certified[2] > PROCEDURE["alpha"]
 
 
 def test_procedure_failure_exceeds_alpha_when_dropping_is_replaced_by_certifying():
@@ -496,7 +634,7 @@ def test_certify_radii_matches_the_procedure_on_the_same_stream(threshold_classi
 def test_procedure_on_a_hand_made_path():
     procedure = RadiiProcedure([0.0, 0.5, 2.5, 5.0], 1.0, 0.001, 10_000,
                                confidence_sequence="bonferroni", first_look=1000,
-                               batch_size=1000)
+                               batch_size=1000, final_share=0.0)
     # looks at 1000, 2000, 4000, 8000, 10000: Clopper-Pearson at 0.001 / 5 each; 5.0 is out of
     # reach of 10,000 samples (the ceiling is Phi^-1(0.0002^(1/10000)) = 3.14)
     assert procedure.certificate(0).decided_at == (-1, -1, -1, 0)
@@ -550,6 +688,15 @@ def test_last_look_decides_every_radius():
         (dict(confidence_sequence="hoeffding"), "confidence_sequence must be one of"),
         (dict(method="tcertify", num_classes=None), "num_classes must be"),
         (dict(method="tcertify", pa_share=1.0), "pa_share must be"),
+        (dict(final_share=1.0), r"final_share must be a number in \[0, 1\)"),
+        (dict(final_share=-0.1), "final_share must be"),
+        (dict(final_share=True), "final_share must be"),
+        (dict(final_share="0.5"), "final_share must be"),
+        (dict(precision=0.0), "precision must be a finite number > 0"),
+        (dict(precision=-0.25), "precision must be"),
+        (dict(precision=float("inf")), "precision must be"),
+        (dict(precision=True), "precision must be"),
+        (dict(alpha=1e-99, final_share=1e-3), "alpha must be >= .* final share 0.001"),
     ],
 )
 def test_bad_arguments_are_named(kwargs, match):

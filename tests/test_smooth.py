@@ -447,17 +447,23 @@ def test_the_sample_limit_is_the_validated_ten_million():
     ("call", "message"),
     [
         (lambda s, x: s.certify_radii(x, radii=[0.1], alpha=3e-100, max_n=10_000, batch_size=100,
-                                      confidence_sequence="bonferroni"),
-         r"^alpha must be >= 8e-100 for certify with the bonferroni confidence sequence, got "
-         r"3e-100: it bounds at level alpha / 8 at each of its 8 looks up to max_n 10000"),
+                                      confidence_sequence="bonferroni", final_share=0.0),
+         r"^alpha must be >= 8e-100 for certify with the bonferroni confidence sequence and "
+         r"final share 0, got 3e-100: it bounds at level alpha / 8 at each of its 8 looks up to "
+         r"max_n 10000"),
         (lambda s, x: s.certify_radii(x, radii=[0.1], alpha=1e-99, max_n=10_000, batch_size=100,
                                       method="tcertify",
-                                      confidence_sequence="bonferroni"),
+                                      confidence_sequence="bonferroni", final_share=0.0),
          r"^alpha must be >= 1.6e-99 for tcertify with the bonferroni"),
+        (lambda s, x: s.certify_radii(x, radii=[0.1], alpha=1e-99, max_n=10_000, batch_size=100,
+                                      confidence_sequence="bonferroni"),  # the sequence's half
+         r"^alpha must be >= 1.6e-99 for certify with the bonferroni confidence sequence and "
+         r"final share 0.5"),
         (lambda s, x: s.certify_adaptive(x, n0=10, max_n=1_000, alpha=5e-100, batch_size=100),
          r"^alpha / grid .* must be >= 1e-100, got 5e-100 / 10"),
     ],
-    ids=["bonferroni-certify", "bonferroni-tcertify", "adaptive-grid"],
+    ids=["bonferroni-certify", "bonferroni-tcertify", "bonferroni-final-share",
+         "adaptive-grid"],
 )
 def test_an_alpha_too_small_for_its_looks_is_refused_before_any_sample(
         threshold_classifier, call, message):
@@ -470,7 +476,8 @@ def test_an_alpha_too_small_for_its_looks_is_refused_before_any_sample(
 def test_the_mixture_and_enough_alpha_still_certify_at_tiny_alpha(threshold_classifier):
     smooth = Smooth(threshold_classifier, 4, sigma=0.5, input_range=None)
     x = torch.tensor([2.5, 0.0])  # deep inside class 3
-    for options in ({}, {"method": "tcertify"}, {"confidence_sequence": "bonferroni"}):
+    for options in ({}, {"method": "tcertify"},
+                    {"confidence_sequence": "bonferroni", "final_share": 0.0}):
         alpha = 8e-100 if options else 3e-100
         cert = smooth.certify_radii(x, radii=[0.1], alpha=alpha, max_n=10_000, batch_size=100,
                                     **options)

@@ -368,6 +368,13 @@ def _add_sequential_options(parser: argparse.ArgumentParser) -> None:
                         "samples per input, with --radii or --adaptive-n (default: --N)")
     parser.add_argument("--confidence-sequence", choices=["mixture", "bonferroni"],
                         help="anytime-valid bound of sequential certification (default mixture)")
+    parser.add_argument("--final-share", type=float, metavar="SHARE",
+                        help="sequential: the share of --alpha, in [0, 1), kept for a final "
+                        "Clopper-Pearson look at --max-n (default "
+                        "0.5; 0: none)")
+    parser.add_argument("--precision", type=float, metavar="RADIUS",
+                        help="sequential: stop an input once its undecided radii lie within "
+                        "this of its largest certified radius (default: decide every radius)")
     parser.add_argument("--adaptive-n", action="store_true", help="choose each input's n from "
                         "its selection samples, radius loss against --max-n <= --tolerance")
     parser.add_argument("--tolerance", type=float, help="--adaptive-n: radius loss (0.02)")

@@ -234,9 +234,11 @@ class AdaptiveN(FixedN):
     sampling = "adaptive"
 
     def configure(self, cfg: Any) -> None:
-        if cfg.radii is not None or cfg.confidence_sequence is not None:
-            raise ValueError("adaptive_n certifies the radius of each input: radii and "
-                             "confidence_sequence apply to sequential certification only")
+        if any(value is not None for value in (cfg.radii, cfg.confidence_sequence,
+                                               cfg.final_share, cfg.precision)):
+            raise ValueError("adaptive_n certifies the radius of each input: radii, "
+                             "confidence_sequence, final_share and precision apply to "
+                             "sequential certification only")
 
     def check(self, cfg: Any) -> None:
         cfg.tolerance = sequential.check_tolerance(
@@ -293,6 +295,9 @@ class Radii(Protocol):
                              f"{cfg.confidence_sequence!r}")
         if cfg.radii is not None:
             cfg.radii = tuple(float(r) for r in sequential.check_radii(cfg.radii))
+        cfg.final_share = sequential.check_final_share(
+            sequential.FINAL_SHARE if cfg.final_share is None else cfg.final_share)
+        cfg.precision = sequential.check_precision(cfg.precision)
 
     def check(self, cfg: Any) -> None:
         _check_max_n(cfg)
@@ -303,10 +308,12 @@ class Radii(Protocol):
         radii = cfg.radii or tuple(float(r) for r in sequential.reachable_radii(
             sequential.TABLE1_RADII, sigma, cfg.alpha, cfg.max_n, method=cfg.method,
             num_classes=num_classes, confidence_sequence=cfg.confidence_sequence,
-            batch_size=cfg.batch))
+            batch_size=cfg.batch, final_share=cfg.final_share))
         return {"method": cfg.method, "layout": "radii", "grid": None, "n": None,
                 "sampling": self.sampling, "max_n": cfg.max_n, "radii": list(radii),
-                "batch": cfg.batch, "confidence_sequence": cfg.confidence_sequence}
+                "batch": cfg.batch, "confidence_sequence": cfg.confidence_sequence,
+                # 0 (no final look) is left out, as in files written before the final look
+                "final_share": cfg.final_share or None, "precision": cfg.precision}
 
     def header(self, sidecar: Sidecar) -> list[str]:
         return schema.radii_columns(sidecar.radii)
@@ -316,6 +323,7 @@ class Radii(Protocol):
         return smooth.certify_radii(
             x, radii=sidecar.radii, alpha=cfg.alpha, max_n=cfg.max_n, batch_size=cfg.batch,
             n0=cfg.n0, method=cfg.method, confidence_sequence=cfg.confidence_sequence,
+            final_share=cfg.final_share, precision=cfg.precision,
             generator=streams["selection"], estimation_generator=streams["estimation"])
 
     def row(self, idx: int, label: int, seconds: float, result: Any,

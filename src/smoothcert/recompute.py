@@ -78,7 +78,9 @@ def radii_procedure(sidecar: Sidecar) -> sequential.RadiiProcedure:
     return sequential.RadiiProcedure(
         sidecar.radii, sidecar.sigma, sidecar.alpha, sidecar.max_n, method=sidecar.method,
         num_classes=sidecar.num_classes, confidence_sequence=sidecar.confidence_sequence,
-        batch_size=sidecar.batch)
+        batch_size=sidecar.batch,
+        final_share=0.0 if sidecar.final_share is None else sidecar.final_share,  # older files
+        precision=sidecar.precision)
 
 
 def radii_row_problems(value: Mapping[str, Any], sidecar: Sidecar, run: str,

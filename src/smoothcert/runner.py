@@ -80,10 +80,13 @@ class RunConfig:
     compile: bool = False  # torch.compile the model (NoiseSampler); eager where that fails
     restart_if_stale: bool = False  # discard rows of another run (settings or checkpoint)
     # Sequential certification at radii (sequential.RadiiProcedure): radii (None: the Table-1
-    # radii max_n can reach), max_n (None: n), confidence_sequence (None: mixture).
+    # radii max_n can reach), max_n (None: n), confidence_sequence (None: mixture),
+    # final_share (None: sequential.FINAL_SHARE), precision (None: decide every radius).
     radii: tuple[float, ...] | None = None
     max_n: int | None = None
     confidence_sequence: str | None = None
+    final_share: float | None = None
+    precision: float | None = None
     # Input-specific n (Smooth.certify_adaptive) up to max_n, radius loss <= tolerance (0.02).
     adaptive_n: bool = False
     tolerance: float | None = None
@@ -99,7 +102,8 @@ class RunConfig:
         """fixed (n samples per input), sequential (at radii) or adaptive (n per input)."""
         if self.adaptive_n:
             return "adaptive"
-        given = (self.radii, self.max_n, self.confidence_sequence)
+        given = (self.radii, self.max_n, self.confidence_sequence, self.final_share,
+                 self.precision)
         return "fixed" if all(v is None for v in given) else "sequential"
 
     @property
@@ -133,8 +137,8 @@ class RunConfig:
         if self.mode not in ("certify", "predict"):
             raise ValueError(f"mode must be certify or predict, got {self.mode!r}")
         if self.mode == "predict" and self.sampling != "fixed":
-            raise ValueError("radii, max_n, confidence_sequence and adaptive_n apply to certify "
-                             "only")
+            raise ValueError("radii, max_n, confidence_sequence, final_share, precision and "
+                             "adaptive_n apply to certify only")
         if self.tolerance is not None and not self.adaptive_n:
             raise ValueError("tolerance applies to adaptive_n (--adaptive-n) only")
 

@@ -27,6 +27,8 @@ def certify_radii(
     n0: int = 100,
     method: str = "certify",
     confidence_sequence: str = "mixture",
+    final_share: float = sequential.FINAL_SHARE,
+    precision: float | None = None,
     generator: torch.Generator | None = None,
     estimation_generator: torch.Generator | None = None,
 ) -> RadiiCertificate:
@@ -35,12 +37,15 @@ def certify_radii(
 
     method "certify" bounds pA alone, "tcertify" also the runner-up (T-CERTIFY's two
     bounds, alpha split evenly); the guarantee is CERTIFY's: a certified radius is wrong
-    with probability <= alpha, whatever the stopping time. The generators are used as in
-    `Smooth.certify`; the certificate records the class counts.
+    with probability <= alpha, whatever the stopping time. final_share of alpha goes to a
+    final look at max_n (Clopper-Pearson on all max_n samples); precision stops an input once
+    its undecided radii lie within it of the largest certified one (RadiiProcedure). The
+    generators are used as in `Smooth.certify`; the certificate records the class counts.
     """
     procedure = sequential.RadiiProcedure(
         radii, sampler.sigma, alpha, max_n, method=method, num_classes=sampler.num_classes,
         confidence_sequence=confidence_sequence, batch_size=batch_size,
+        final_share=final_share, precision=precision,
     )
     selection = sampler.counts(x, n0, batch_size, generator, name="n0")
     label = int(np.argmax(selection))

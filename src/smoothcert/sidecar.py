@@ -23,7 +23,8 @@ IDENTITY_KEYS = ("mode", "method", "split", "n0", "n", "alpha", "grid", "skip", 
                  "dataset", "amp", "checkpoint_sha256")
 # The settings of sequential ("sequential") and input-specific ("adaptive") sampling: part of
 # the identity where set, so that fixed-n runs keep the fingerprints they always had.
-SAMPLING_KEYS = ("sampling", "radii", "max_n", "confidence_sequence", "batch", "tolerance")
+SAMPLING_KEYS = ("sampling", "radii", "max_n", "confidence_sequence", "batch", "tolerance",
+                 "final_share", "precision")
 # The denoiser's content (denoised smoothing): part of the identity where set, likewise.
 DENOISER_KEYS = ("denoiser_sha256",)
 # A user's model and data (see sources._user_settings): part of the identity where set, so that
@@ -90,6 +91,9 @@ class Sidecar:
     confidence_sequence: str | None = None
     batch: int | None = None  # a radii run's look interval
     tolerance: float | None = None
+    final_share: float | None = None  # a radii run's final look (None: none, as before it;
+    # a run with final_share 0 writes none, so that such files keep their fingerprints)
+    precision: float | None = None  # a radii run's stopping precision (None: every radius)
     denoiser: str | None = None  # certify --denoiser, for display; the content is denoiser_sha256
     denoiser_sha256: str | None = None
     model: str | None = None  # a user's file: the spec, or torchscript / pickle

@@ -23,16 +23,20 @@ from .confidence import (
     make_confidence_sequence,
 )
 from .radii import (
+    FINAL_SHARE,
     SEQUENTIAL_METHODS,
     TABLE1_RADII,
     RadiiCertificate,
     RadiiProcedure,
+    check_final_share,
+    check_precision,
     check_radii,
     reachable_radii,
 )
 
 __all__ = [
     "CONFIDENCE_SEQUENCES",
+    "FINAL_SHARE",
     "SEQUENTIAL_METHODS",
     "TABLE1_RADII",
     "BetaMixture",
@@ -40,6 +44,8 @@ __all__ = [
     "ConfidenceSequence",
     "RadiiCertificate",
     "RadiiProcedure",
+    "check_final_share",
+    "check_precision",
     "check_radii",
     "check_tolerance",
     "choose_n",

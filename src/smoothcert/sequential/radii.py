@@ -15,10 +15,31 @@ from scipy.special import ndtr, ndtri
 
 from .. import stats
 from ..stats import ABSTAIN
-from .confidence import make_confidence_sequence
+from .confidence import BonferroniCP, make_confidence_sequence
 
 TABLE1_RADII = np.arange(0, 3.0 + 1e-9, 0.25)  # the radii of the paper's Table 1
 SEQUENTIAL_METHODS = ("certify", "tcertify")
+# The share of alpha kept for the final look at max_n (Clopper-Pearson on all max_n samples);
+# the confidence sequence spends the rest. Chosen by benchmarks/bench_oracle.py.
+FINAL_SHARE = 0.5
+
+
+def check_final_share(final_share: float) -> float:
+    """final_share as a float; ValueError unless 0 <= final_share < 1."""
+    ok = isinstance(final_share, (int, float, np.floating)) and not isinstance(final_share, bool)
+    if not (ok and 0.0 <= final_share < 1.0):
+        raise ValueError(f"final_share must be a number in [0, 1), got {final_share!r}")
+    return float(final_share)
+
+
+def check_precision(precision: float | None) -> float | None:
+    """precision as a float (None: decide every radius); ValueError unless finite and > 0."""
+    if precision is None:
+        return None
+    ok = isinstance(precision, (int, float, np.floating)) and not isinstance(precision, bool)
+    if not (ok and np.isfinite(precision) and precision > 0):
+        raise ValueError(f"precision must be a finite number > 0 (or None), got {precision!r}")
+    return float(precision)
 
 
 @dataclass(frozen=True)
@@ -79,6 +100,13 @@ class RadiiProcedure:
     method "certify": pA alone (pB = 1 - pA_lower), the whole alpha on pA's sequence.
     method "tcertify": T-CERTIFY's two bounds, alpha * pa_share on pA's sequence and the rest
     on the union-bound sequence of the other num_classes - 1 classes.
+
+    final_share: the share of alpha (fixed in advance) kept for a final look at max_n, which
+    certifies with Clopper-Pearson (T-CERTIFY: and the union bound) on all max_n samples; the
+    sequence spends the rest, so the total stays alpha (a union bound; 0: no final look).
+    precision: stop as soon as some radius is certified and every undecided radius lies
+    within `precision` of the largest certified one (they are reported not certified); None
+    decides every radius. A stopping rule: it never changes what is certified at a look.
     """
 
     def __init__(
@@ -93,6 +121,8 @@ class RadiiProcedure:
         first_look: int = 100,
         batch_size: int = 1000,
         pa_share: float = 0.5,
+        final_share: float = FINAL_SHARE,
+        precision: float | None = None,
     ):
         self.radii = check_radii(radii)
         self.sigma = stats.check_sigma(sigma)
@@ -108,14 +138,21 @@ class RadiiProcedure:
         if batch_size > max_n:
             raise ValueError(f"max_n must be >= batch_size ({batch_size}), got {max_n}")
         self.cs = make_confidence_sequence(confidence_sequence, max_n, first_look, batch_size)
+        self.final_share = check_final_share(final_share)
+        self.precision = check_precision(precision)
+        self.final = BonferroniCP(max_n, max_n)  # one look, at max_n: Clopper-Pearson
         if method == "tcertify":
             if isinstance(num_classes, bool) or not isinstance(num_classes, int) \
                     or num_classes < 2:
                 raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
             share = stats.check_alpha(pa_share, "pa_share")
-            self.alpha_a, self.alpha_b = self.alpha * share, self.alpha * (1.0 - share)
         else:
-            self.alpha_a, self.alpha_b = self.alpha, 0.0
+            share = 1.0
+        sequence_alpha = self.alpha * (1.0 - self.final_share)
+        final_alpha = self.alpha * self.final_share
+        # (pA's level, the runner-up's level) for the sequence and for the final look
+        self.levels = (sequence_alpha * share, sequence_alpha * (1.0 - share))
+        self.final_levels = (final_alpha * share, final_alpha * (1.0 - share))
         self._check_levels()
         self.num_classes = num_classes
         self.max_n = max_n
@@ -131,17 +168,21 @@ class RadiiProcedure:
         self._drop(~self.certifiable(self.max_n, self.max_n))  # out of reach of max_n
 
     def _check_levels(self) -> None:
-        """Refuse, before any sample is drawn, an alpha too small for its share and looks."""
-        smallest = min(level for level in (self.alpha_a, self.alpha_b) if level > 0)
-        needed = self.cs.smallest_alpha() * self.alpha / smallest
+        """Refuse, before any sample is drawn, an alpha too small for its shares and looks."""
+        needed = 0.0
+        for cs, levels in ((self.cs, self.levels), (self.final, self.final_levels)):
+            used = [level for level in levels if level > 0]
+            if used:
+                needed = max(needed, cs.smallest_alpha() * self.alpha / min(used))
         if self.alpha < needed:
             spent = "(each bound's share of alpha)" if self.method == "tcertify" else "alpha"
             looks = len(self.cs.looks)
             raise ValueError(
                 f"alpha must be >= {needed:.3g} for {self.method} with the {self.cs.name} "
-                f"confidence sequence, got {self.alpha!r}: it bounds at level {spent} / {looks} "
-                f"at each of its {looks} looks up to max_n {self.cs.max_n}, and bounds below "
-                f"level {stats.ALPHA_FLOOR:g} cannot be trusted (raise alpha, lower max_n or "
+                f"confidence sequence and final share {self.final_share:g}, got "
+                f"{self.alpha!r}: it bounds at level {spent} / {looks} at each of its {looks} "
+                f"looks up to max_n {self.cs.max_n}, and bounds below level "
+                f"{stats.ALPHA_FLOOR:g} cannot be trusted (raise alpha, lower max_n or "
                 "use the mixture sequence)"
             )
 
@@ -186,6 +227,15 @@ class RadiiProcedure:
             self._drop(~self._possible())
         if not self.done:  # at max_n this drops every radius not certified above
             self._drop(~self.certifiable(self.count_a + self.max_n - self.n, self.max_n))
+        if not self.done and self._precise():
+            self._drop(self.status == UNDECIDED)
+
+    def _precise(self) -> bool:
+        """Whether every undecided radius lies within `precision` of the largest certified."""
+        if self.precision is None or not self.certified.any():
+            return False
+        undecided = self.radii[self.status == UNDECIDED]
+        return bool(undecided.max() - self.radii[self.certified].max() <= self.precision)
 
     def certificate(self, label: int, selection_n: int = 0,
                     selection_counts=None) -> RadiiCertificate:
@@ -216,14 +266,23 @@ class RadiiProcedure:
 
     def certifiable(self, count_a: int, n: int, other_counts=None) -> np.ndarray:
         """The radii certified by the lower bound on pA (and T-CERTIFY's union bound on pB)
-        at a look with these cumulative counts (other_counts: those update() last took)."""
+        at a look with these cumulative counts (other_counts: those update() last took): by
+        the confidence sequence, and at max_n also by the final look."""
         others = self.others if other_counts is None else np.asarray(other_counts)
-        certified = self.cs.reaches(count_a, n, self.thresholds, self.alpha_a)  # pB = 1 - pA
+        certified = self._certified_by(self.cs, self.levels, count_a, n, others)
+        if n == self.max_n and self.final_share > 0:
+            certified |= self._certified_by(self.final, self.final_levels, count_a, n, others)
+        return certified
+
+    def _certified_by(self, cs, levels: tuple[float, float], count_a: int, n: int,
+                      others: np.ndarray) -> np.ndarray:
+        alpha_a, alpha_b = levels
+        certified = cs.reaches(count_a, n, self.thresholds, alpha_a)  # pB = 1 - pA
         if self.method == "tcertify" and not certified.all():
-            pa = float(self.cs.lower(count_a, n, self.alpha_a)[0])
+            pa = float(cs.lower(count_a, n, alpha_a)[0])
             if pa > 0.5:  # pB <= s gives T-CERTIFY's radius sigma/2 (z - Phi^-1(s)) = r
                 s = ndtr(ndtri(pa) - 2.0 * self.radii / self.sigma)
-                certified |= self.cs.union_below(others, n, s, self.alpha_b)
+                certified |= cs.union_below(others, n, s, alpha_b)
         return certified
 
     def _possible(self) -> np.ndarray:
