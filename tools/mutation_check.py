@@ -200,7 +200,7 @@ MUTANTS = [
            'if self.mode == "exact":', "if False:",
            (SOUND_TESTS + "test_inputs_off_the_lattice_are_refused_unless_rounding_is_asked",)),
     Mutant("sound not part of the run fingerprint", "src/smoothcert/sidecar.py",
-           "*USER_KEYS, *NOISE_KEYS)", "*USER_KEYS)",
+           "*USER_KEYS, *NOISE_KEYS,", "*USER_KEYS,",
            (SOUND_TESTS + "test_the_sidecar_records_sound_and_keeps_other_fingerprints",)),
     Mutant("the training log's 'noisy accuracy' computed on clean inputs",
            "src/smoothcert/evaluation.py",
