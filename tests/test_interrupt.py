@@ -112,7 +112,7 @@ def test_each_torchrun_rank_says_what_it_kept(trained_checkpoint, tmp_path):
         line = (f"smoothcert certify: interrupted: {len(rows(part))} "
                 f"row{'' if len(rows(part)) == 1 else 's'} kept by rank {rank} in '{out}' and "
                 "its part files; run the same command to resume")
-        assert line in output.splitlines()
+        assert line in output, output
     kept = rows(parts[0]) + rows(parts[1])
     total = len(kept) + 1
     assert main(["--no-progress", *command, "--max-examples", str(total)]) == 0

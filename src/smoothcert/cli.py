@@ -272,7 +272,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         note = f": {err}" if str(err) else ""
-        print(f"smoothcert {args.command}: interrupted{note}", file=sys.stderr)
+        # One write, newline included: torchrun's agent writes to the same stream meanwhile.
+        sys.stderr.write(f"smoothcert {args.command}: interrupted{note}\n")
         return INTERRUPTED
 
 
