@@ -341,6 +341,16 @@ def test_init_refuses_another_model_or_a_missing_file_before_any_file(tmp_path, 
     assert not run.exists() or not any(run.iterdir())
 
 
+def test_init_takes_an_earlier_releases_checkpoint_without_model_kwargs(tmp_path):
+    first = tmp_path / "first"
+    train(tiny(first), progress=False)
+    state = torch.load(first / CHECKPOINT, weights_only=True)
+    del state["config"]["model_kwargs"]
+    torch.save(state, tmp_path / "old.pt")
+    with Trainer(tiny(tmp_path / "run", init=str(tmp_path / "old.pt")), progress=False) as t:
+        assert_same_state(t.model.state_dict(), state["model"])
+
+
 def test_init_refuses_weights_of_another_shape_naming_the_key(tmp_path):
     first = tmp_path / "first"
     train(tiny(first), progress=False)

@@ -175,12 +175,14 @@ def load_initial_weights(model: nn.Module, cfg: TrainConfig) -> None:
     except ValueError as err:
         raise ValueError(f"init: {err}") from None
     saved = upgrade_config(state.get("config") or {})
+    if not CONFIG_SIGNATURE <= saved.keys():
+        raise ValueError(f"init: '{cfg.init}' is not a checkpoint of `smoothcert train` (its "
+                         f"config lacks {', '.join(sorted(CONFIG_SIGNATURE - saved.keys()))})")
     for key in INIT_KEYS:
-        if key not in saved:
-            raise ValueError(f"init: '{cfg.init}' is not a checkpoint of `smoothcert train` "
-                             f"(its config lacks {key})")
-        if saved[key] != getattr(cfg, key):
-            raise ValueError(f"init: '{cfg.init}' was trained with {key} {saved[key]!r}; train "
+        # A key an earlier release did not write had its default then (model_kwargs).
+        recorded = saved.get(key, getattr(TrainConfig, key))
+        if recorded != getattr(cfg, key):
+            raise ValueError(f"init: '{cfg.init}' was trained with {key} {recorded!r}; train "
                              f"with the same {key} to start from it, got {getattr(cfg, key)!r}")
     try:
         load_weights(model, state["model"], cfg.init, f"this run's {cfg.model}")
