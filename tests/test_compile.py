@@ -20,7 +20,7 @@ from torch import nn
 from smoothcert import Smooth
 from smoothcert.cli import main
 from smoothcert.results import verify
-from smoothcert.sampling import NoiseSampler
+from smoothcert.sampling import CastNetwork, NoiseSampler
 from smoothcert.sidecar import read
 
 CERTIFY = ["--n0", "10", "--n", "150", "--batch", "64", "--max", "3", "--device", "cpu"]
@@ -30,10 +30,11 @@ class FakeCompiler:
     """torch.compile's stand-in: records each compile and the shape of every compiled call."""
 
     def __init__(self, fail: bool = False):
-        self.fail, self.compiles, self.shapes = fail, [], []
+        self.fail, self.compiles, self.shapes, self.models = fail, [], [], []
 
     def __call__(self, model, **options):
         self.compiles.append(options)
+        self.models.append(model)
 
         def compiled(batch: torch.Tensor) -> torch.Tensor:
             if self.fail:
@@ -115,6 +116,31 @@ def test_a_model_that_rejects_the_input_is_reported_as_eager_reports_it(failing_
     assert smooth.sampler.compiled is None  # undecided: a later call may try again
 
 
+def test_amp_compiles_a_copy_with_its_weights_cast(fake_compile):
+    torch.manual_seed(0)
+    model, x = TinyNet(), torch.rand(1, 8, 8)
+    sampler = NoiseSampler(model, 3, 0.5, amp="bf16", compile=True)
+    found = counts(sampler, x, 100, 64)
+    (network,) = fake_compile.models
+    assert isinstance(network, CastNetwork) and network.network is not model
+    assert {p.dtype for p in network.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # the caller's, untouched
+    assert sampler.execution == "bf16 weights"
+    eager_cast = NoiseSampler(CastNetwork(model, torch.bfloat16), 3, 0.5)
+    assert found.tolist() == counts(eager_cast, x, 100, 64).tolist()
+
+
+def test_execution_names_what_ran(fake_compile):
+    x = torch.rand(1, 8, 8)
+    fp32 = NoiseSampler(TinyNet(), 3, 0.5, compile=True)
+    assert fp32.execution is None  # not yet decided
+    counts(fp32, x, 10, 8)
+    assert fp32.execution is True and not isinstance(fake_compile.models[0], CastNetwork)
+    eager = NoiseSampler(TinyNet(), 3, 0.5, amp="bf16")
+    counts(eager, x, 10, 8)
+    assert eager.execution is None
+
+
 def test_compile_must_be_a_bool():
     with pytest.raises(ValueError, match="compile must be True or False, got 'yes'"):
         Smooth(ThresholdClassifier([0.5]), 2, 0.25, compile="yes")
@@ -143,6 +169,17 @@ def test_a_compiled_run_is_recorded_and_verified(trained_checkpoint, tmp_path, f
     assert compiled.run != eager.run  # a file's rows are all compiled or all eager
     assert verify(out) == (3, [])
     assert {shape[0] for shape in fake_compile.shapes} == {64}
+
+
+def test_a_compiled_bf16_run_names_its_cast_weights(trained_checkpoint, tmp_path,
+                                                    fake_compile):
+    out, fp32 = tmp_path / "bf16.tsv", tmp_path / "fp32.tsv"
+    assert certify(str(trained_checkpoint), "--out", str(out), "--compile", "--amp", "bf16",
+                   *CERTIFY) == 0
+    assert certify(str(trained_checkpoint), "--out", str(fp32), "--compile", *CERTIFY) == 0
+    assert read(out).compile == "bf16 weights" and read(out).amp == "bf16"
+    assert read(out).run != read(fp32).run
+    assert verify(out) == (3, [])
 
 
 def test_eager_rows_are_not_resumed_by_a_compiled_run(trained_checkpoint, tmp_path, capsys,

@@ -81,12 +81,14 @@ class RunConfig:
     restart_if_stale: bool = False  # discard rows of another run (settings or checkpoint)
     # Sequential certification at radii (sequential.RadiiProcedure): radii (None: the Table-1
     # radii max_n can reach), max_n (None: n), confidence_sequence (None: mixture),
-    # final_share (None: sequential.FINAL_SHARE), precision (None: decide every radius).
+    # final_share (None: sequential.FINAL_SHARE), precision (None: decide every radius),
+    # futility (None: sequential.FUTILITY; "none": no futility rule).
     radii: tuple[float, ...] | None = None
     max_n: int | None = None
     confidence_sequence: str | None = None
     final_share: float | None = None
     precision: float | None = None
+    futility: float | str | None = None
     # Input-specific n (Smooth.certify_adaptive) up to max_n, radius loss <= tolerance (0.02).
     adaptive_n: bool = False
     tolerance: float | None = None
@@ -103,7 +105,7 @@ class RunConfig:
         if self.adaptive_n:
             return "adaptive"
         given = (self.radii, self.max_n, self.confidence_sequence, self.final_share,
-                 self.precision)
+                 self.precision, self.futility)
         return "fixed" if all(v is None for v in given) else "sequential"
 
     @property
@@ -137,8 +139,8 @@ class RunConfig:
         if self.mode not in ("certify", "predict"):
             raise ValueError(f"mode must be certify or predict, got {self.mode!r}")
         if self.mode == "predict" and self.sampling != "fixed":
-            raise ValueError("radii, max_n, confidence_sequence, final_share, precision and "
-                             "adaptive_n apply to certify only")
+            raise ValueError("radii, max_n, confidence_sequence, final_share, precision, "
+                             "futility and adaptive_n apply to certify only")
         if self.tolerance is not None and not self.adaptive_n:
             raise ValueError("tolerance applies to adaptive_n (--adaptive-n) only")
 
@@ -379,7 +381,7 @@ class Runner:
             format=results.FORMAT, mode=cfg.mode, split=cfg.split, n0=cfg.n0, n=cfg.n,
             alpha=cfg.alpha, grid=cfg.grid, skip=cfg.skip, max=cfg.max, seed=cfg.seed,
             sigma=self.sigma, dataset=self.dataset_name, amp=cfg.amp,
-            compile=self.smooth.sampler.compiled or None, num_classes=num_classes,
+            compile=self.smooth.sampler.execution, num_classes=num_classes,
             checkpoint_sha256=source.checkpoint_sha256, protocol=protocol, denoiser=cfg.denoiser,
             denoiser_sha256=self.denoiser_sha256, sound=cfg.sound, **source.record)
         return Sidecar.build(cfg.extra, **{

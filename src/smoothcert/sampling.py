@@ -10,6 +10,7 @@ procedures only ask it for counts.
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -45,6 +46,25 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for module, training in modes:
             module.training = training
+
+
+class CastNetwork(nn.Module):
+    """A copy of `network` with its floating-point weights in `dtype`, taking float32 input
+    and returning float32 logits, autocast off inside: what `compile` runs under amp.
+
+    Inductor compiles this form into native low-precision kernels; an autocast graph of the
+    same network ran slower than eager autocast (docs/benchmarks.md, issue 26).
+    """
+
+    def __init__(self, network: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        with torch.inference_mode(False):  # a copy of plain tensors, whatever the caller's mode
+            self.network = copy.deepcopy(network).to(dtype)
+        self.dtype = dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return self.network(x.to(self.dtype)).float()
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -226,8 +246,10 @@ class NoiseSampler:
     shapes) at its first forward pass: every forward pass then sees `batch_size` inputs, a
     shorter batch padded with rows whose outputs are dropped, so one graph serves every call
     with that batch size. Freezing makes the weights constants of the graph: changing them
-    afterwards is not seen. Where compilation fails it warns once and runs eager; `compiled`
-    says which ran (None before the first forward pass).
+    afterwards is not seen. Under amp the compiled network is `CastNetwork`, its weights cast
+    to the amp dtype, not autocast: another low-precision network than eager amp runs, named
+    by `execution`. Where compilation fails it warns once and runs eager; `compiled` says
+    which ran (None before the first forward pass).
     """
 
     def __init__(
@@ -259,6 +281,14 @@ class NoiseSampler:
         self.compile = compile
         self.compiled: bool | None = None if compile else False
         self._graph: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    @property
+    def execution(self) -> bool | str | None:
+        """How the network ran, as the sidecar's `compile` records it: None (eager), True
+        (compiled, float32) or "<amp> weights" (compiled as CastNetwork)."""
+        if not self.compiled:
+            return None
+        return True if self.amp is None else f"{self.amp} weights"
 
     def counts(
         self,
@@ -358,9 +388,11 @@ class NoiseSampler:
     def _compile(self, buffer: torch.Tensor, size: int, shape: torch.Size) -> torch.Tensor:
         """The first forward pass through the compiled model; eager, with a warning, where
         compilation fails (and an error where eager fails too: the model's, not inductor's)."""
-        graph = torch.compile(self.base_classifier, dynamic=False, fullgraph=True,
-                              options={"freezing": True})
         try:
+            network = (self.base_classifier if self.amp is None
+                       else CastNetwork(self.base_classifier, AMP_DTYPES[self.amp]))
+            graph = torch.compile(network, dynamic=False, fullgraph=True,
+                                  options={"freezing": True})
             logits = graph(buffer)
         except Exception as err:  # whatever dynamo or inductor raise: eager may still work
             logits = self._forward(buffer[:size], shape)

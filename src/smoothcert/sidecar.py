@@ -24,7 +24,7 @@ IDENTITY_KEYS = ("mode", "method", "split", "n0", "n", "alpha", "grid", "skip", 
 # The settings of sequential ("sequential") and input-specific ("adaptive") sampling: part of
 # the identity where set, so that fixed-n runs keep the fingerprints they always had.
 SAMPLING_KEYS = ("sampling", "radii", "max_n", "confidence_sequence", "batch", "tolerance",
-                 "final_share", "precision")
+                 "final_share", "precision", "futility")
 # The denoiser's content (denoised smoothing): part of the identity where set, likewise.
 DENOISER_KEYS = ("denoiser_sha256",)
 # A user's model and data (see sources._user_settings): part of the identity where set, so that
@@ -33,7 +33,8 @@ USER_KEYS = ("model", "model_kwargs", "normalization", "classes", "image_size")
 # Sound sampling on the 8-bit lattice ("exact" or "round", smoothcert.lattice): part of the
 # identity where set, so that a file never mixes sound and ordinary rows.
 NOISE_KEYS = ("sound",)
-# How the network ran beyond amp: compile (true: torch.compile'd, `--compile`), part of the
+# How the network ran beyond amp: compile (true: torch.compile'd, `--compile`; under amp "bf16
+# weights" / "fp16 weights": compiled with its weights cast to that dtype), part of the
 # identity where set, so that a file never mixes compiled and eager rows and eager runs keep
 # their fingerprints.
 EXECUTION_KEYS = ("compile",)
@@ -76,7 +77,8 @@ class Sidecar:
     sigma: float | None = None
     dataset: str | None = None
     amp: str | None = None
-    compile: bool | None = None  # True where the network ran compiled; None: eager
+    compile: bool | str | None = None  # True: ran compiled; "bf16 weights" etc.: compiled with
+    # the weights cast (under amp); None: eager
     num_classes: int | None = None
     checkpoint: str | None = None  # for display; the content is checkpoint_sha256
     checkpoint_sha256: str | None = None
@@ -94,6 +96,7 @@ class Sidecar:
     final_share: float | None = None  # a radii run's final look (None: none, as before it;
     # a run with final_share 0 writes none, so that such files keep their fingerprints)
     precision: float | None = None  # a radii run's stopping precision (None: every radius)
+    futility: float | None = None  # a radii run's futility level (None: none, as before it)
     denoiser: str | None = None  # certify --denoiser, for display; the content is denoiser_sha256
     denoiser_sha256: str | None = None
     model: str | None = None  # a user's file: the spec, or torchscript / pickle
