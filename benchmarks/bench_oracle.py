@@ -17,8 +17,11 @@ Printed, per model and variant: estimation samples per input (mean over inputs o
 over paths), the oracle's, their ratio (sequential / oracle, measured in this run), and how
 often the procedure certifies r* (against fixed n's own rate on the same p_A). A separate
 table gives P(certify r*) at p_A = 0.999, sigma = 0.5, for every variant and fixed n.
+The variants: the issue-16 procedure (no final look, no futility), final looks without the
+futility rule, futility levels with the default final look (the defaults: final share
+FINAL_SHARE, futility FUTILITY), a stated precision, and max_n = 2 x 10^5.
 
-    python benchmarks/bench_oracle.py                # defaults: 40 paths per input
+    python benchmarks/bench_oracle.py                # defaults: 8 paths per input
     python benchmarks/bench_oracle.py --quick        # smoke run
 
 The confidence sequence's decisions are tabulated (`Tabulated`): at each look, for each
@@ -36,7 +39,7 @@ import numpy as np
 from _common import ROOT, Table, emit, machine_info, parse_args
 from scipy.special import bdtrc, ndtr, ndtri
 
-from smoothcert.sequential import FINAL_SHARE, TABLE1_RADII, RadiiProcedure
+from smoothcert.sequential import FINAL_SHARE, FUTILITY, TABLE1_RADII, RadiiProcedure
 
 FIXED_N = 100_000
 RESULTS = {  # name -> (result file, sigma)
@@ -47,14 +50,17 @@ RESULTS = {  # name -> (result file, sigma)
 
 def variants(args) -> dict[str, dict]:
     """name -> RadiiProcedure options (max_n: FIXED_N unless given)."""
-    found = {"issue 16 (no final look)": dict(final_share=0.0)}
+    found = {"issue 16 (no final look, no futility)": dict(final_share=0.0, futility=None)}
     for share in sorted({*args.shares, FINAL_SHARE}):
-        found[f"final share {share:g}" + (" (default)" if share == FINAL_SHARE else "")] = dict(
-            final_share=share)
+        found[f"final share {share:g}, no futility"] = dict(final_share=share, futility=None)
+    for level in sorted({*args.futilities, FUTILITY}):
+        found[f"futility {level:g}" + (" (default)" if level == FUTILITY else "")] = dict(
+            futility=level)
     for precision in args.precisions:
         found[f"default, precision {precision:g}"] = dict(precision=precision)
     longer = 2 * FIXED_N
-    found[f"default, max_n {longer:,}"] = dict(max_n=longer)
+    for level in sorted({*args.ceiling_futilities, FUTILITY}):
+        found[f"max_n {longer:,}, futility {level:g}"] = dict(max_n=longer, futility=level)
     for precision in args.precisions:
         found[f"default, max_n {longer:,}, precision {precision:g}"] = dict(
             max_n=longer, precision=precision)
@@ -66,8 +72,12 @@ def extra_arguments(parser) -> None:
     parser.add_argument("--alpha", type=float, default=0.001)
     parser.add_argument("--batch", type=int, default=1000)
     parser.add_argument("--precisions", type=float, nargs="*", default=[0.25])
-    parser.add_argument("--shares", type=float, nargs="*", default=[0.1, 0.25, 0.5],
-                        help="final shares to compare (choosing the default)")
+    parser.add_argument("--shares", type=float, nargs="*", default=[0.25, 0.5],
+                        help="final shares to compare, without futility")
+    parser.add_argument("--futilities", type=float, nargs="*", default=[0.01, 0.02, 0.1],
+                        help="futility levels to compare (choosing the default)")
+    parser.add_argument("--ceiling-futilities", type=float, nargs="*", default=[0.01],
+                        help="futility levels to compare at max_n = 2 x 10^5")
     parser.add_argument("--ceiling-paths", type=int, default=400,
                         help="paths at p_A = 0.999, sigma = 0.5")
     parser.add_argument("--seed", type=int, default=0)

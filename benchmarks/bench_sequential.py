@@ -16,7 +16,11 @@ samples it would have drawn alone, in the same order:
 
 Passes count selection + estimation samples. A procedure's time is the selection time, the
 sampling time of the chunks it used and its own statistics time. Certified accuracy at r:
-label correct and certified at r (fixed: radius >= r); paired SE of the per-point difference.
+label correct and certified at r (fixed: radius >= r); paired SE of the per-point difference,
+and the binomial SE of fixed n's certified accuracy, sqrt(a (1 - a) / points), against which
+issue 26 asks every difference to stay within 1 SE. "seq-certify (mixture)" runs the defaults
+(final look and futility rule); "no futility" the procedure before the rule; "no final look"
+the procedure of issue 16.
 
     python benchmarks/bench_sequential.py --points 500      # the issue's full size
     python benchmarks/bench_sequential.py --quick           # smoke run
@@ -58,8 +62,10 @@ ONE_RADIUS = 0.5
 # name -> RadiiProcedure options; "only": the procedure asks about that one radius
 SEQUENTIAL = {
     "seq-certify (mixture)": dict(method="certify", confidence_sequence="mixture"),
+    "seq-certify (mixture, no futility)": dict(method="certify", confidence_sequence="mixture",
+                                               futility=None),
     "seq-certify (mixture, no final look)": dict(method="certify", confidence_sequence="mixture",
-                                                 final_share=0.0),
+                                                 final_share=0.0, futility=None),
     "seq-certify (mixture, precision 0.25)": dict(method="certify",
                                                   confidence_sequence="mixture", precision=0.25),
     "seq-certify (bonferroni)": dict(method="certify", confidence_sequence="bonferroni"),
@@ -208,6 +214,11 @@ def paired(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
 
 
+def worst_ratio(diffs: list[tuple[float, float]]) -> float:
+    """max |d| / SE over (d, SE) pairs (a nonzero d with SE 0: infinite)."""
+    return max(abs(d) / se if se else (0.0 if d == 0 else np.inf) for d, se in diffs)
+
+
 def run_model(name: str, args, tables: dict[str, Table]) -> None:
     model, config = load_model(args.checkpoint or checkpoint(name))
     model = model.to(memory_format=torch.channels_last)
@@ -245,12 +256,15 @@ def summarise(title: str, radii, rows, tables: dict[str, Table]) -> None:
                        for c, y in zip(certs, truth, strict=True)])
         reference = fixed_ok[baseline][:, columns]
         diffs = [paired(reference[:, i], ok[:, i]) for i in range(len(columns))]
-        worst = max(abs(d) / se if se else (0.0 if d == 0 else np.inf) for d, se in diffs)
+        accuracy_se = np.sqrt(reference.mean(axis=0) * (1 - reference.mean(axis=0))
+                              / len(reference))
         tables["accuracy"].add(
             title, f"{name} vs fixed {baseline}",
             " ".join(f"{reference[:, i].mean():.2f}/{ok[:, i].mean():.2f}"
                      for i in range(len(columns))),
-            " ".join(f"{100 * d:+.1f}±{100 * se:.1f}" for d, se in diffs), worst)
+            " ".join(f"{100 * d:+.1f}±{100 * se:.1f}" for d, se in diffs),
+            worst_ratio(diffs), worst_ratio(list(zip([d for d, _ in diffs], accuracy_se,
+                                                     strict=True))))
         passes = np.array([c.samples_used for c in certs])
         seconds = sum(r["seq"][name]["seconds"] for _, r in rows)
         stats_seconds = sum(r["seq"][name]["stats_seconds"] for _, r in rows)
@@ -350,7 +364,7 @@ def main(argv=None) -> list[Table]:
             "accuracy": Table("accuracy", "Certified accuracy at the Table-1 radii below the "
                               "max_n ceiling: fixed/sequential, difference (points) ± paired SE",
                               ["model", "procedure", "accuracy per radius", "difference",
-                               "max |d|/SE"]),
+                               "max |d|/paired SE", "max |d|/SE(accuracy)"]),
             "passes": Table("passes", "Forward passes per input (selection included) and time",
                             ["model", "procedure", "mean", "median", "max",
                              "passes ratio (fixed/seq)", "wall-time ratio", "statistics"]),

@@ -21,8 +21,10 @@ RUNS = {
     "both.tsv": dict(method="both"),
     "tcertify.tsv": dict(method="tcertify"),
     "predict.tsv": dict(mode="predict"),
-    # written before the final look (issue 26): final_share 0 is that procedure
-    "radii.tsv": dict(radii=(0.0, 0.25), max_n=200, method="tcertify", final_share=0.0),
+    # written before the final look and the futility rule (issue 26): final_share 0 and
+    # futility "none" are that procedure
+    "radii.tsv": dict(radii=(0.0, 0.25), max_n=200, method="tcertify", final_share=0.0,
+                      futility="none"),
     "adaptive.tsv": dict(adaptive_n=True, max_n=200, method="certify", tolerance=0.05),
 }
 

@@ -59,3 +59,11 @@ def test_an_old_radii_file_resumes_with_final_share_0_only(tmp_path, monkeypatch
     monkeypatch.setitem(RUNS, "radii.tsv", {**RUNS["radii.tsv"], "final_share": None})
     with pytest.raises(ValueError, match=r"different final_share \(was None, now 0.5\)"):
         run_fixture("radii.tsv", tmp_path, monkeypatch)
+
+
+def test_an_old_radii_file_resumes_without_futility_only(tmp_path, monkeypatch):
+    # The default futility rule stops inputs earlier: another procedure than the file's.
+    copy_fixtures(tmp_path, "radii.tsv", "radii.tsv.json")
+    monkeypatch.setitem(RUNS, "radii.tsv", {**RUNS["radii.tsv"], "futility": None})
+    with pytest.raises(ValueError, match=r"different futility \(was None, now 0.05\)"):
+        run_fixture("radii.tsv", tmp_path, monkeypatch)

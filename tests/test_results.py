@@ -427,7 +427,7 @@ def test_sampling_settings_join_the_fingerprint_only_when_set():
     assert base["run"] == settings(sampling=None, radii=None, tolerance=None)["run"]
     changes = {"sampling": "sequential", "radii": [0.0, 0.5], "max_n": 10_000,
                "confidence_sequence": "mixture", "batch": 500, "tolerance": 0.02,
-               "final_share": 0.5, "precision": 0.25}
+               "final_share": 0.5, "precision": 0.25, "futility": 0.05}
     assert set(changes) == set(results.SAMPLING_KEYS)
     for key, value in changes.items():
         assert settings(**{key: value})["run"] != base["run"], key

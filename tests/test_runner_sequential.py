@@ -200,6 +200,10 @@ def test_default_radii_are_the_table_1_radii_max_n_can_reach(trained_checkpoint,
     (dict(adaptive_n=True, precision=0.25), "precision"),
     (dict(adaptive_n=True, final_share=0.25), "final_share"),
     (dict(mode="predict", precision=0.25), "certify only"),
+    (dict(futility=1.0), r"futility must be a number in \(0, 1\)"),
+    (dict(futility="some"), "futility must be"),
+    (dict(adaptive_n=True, futility=0.1), "futility"),
+    (dict(mode="predict", futility=0.1), "certify only"),
 ])
 def test_bad_sequential_options_are_refused_before_any_work(trained_checkpoint, tmp_path,
                                                             options, match):
@@ -220,6 +224,18 @@ def test_a_run_with_a_final_share_and_a_precision_records_them_and_verifies(
     assert meta["run"] != json.loads(Path(f"{radii_file}.json").read_text())["run"]
     for row, cert in api_certificates(trained_checkpoint, out, final_share=0.2,
                                       precision=0.25):
+        assert [int(row[f"certified_{r!r}"]) for r in RADII] == list(cert.certified)
+        assert int(row["n"]) == cert.n
+    assert results.verify(out) == (COUNT, [])
+
+
+def test_futility_is_recorded_and_none_turns_it_off(trained_checkpoint, radii_file, tmp_path):
+    default = json.loads(Path(f"{radii_file}.json").read_text())
+    assert default["futility"] == sequential.FUTILITY
+    out = certify(trained_checkpoint, tmp_path / "patient.tsv", radii=RADII, futility="none")
+    meta = json.loads(Path(f"{out}.json").read_text())
+    assert "futility" not in meta and meta["run"] != default["run"]
+    for row, cert in api_certificates(trained_checkpoint, out, futility=None):
         assert [int(row[f"certified_{r!r}"]) for r in RADII] == list(cert.certified)
         assert int(row["n"]) == cert.n
     assert results.verify(out) == (COUNT, [])
@@ -249,3 +265,8 @@ def test_the_command_line_writes_what_the_api_writes(trained_checkpoint, radii_f
                                  ("--precision", "-1", "precision must be a finite number > 0")]:
         assert main(["certify", *common, "--out", str(tmp_path / "bad.tsv"), flag, value]) == 2
         assert f"smoothcert certify: error: {message}" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        main(["certify", *common, "--out", str(tmp_path / "bad.tsv"), "--futility", "1"])
+    assert exited.value.code == 2
+    assert "argument --futility: expected a level in (0, 1) or none, got '1'" in \
+        capsys.readouterr().err

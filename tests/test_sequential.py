@@ -399,7 +399,7 @@ def procedure_failure(method: str, cs_name: str, p: float,
 
 
 OPTIONS = {"no final look": dict(final_share=0.0), "final look": {},
-           "precision": dict(precision=0.25)}
+           "precision": dict(precision=0.25), "no futility": dict(futility=None)}
 
 
 def procedure_cases():
@@ -417,7 +417,8 @@ def procedure_cases():
 def test_procedure_fails_with_probability_at_most_alpha_at_every_radius(method, cs_name,
                                                                        options):
     # Every variant: the sequence alone, with the default final look at max_n (its share of
-    # alpha), and stopping on a precision of one radius step (a stopping rule).
+    # alpha), stopping on a precision of one radius step (a stopping rule), and without the
+    # default futility rule (another stopping rule).
     alpha, radii = PROCEDURE["alpha"], PROCEDURE["radii"]
     worst = 0.0
     for p in [*supremum_points(radii, PROCEDURE["sigma"]), norm.cdf(1.0) - 0.03]:
@@ -434,14 +435,15 @@ def test_procedure_fails_with_probability_at_most_alpha_at_every_radius(method, 
 def final_look_failure(cs_name: str, level: float, spent=None) -> float:
     """Exact failure probability of the one radius whose threshold is the level-`level`
     Clopper-Pearson bound at max_n of 215 votes, just below it (alpha 0.1, final share 0.5);
-    spent: the (pA, pB) levels the final look is given instead of its share."""
+    spent: the (pA, pB) levels the final look is given instead of its share. No futility
+    rule: giving paths up early would hide a final look that spends too much."""
     alpha, max_n, sigma = PROCEDURE["alpha"], PROCEDURE["max_n"], PROCEDURE["sigma"]
     threshold = stats.clopper_pearson_lower(215, max_n, level)
 
     def make():
         procedure = RadiiProcedure([sigma * norm.ppf(threshold)], sigma, alpha, max_n,
                                    confidence_sequence=cs_name, first_look=15, batch_size=60,
-                                   final_share=0.5)
+                                   final_share=0.5, futility=None)
         if spent is not None:
             procedure.final_levels = spent
         return procedure
@@ -549,6 +551,41 @@ def test_precision_never_certifies_more_than_the_sequence():
     certified, _ = procedure_certifies(
         lambda: CertifiesTheRest(**PROCEDURE, first_look=15, batch_size=60, precision=0.25), p)
     assert certified[2] > PROCEDURE["alpha"]
+
+
+def test_futility_gives_up_what_the_optimistic_projection_cannot_certify():
+    # After 650 of 1000 samples the level-0.05 upper bound on pA is 0.675: 9000 more samples
+    # at that rate leave p_hat near 0.673 at max_n, short of Phi(0.5) = 0.69 (not yet ruled
+    # out by the sequence's upper bound); at 700 the projection certifies 0.5. At 680 only
+    # the more optimistic level-0.001 bound keeps it.
+    options = dict(radii=[0.5], sigma=1.0, alpha=0.001, max_n=10_000, first_look=1000,
+                   batch_size=1000)
+    for count, futility, dropped in [(650, 0.05, True), (700, 0.05, False), (650, None, False),
+                                     (680, 0.05, True), (680, 0.001, False)]:
+        procedure = RadiiProcedure(**options, futility=futility)
+        procedure.update(count, 1000)
+        assert procedure.done is dropped, (count, futility)
+        upper = stats.clopper_pearson_upper(count, 1000, futility) if futility else 1.0
+        projected = count + int(np.floor(upper * 9000))
+        assert procedure.certifiable(projected, 10_000)[0] is not dropped
+
+
+def test_futility_certifies_a_subset_of_the_same_path_and_stops_no_later():
+    # Coupled on one stream: futility only drops radii earlier, so what it certifies is
+    # certified without it, and it stops no later; on near-threshold inputs it stops earlier.
+    radii, sigma = TABLE1_RADII_BELOW(1.75), 0.5
+    earlier = fewer = 0
+    for seed, pa in enumerate([0.6, 0.8, 0.9, 0.97, 0.99, 0.995, 0.998, 0.999, 1.0] * 3):
+        options = dict(max_n=20_000, batch_size=500, first_look=100)
+        plain = RadiiProcedure(radii, sigma, 0.001, futility=None, **options)
+        run_with_history(plain, pa, np.random.default_rng(seed))
+        hasty = RadiiProcedure(radii, sigma, 0.001, futility=0.05, **options)
+        run_with_history(hasty, pa, np.random.default_rng(seed))
+        assert hasty.n <= plain.n and not np.any(hasty.certified & ~plain.certified), pa
+        earlier += hasty.n < plain.n
+        fewer += int(plain.certified.sum() - hasty.certified.sum())
+    assert earlier >= 10
+    assert fewer <= 3  # what futility gives up, luck rarely certifies
 
 
 def test_procedure_failure_exceeds_alpha_when_dropping_is_replaced_by_certifying():
@@ -662,7 +699,8 @@ def test_certificate_is_abstain_when_nothing_is_certified():
 
 
 def test_last_look_decides_every_radius():
-    procedure = RadiiProcedure([0.0], 1.0, 0.001, 500, first_look=100, batch_size=100)
+    procedure = RadiiProcedure([0.0], 1.0, 0.001, 500, first_look=100, batch_size=100,
+                               futility=None)  # which would give 0 up before the last look
     while (size := procedure.next_batch()) > 0:
         procedure.update(procedure.count_a + size // 2 + 1, procedure.n + size)  # pA ~ 0.51
     assert procedure.n == 500 and procedure.done and not procedure.certified[0]
@@ -696,6 +734,10 @@ def test_last_look_decides_every_radius():
         (dict(precision=-0.25), "precision must be"),
         (dict(precision=float("inf")), "precision must be"),
         (dict(precision=True), "precision must be"),
+        (dict(futility=0.0), r"futility must be a number in \(0, 1\) \(or None\), got 0.0"),
+        (dict(futility=1.0), "futility must be"),
+        (dict(futility=True), "futility must be"),
+        (dict(futility="0.05"), "futility must be"),
         (dict(alpha=1e-99, final_share=1e-3), "alpha must be >= .* final share 0.001"),
     ],
 )

@@ -12,6 +12,7 @@ from dataclasses import asdict, fields
 
 from .lattice import SOUND_MODES
 from .perf import AMP
+from .sequential.radii import FUTILITY
 
 AMP_HELP = f"autocast dtype: {', '.join(AMP)} or none (float32)"
 TRAIN_HELP = {
@@ -351,6 +352,19 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _futility(text: str) -> float | str:
+    """--futility: a level in (0, 1), or none (no futility rule)."""
+    if text == "none":
+        return text
+    try:
+        level = float(text)
+    except ValueError:
+        level = math.nan
+    if not 0.0 < level < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a level in (0, 1) or none, got {text!r}")
+    return level
+
+
 def _radii(text: str) -> tuple[float, ...]:
     """--radii: comma-separated radii."""
     try:
@@ -375,6 +389,10 @@ def _add_sequential_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", type=float, metavar="RADIUS",
                         help="sequential: stop an input once its undecided radii lie within "
                         "this of its largest certified radius (default: decide every radius)")
+    parser.add_argument("--futility", type=_futility, metavar="LEVEL",
+                        help="sequential: give up a radius once the remaining samples could "
+                        "not certify it even at this level's upper bound on pA (default "
+                        f"{FUTILITY:g}; none: only once no remaining samples could)")
     parser.add_argument("--adaptive-n", action="store_true", help="choose each input's n from "
                         "its selection samples, radius loss against --max-n <= --tolerance")
     parser.add_argument("--tolerance", type=float, help="--adaptive-n: radius loss (0.02)")

@@ -235,10 +235,10 @@ class AdaptiveN(FixedN):
 
     def configure(self, cfg: Any) -> None:
         if any(value is not None for value in (cfg.radii, cfg.confidence_sequence,
-                                               cfg.final_share, cfg.precision)):
+                                               cfg.final_share, cfg.precision, cfg.futility)):
             raise ValueError("adaptive_n certifies the radius of each input: radii, "
-                             "confidence_sequence, final_share and precision apply to "
-                             "sequential certification only")
+                             "confidence_sequence, final_share, precision and futility apply "
+                             "to sequential certification only")
 
     def check(self, cfg: Any) -> None:
         cfg.tolerance = sequential.check_tolerance(
@@ -298,6 +298,10 @@ class Radii(Protocol):
         cfg.final_share = sequential.check_final_share(
             sequential.FINAL_SHARE if cfg.final_share is None else cfg.final_share)
         cfg.precision = sequential.check_precision(cfg.precision)
+        # "none" (--futility none): no futility rule; None: the default level
+        cfg.futility = sequential.check_futility(
+            sequential.FUTILITY if cfg.futility is None else
+            None if cfg.futility == "none" else cfg.futility)
 
     def check(self, cfg: Any) -> None:
         _check_max_n(cfg)
@@ -313,7 +317,8 @@ class Radii(Protocol):
                 "sampling": self.sampling, "max_n": cfg.max_n, "radii": list(radii),
                 "batch": cfg.batch, "confidence_sequence": cfg.confidence_sequence,
                 # 0 (no final look) is left out, as in files written before the final look
-                "final_share": cfg.final_share or None, "precision": cfg.precision}
+                "final_share": cfg.final_share or None, "precision": cfg.precision,
+                "futility": cfg.futility}
 
     def header(self, sidecar: Sidecar) -> list[str]:
         return schema.radii_columns(sidecar.radii)
@@ -323,7 +328,7 @@ class Radii(Protocol):
         return smooth.certify_radii(
             x, radii=sidecar.radii, alpha=cfg.alpha, max_n=cfg.max_n, batch_size=cfg.batch,
             n0=cfg.n0, method=cfg.method, confidence_sequence=cfg.confidence_sequence,
-            final_share=cfg.final_share, precision=cfg.precision,
+            final_share=cfg.final_share, precision=cfg.precision, futility=cfg.futility,
             generator=streams["selection"], estimation_generator=streams["estimation"])
 
     def row(self, idx: int, label: int, seconds: float, result: Any,

@@ -80,7 +80,7 @@ def radii_procedure(sidecar: Sidecar) -> sequential.RadiiProcedure:
         num_classes=sidecar.num_classes, confidence_sequence=sidecar.confidence_sequence,
         batch_size=sidecar.batch,
         final_share=0.0 if sidecar.final_share is None else sidecar.final_share,  # older files
-        precision=sidecar.precision)
+        precision=sidecar.precision, futility=sidecar.futility)
 
 
 def radii_row_problems(value: Mapping[str, Any], sidecar: Sidecar, run: str,

@@ -29,6 +29,7 @@ def certify_radii(
     confidence_sequence: str = "mixture",
     final_share: float = sequential.FINAL_SHARE,
     precision: float | None = None,
+    futility: float | None = sequential.FUTILITY,
     generator: torch.Generator | None = None,
     estimation_generator: torch.Generator | None = None,
 ) -> RadiiCertificate:
@@ -39,13 +40,14 @@ def certify_radii(
     bounds, alpha split evenly); the guarantee is CERTIFY's: a certified radius is wrong
     with probability <= alpha, whatever the stopping time. final_share of alpha goes to a
     final look at max_n (Clopper-Pearson on all max_n samples); precision stops an input once
-    its undecided radii lie within it of the largest certified one (RadiiProcedure). The
+    its undecided radii lie within it of the largest certified one, and futility gives up a
+    radius that only luck could still certify by max_n (RadiiProcedure). The
     generators are used as in `Smooth.certify`; the certificate records the class counts.
     """
     procedure = sequential.RadiiProcedure(
         radii, sampler.sigma, alpha, max_n, method=method, num_classes=sampler.num_classes,
         confidence_sequence=confidence_sequence, batch_size=batch_size,
-        final_share=final_share, precision=precision,
+        final_share=final_share, precision=precision, futility=futility,
     )
     selection = sampler.counts(x, n0, batch_size, generator, name="n0")
     label = int(np.argmax(selection))

@@ -24,11 +24,13 @@ from .confidence import (
 )
 from .radii import (
     FINAL_SHARE,
+    FUTILITY,
     SEQUENTIAL_METHODS,
     TABLE1_RADII,
     RadiiCertificate,
     RadiiProcedure,
     check_final_share,
+    check_futility,
     check_precision,
     check_radii,
     reachable_radii,
@@ -37,6 +39,7 @@ from .radii import (
 __all__ = [
     "CONFIDENCE_SEQUENCES",
     "FINAL_SHARE",
+    "FUTILITY",
     "SEQUENTIAL_METHODS",
     "TABLE1_RADII",
     "BetaMixture",
@@ -45,6 +48,7 @@ __all__ = [
     "RadiiCertificate",
     "RadiiProcedure",
     "check_final_share",
+    "check_futility",
     "check_precision",
     "check_radii",
     "check_tolerance",

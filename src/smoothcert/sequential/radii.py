@@ -22,6 +22,9 @@ SEQUENTIAL_METHODS = ("certify", "tcertify")
 # The share of alpha kept for the final look at max_n (Clopper-Pearson on all max_n samples);
 # the confidence sequence spends the rest. Chosen by benchmarks/bench_oracle.py.
 FINAL_SHARE = 0.5
+# The level of the optimistic upper bound on pA behind the futility rule (None: no rule; see
+# RadiiProcedure). A stopping rule, so it spends no alpha. Chosen by benchmarks/bench_oracle.py.
+FUTILITY = 0.05
 
 
 def check_final_share(final_share: float) -> float:
@@ -30,6 +33,16 @@ def check_final_share(final_share: float) -> float:
     if not (ok and 0.0 <= final_share < 1.0):
         raise ValueError(f"final_share must be a number in [0, 1), got {final_share!r}")
     return float(final_share)
+
+
+def check_futility(futility: float | None) -> float | None:
+    """futility as a float (None: no futility rule); ValueError unless 0 < futility < 1."""
+    if futility is None:
+        return None
+    ok = isinstance(futility, (int, float, np.floating)) and not isinstance(futility, bool)
+    if not (ok and 0.0 < futility < 1.0):
+        raise ValueError(f"futility must be a number in (0, 1) (or None), got {futility!r}")
+    return float(futility)
 
 
 def check_precision(precision: float | None) -> float | None:
@@ -93,9 +106,10 @@ class RadiiProcedure:
     Loop: `size = next_batch()`; stop at 0; else draw `size` more estimation samples and call
     `update(count_a, n_total[, other_counts])` with the cumulative counts. Radius r is
     certified once the lower bound(s) give a radius >= r, dropped once the upper bound on pA
-    (and lower bound on the runner-up) say the true radius is below r, or once even all
-    remaining max_n samples voting for the label could not certify it (at max_n: whatever is
-    not certified). Only the certifying bounds spend alpha: dropping is always sound.
+    (and lower bound on the runner-up) say the true radius is below r, or once the remaining
+    samples up to max_n could not certify it even voting for the label at an optimistic rate
+    (at max_n: whatever is not certified). Only the certifying bounds spend alpha: dropping is
+    always sound.
 
     method "certify": pA alone (pB = 1 - pA_lower), the whole alpha on pA's sequence.
     method "tcertify": T-CERTIFY's two bounds, alpha * pa_share on pA's sequence and the rest
@@ -107,6 +121,10 @@ class RadiiProcedure:
     precision: stop as soon as some radius is certified and every undecided radius lies
     within `precision` of the largest certified one (they are reported not certified); None
     decides every radius. A stopping rule: it never changes what is certified at a look.
+    futility: the optimistic rate is the level-`futility` Clopper-Pearson upper bound on pA
+    from the counts so far (stochastic curtailment: a radius that only luck could still
+    certify is given up); None: rate 1, every remaining sample for the label. A stopping rule
+    too: it spends no alpha and can only leave radii uncertified.
     """
 
     def __init__(
@@ -123,6 +141,7 @@ class RadiiProcedure:
         pa_share: float = 0.5,
         final_share: float = FINAL_SHARE,
         precision: float | None = None,
+        futility: float | None = FUTILITY,
     ):
         self.radii = check_radii(radii)
         self.sigma = stats.check_sigma(sigma)
@@ -140,6 +159,7 @@ class RadiiProcedure:
         self.cs = make_confidence_sequence(confidence_sequence, max_n, first_look, batch_size)
         self.final_share = check_final_share(final_share)
         self.precision = check_precision(precision)
+        self.futility = check_futility(futility)
         self.final = BonferroniCP(max_n, max_n)  # one look, at max_n: Clopper-Pearson
         if method == "tcertify":
             if isinstance(num_classes, bool) or not isinstance(num_classes, int) \
@@ -226,9 +246,18 @@ class RadiiProcedure:
         if not self.done:
             self._drop(~self._possible())
         if not self.done:  # at max_n this drops every radius not certified above
-            self._drop(~self.certifiable(self.count_a + self.max_n - self.n, self.max_n))
+            self._drop(~self.certifiable(self._projected_count(), self.max_n))
         if not self.done and self._precise():
             self._drop(self.status == UNDECIDED)
+
+    def _projected_count(self) -> int:
+        """count_a at max_n if the remaining samples vote for the label at the optimistic
+        rate: 1 without futility, else the level-futility upper bound on pA."""
+        remaining = self.max_n - self.n
+        if self.futility is None or remaining == 0:
+            return self.count_a + remaining
+        rate = float(stats.clopper_pearson_upper(self.count_a, self.n, self.futility))
+        return self.count_a + int(np.floor(rate * remaining))
 
     def _precise(self) -> bool:
         """Whether every undecided radius lies within `precision` of the largest certified."""
