@@ -259,12 +259,14 @@ def test_inductor_counts_agree_with_eager():
 
 
 @pytest.mark.slow  # compiling the LeNet: 10 to 30 s on 2 shared cores
-def test_an_inductor_compiled_certificate_verifies(trained_checkpoint, tmp_path):
+@pytest.mark.parametrize("amp, recorded", [("none", True), ("bf16", "bf16 weights")])
+def test_an_inductor_compiled_certificate_verifies(trained_checkpoint, tmp_path, amp, recorded):
     out = tmp_path / "compiled.tsv"
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # no fallback to eager
-        assert certify(str(trained_checkpoint), "--out", str(out), "--compile", *CERTIFY) == 0
-    assert read(out).compile is True
+        assert certify(str(trained_checkpoint), "--out", str(out), "--compile", "--amp", amp,
+                       *CERTIFY) == 0
+    assert read(out).compile == recorded
     assert verify(out) == (3, [])
 
 
