@@ -141,9 +141,11 @@ def test_execution_names_what_ran(fake_compile):
     assert eager.execution is None
 
 
-def test_compile_must_be_a_bool():
-    with pytest.raises(ValueError, match="compile must be True or False, got 'yes'"):
-        Smooth(ThresholdClassifier([0.5]), 2, 0.25, compile="yes")
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_compile_must_be_a_bool_or_a_compiler(value):
+    with pytest.raises(ValueError, match="compile must be True, False or one of inductor, "
+                       f"openvino, got {value!r}"):
+        Smooth(ThresholdClassifier([0.5]), 2, 0.25, compile=value)
 
 
 def test_eager_samples_as_before_without_compile(fake_compile):

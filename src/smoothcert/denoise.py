@@ -27,14 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .extras import MissingExtraError
 from .io import first_line, weights_digest
 
 EXTRA_MESSAGE = "DiffusionDenoiser needs the optional extra: pip install 'smoothcert[diffusion]'"
-
-
-class MissingExtraError(ImportError, ValueError):
-    """An optional dependency is not installed (a ValueError too: the CLI reports it in one
-    line, exit 2, as a usage error)."""
 
 
 class Denoised(nn.Module):

@@ -275,10 +275,17 @@ def add_run_options(parser: argparse.ArgumentParser, certify: bool) -> None:
                         help="sound sampling on the 8-bit lattice (Voracek & Hein): certificates "
                         "no float rounding can break; --sound (exact) refuses inputs off the "
                         "lattice a/255, --sound round rounds them onto it")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the model (inductor, frozen weights, static shapes; "
-                        "compiles once, seconds to minutes); eager with a warning where that "
-                        "fails. Recorded in the sidecar: a result file is compiled or eager")
+    compilers = parser.add_mutually_exclusive_group()
+    compilers.add_argument("--compile", action="store_true",
+                           help="torch.compile the model (inductor, frozen weights, static "
+                           "shapes; compiles once, seconds to minutes); eager with a warning "
+                           "where that fails. Recorded in the sidecar: a result file is "
+                           "compiled or eager")
+    compilers.add_argument("--openvino", dest="compile", action="store_const", const="openvino",
+                           help="run the model by OpenVINO instead (CPU; pip install "
+                           "'smoothcert[openvino]'): exported and compiled once, static shapes, "
+                           "at --amp's precision; the fastest CPU path measured "
+                           "(docs/benchmarks.md). Recorded in the sidecar like --compile")
     parser.add_argument("--procs", type=_process_count, metavar="{auto,N}",
                         help="N single-thread processes (auto: one per physical core) through "
                         "torchrun with gloo: the fastest use of a multi-core CPU "

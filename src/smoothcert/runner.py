@@ -77,7 +77,8 @@ class RunConfig:
     device: str = "auto"
     amp: str | None = None
     channels_last: bool = True
-    compile: bool = False  # torch.compile the model (NoiseSampler); eager where that fails
+    compile: bool | str = False  # torch.compile (True) or "openvino" (NoiseSampler); eager
+    # where that fails
     restart_if_stale: bool = False  # discard rows of another run (settings or checkpoint)
     # Sequential certification at radii (sequential.RadiiProcedure): radii (None: the Table-1
     # radii max_n can reach), max_n (None: n), confidence_sequence (None: mixture),

@@ -20,9 +20,13 @@ from torch import nn
 
 from . import stats
 from .lattice import GUIDE_BITS, LEVELS, WORD_BITS, check_sound, lattice_gaussian
+from .openvino_backend import openvino_network, require_openvino
 from .perf import AMP
 
 AMP_DTYPES = dict(zip(AMP, (torch.bfloat16, torch.float16), strict=True))
+# NoiseSampler's compile argument -> the compiler (None: eager)
+COMPILERS: dict[bool | str, str | None] = {False: None, True: "inductor",
+                                           "inductor": "inductor", "openvino": "openvino"}
 
 
 def autocast(device: torch.device, amp: str | None):
@@ -248,8 +252,10 @@ class NoiseSampler:
     with that batch size. Freezing makes the weights constants of the graph: changing them
     afterwards is not seen. Under amp the compiled network is `CastNetwork`, its weights cast
     to the amp dtype, not autocast: another low-precision network than eager amp runs, named
-    by `execution`. Where compilation fails it warns once and runs eager; `compiled` says
-    which ran (None before the first forward pass).
+    by `execution`. compile="openvino" runs it by OpenVINO instead (`openvino_backend`: the
+    smoothcert[openvino] extra, CPU only), with the same static batch. Where compilation fails
+    it warns once and runs eager; `compiled` says which ran (None before the first forward
+    pass).
     """
 
     def __init__(
@@ -261,11 +267,13 @@ class NoiseSampler:
         amp: str | None = None,
         input_range: tuple[float, float] | None = (0.0, 1.0),
         sound: bool | str | None = None,
-        compile: bool = False,
+        compile: bool | str = False,
     ):
         self.num_classes = check_num_classes(num_classes)
-        if not isinstance(compile, bool):
-            raise ValueError(f"compile must be True or False, got {compile!r}")
+        if not (isinstance(compile, (bool, str)) and compile in COMPILERS):
+            raise ValueError(f"compile must be True, False or one of "
+                             f"{', '.join(c for c in COMPILERS if isinstance(c, str))}, got "
+                             f"{compile!r}")
         if amp is not None and amp not in AMP_DTYPES:
             raise ValueError(f"amp must be None or one of {', '.join(AMP_DTYPES)}, got {amp!r}")
         self.base_classifier = base_classifier
@@ -278,16 +286,19 @@ class NoiseSampler:
                              f"a/255 in [0, 1]), got {input_range!r}")
         self.noise = (LatticeNoise(self.sigma, self.sound) if self.sound
                       else GaussianNoise(self.sigma))
-        self.compile = compile
-        self.compiled: bool | None = None if compile else False
+        self.compile: str | None = COMPILERS[compile]
+        self.compiled: bool | None = None if self.compile else False
         self._graph: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
     def execution(self) -> bool | str | None:
         """How the network ran, as the sidecar's `compile` records it: None (eager), True
-        (compiled, float32) or "<amp> weights" (compiled as CastNetwork)."""
+        (inductor, float32), "<amp> weights" (inductor, as CastNetwork), "openvino" or
+        "openvino <amp>" (OpenVINO at that inference precision)."""
         if not self.compiled:
             return None
+        if self.compile == "openvino":
+            return "openvino" if self.amp is None else f"openvino {self.amp}"
         return True if self.amp is None else f"{self.amp} weights"
 
     def counts(
@@ -388,21 +399,29 @@ class NoiseSampler:
     def _compile(self, buffer: torch.Tensor, size: int, shape: torch.Size) -> torch.Tensor:
         """The first forward pass through the compiled model; eager, with a warning, where
         compilation fails (and an error where eager fails too: the model's, not inductor's)."""
+        if self.compile == "openvino":  # asked for: an error, not eager, where it cannot run
+            require_openvino(buffer.device)
         try:
-            network = (self.base_classifier if self.amp is None
-                       else CastNetwork(self.base_classifier, AMP_DTYPES[self.amp]))
-            graph = torch.compile(network, dynamic=False, fullgraph=True,
-                                  options={"freezing": True})
+            graph = self._compiled_network(buffer)
             logits = graph(buffer)
         except Exception as err:  # whatever dynamo or inductor raise: eager may still work
             logits = self._forward(buffer[:size], shape)
             self.compiled = False
             reason = (str(err).strip().splitlines() or [""])[0]
-            warnings.warn(f"compile: torch.compile failed ({type(err).__name__}: {reason}); "
+            compiler = "OpenVINO" if self.compile == "openvino" else "torch.compile"
+            warnings.warn(f"compile: {compiler} failed ({type(err).__name__}: {reason}); "
                           "the base classifier runs eager", RuntimeWarning, stacklevel=2)
             return logits
         self._graph, self.compiled = graph, True
         return check_logits(logits, len(buffer))[:size]
+
+    def _compiled_network(self, buffer: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        if self.compile == "openvino":
+            return openvino_network(self.base_classifier, buffer, self.amp,
+                                    torch.get_num_threads())
+        network = (self.base_classifier if self.amp is None
+                   else CastNetwork(self.base_classifier, AMP_DTYPES[self.amp]))
+        return torch.compile(network, dynamic=False, fullgraph=True, options={"freezing": True})
 
     def _forward(self, batch: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         """An eager forward pass that checks that model and input fit together."""

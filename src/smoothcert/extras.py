@@ -1,0 +1,20 @@
+"""Optional dependencies (the extras of pyproject.toml): imported on demand, or a clear error."""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+
+class MissingExtraError(ImportError, ValueError):
+    """An optional dependency is not installed (a ValueError too: the CLI reports it in one
+    line, exit 2, as a usage error)."""
+
+
+def import_extra(module: str, extra: str, needed_by: str) -> ModuleType:
+    """`module`, imported; MissingExtraError naming the extra to install where it is absent."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingExtraError(f"{needed_by} needs {module}, the optional extra: "
+                                f"pip install 'smoothcert[{extra}]'") from None
