@@ -10,6 +10,11 @@ thread count given, interleaved:
 - OpenVINO fp32 / bf16 (INFERENCE_PRECISION_HINT) and ONNX Runtime fp32, both reading the
   model exported by `torch.onnx.export` (static batch).
 
+A second table times what certify runs end to end, `NoiseSampler.counts` (noise, forward
+pass, argmax, counting) with compile=False, True and "openvino", fp32 and bf16, interleaved on
+the same input and generator: the speed of `--openvino` against eager and against
+`--compile` at the same precision.
+
 A backend that is not installed (`pip install openvino onnxruntime onnx onnxscript`) or fails
 to convert gets a row saying so. Printed: microseconds per sample and the speed against the
 faster compiled variant of the same precision (> 1: the backend is faster).
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,11 +35,14 @@ import torch
 from _common import Table, emit, interleaved, machine_info, median, parse_args, setup, spread
 from _loops import LABELS, make_input, make_model
 
-from smoothcert.sampling import CastNetwork
+from smoothcert.sampling import CastNetwork, NoiseSampler
 
 DATASETS = {"lenet": "mnist", "cifar_resnet20": "cifar10", "cifar_resnet110": "cifar10"}
 BATCH = {"lenet": 1000, "cifar_resnet20": 250, "cifar_resnet110": 100}
 COLUMNS = ["model", "backend", "precision", "µs/sample", "±", "vs compile (same precision)"]
+SAMPLING_COLUMNS = ["model", "precision", "eager µs/sample", "--compile", "--openvino",
+                    "openvino vs eager", "±", "openvino vs compile", "±"]
+COMPILERS = {"eager": False, "compile": True, "openvino": "openvino"}
 
 
 def torch_variants(model: torch.nn.Module, batch: torch.Tensor) -> dict[str, Callable]:
@@ -108,6 +117,29 @@ def measure(name: str, threads: int, reps: int, table: Table) -> None:
                   f"{spread(values):.0%}", f"{compiled / median(values):.2f}x")
 
 
+def measure_sampling(name: str, reps: int, table: Table) -> None:
+    """NoiseSampler.counts per compiler, fp32 and bf16, interleaved (about 2 s a call)."""
+    dataset, size = DATASETS[name], BATCH[name]
+    model, x = make_model(name, dataset, channels_last=True), make_input(dataset)
+    for amp in (None, "bf16"):
+        samplers = {k: NoiseSampler(model, 10, 0.25, amp=amp, compile=c)
+                    for k, c in COMPILERS.items()}
+        generator = torch.Generator().manual_seed(0)
+        for sampler in samplers.values():  # compiles; then one call's size
+            sampler.counts(x, size, size, generator)
+        started = time.perf_counter()
+        samplers["eager"].counts(x, size, size, generator)
+        n = size * max(1, round(2.0 / (time.perf_counter() - started)))
+        times = interleaved({k: lambda s=s, n=n, g=generator: s.counts(x, n, size, g)
+                             for k, s in samplers.items()}, reps)
+        per = {k: median(v) / n * 1e6 for k, v in times.items()}
+        ratios = {k: [a / b for a, b in zip(times[k], times["openvino"], strict=True)]
+                  for k in ("eager", "compile")}
+        table.add(LABELS[name], amp or "fp32", per["eager"], per["compile"], per["openvino"],
+                  f"{median(ratios['eager']):.2f}x", f"{spread(ratios['eager']):.0%}",
+                  f"{median(ratios['compile']):.2f}x", f"{spread(ratios['compile']):.0%}")
+
+
 def main(argv=None) -> list[Table]:
     def extra(parser):
         parser.add_argument("--models", default="lenet,cifar_resnet20",
@@ -118,12 +150,19 @@ def main(argv=None) -> list[Table]:
     settings = setup(args.threads or 1)
     table = Table("backends", f"Forward pass per sample by backend, {settings['threads']} "
                   "thread(s), channels_last model, interleaved", COLUMNS)
+    sampling = Table("sampling", "NoiseSampler.counts (what certify runs) eager, --compile and "
+                     f"--openvino, {settings['threads']} thread(s), interleaved",
+                     SAMPLING_COLUMNS)
+    reps = 2 if args.quick else args.reps
     for name in args.models.split(","):
-        measure(name, settings["threads"], 2 if args.quick else args.reps, table)
+        measure(name, settings["threads"], reps, table)
+        measure_sampling(name, reps, sampling)
     table.notes.append("vs compile: the compiled variant's median time / this one's (> 1: "
                        "faster than --compile); ±: half the relative range of the repetitions")
-    emit([table], args.json, {**machine_info(), **settings})
-    return [table]
+    sampling.notes.append("µs per sample (median); ratios: medians of the per-repetition "
+                          "ratios (> 1: --openvino is faster)")
+    emit([table, sampling], args.json, {**machine_info(), **settings})
+    return [table, sampling]
 
 
 if __name__ == "__main__":
