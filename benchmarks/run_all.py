@@ -33,6 +33,7 @@ SCRIPTS = {
     "bench_fastpath": ("bench_fastpath", []),
     "bench_compile": ("bench_compile", []),
     "bench_procs": ("bench_procs", []),
+    "bench_backends": ("bench_backends", ["--threads", "1"]),
     "profile_lenet": ("profile_certify", ["--model", "lenet", "--config", "cl+cnoise+bf16"]),
     "profile_resnet110": ("profile_certify", ["--model", "cifar_resnet110", "--config", "fp32",
                                               "--n", "2000"]),
