@@ -49,8 +49,9 @@ class Smooth:
                  **sampler_options: Any):
         """sampler_options: `NoiseSampler`'s amp (None, "bf16" or "fp16"), input_range and
         sound (False; True or "exact": sound sampling on the 8-bit lattice, inputs off it
-        refused; "round": rounded onto it) and compile (torch.compile with freezing and static
-        shapes; eager, warned, where it fails)."""
+        refused; "round": rounded onto it) and compile (True: torch.compile with freezing and
+        static shapes; "openvino": OpenVINO, the smoothcert[openvino] extra; eager, warned,
+        where compilation fails)."""
         self.sampler = NoiseSampler(base_classifier, num_classes, sigma, **sampler_options)
 
     @property
