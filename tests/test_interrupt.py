@@ -26,10 +26,17 @@ TRAIN = ["--preset", "mnist-lenet", "--sigma", "0.5", "--k", "1", "--batch", "32
          "--train-subset", "256", "--eval-subset", "0", "--device", "cpu"]
 
 
+def default_sigint() -> None:
+    # A shell without job control starts background commands with SIGINT ignored, and the
+    # child would inherit that: the run under test must see Ctrl-C however pytest started.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def smoothcert(*argv: str) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.Popen([sys.executable, "-m", "smoothcert", "--no-progress", *argv],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=default_sigint)
 
 
 def interrupt_when(process: subprocess.Popen, ready: Callable[[], bool],
@@ -37,12 +44,17 @@ def interrupt_when(process: subprocess.Popen, ready: Callable[[], bool],
     """Send `signum` once `ready()` holds; the exit code and output (stdout, stderr) of
     `process`."""
     deadline = time.monotonic() + 120
-    while not ready():
-        assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline, "the run never got ready"
-        time.sleep(0.05)
-    process.send_signal(signum)
-    stdout, stderr = process.communicate(timeout=20)
+    try:
+        while not ready():
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "the run never got ready"
+            time.sleep(0.05)
+        process.send_signal(signum)
+        stdout, stderr = process.communicate(timeout=20)
+    finally:  # a failed test leaves no run behind, busy on the cores the next tests need
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
     return process.returncode, (stdout or "") + (stderr or "")
 
 
