@@ -96,8 +96,8 @@ def onnxruntime_variants(path: Path, batch: torch.Tensor, threads: int) -> dict:
 def measure(name: str, threads: int, reps: int, table: Table) -> None:
     dataset, size = DATASETS[name], BATCH[name]
     model = make_model(name, dataset, channels_last=True).eval()
-    batch = (make_input(dataset) + 0.5 * torch.randn(size, *make_input(dataset).shape)).clamp(
-        0, 1).contiguous()
+    x = make_input(dataset)
+    batch = (x + 0.5 * torch.randn(size, *x.shape)).clamp(0, 1).contiguous()
     with torch.inference_mode(), tempfile.TemporaryDirectory() as folder:
         variants = torch_variants(model, batch)
         for backend, build in (("OpenVINO", openvino_variants),

@@ -16,9 +16,9 @@ from smoothcert.denoise import (
     EXTRA_MESSAGE,
     Denoised,
     DiffusionDenoiser,
-    MissingExtraError,
     diffusion_timestep,
 )
+from smoothcert.extras import MissingExtraError
 from smoothcert.io import WEIGHTS_DIGEST, save_checkpoint, weights_digest
 from smoothcert.models import build_model
 from smoothcert.models.dncnn import DnCNN

@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .extras import MissingExtraError
+from .extras import import_extra, missing_extra_message
 from .io import first_line, weights_digest
 
-EXTRA_MESSAGE = "DiffusionDenoiser needs the optional extra: pip install 'smoothcert[diffusion]'"
+EXTRA_MESSAGE = missing_extra_message("diffusers", "diffusion", "DiffusionDenoiser")
 
 
 class Denoised(nn.Module):
@@ -146,7 +146,7 @@ class DiffusionDenoiser(nn.Module):
         resolution (config `sample_size`). `folder` is either flat (config.json,
         scheduler_config.json and the weights, as the hub's google/ddpm-cifar10-32) or a
         pipeline folder (unet/ and scheduler/ subfolders). Nothing is ever downloaded."""
-        diffusers = _import_diffusers()
+        diffusers = import_extra("diffusers", "diffusion", "DiffusionDenoiser")
         unet_dir, scheduler_dir = _diffusers_layout(Path(folder))
         try:
             # low_cpu_mem_usage=False: the default asks for `accelerate`, and warns without it.
@@ -168,14 +168,6 @@ class DiffusionDenoiser(nn.Module):
                 "noise prediction (prediction_type 'epsilon')"
             )
         return cls(unet, scheduler.alphas_cumprod, sigma, unet.config.sample_size).eval()
-
-
-def _import_diffusers() -> Any:
-    try:
-        import diffusers
-    except ImportError:
-        raise MissingExtraError(EXTRA_MESSAGE) from None
-    return diffusers
 
 
 def _diffusers_layout(folder: Path) -> tuple[Path, Path]:

@@ -11,10 +11,13 @@ class MissingExtraError(ImportError, ValueError):
     line, exit 2, as a usage error)."""
 
 
+def missing_extra_message(module: str, extra: str, needed_by: str) -> str:
+    return f"{needed_by} needs {module}, the optional extra: pip install 'smoothcert[{extra}]'"
+
+
 def import_extra(module: str, extra: str, needed_by: str) -> ModuleType:
     """`module`, imported; MissingExtraError naming the extra to install where it is absent."""
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise MissingExtraError(f"{needed_by} needs {module}, the optional extra: "
-                                f"pip install 'smoothcert[{extra}]'") from None
+        raise MissingExtraError(missing_extra_message(module, extra, needed_by)) from None

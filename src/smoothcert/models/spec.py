@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from smoothcert.extras import import_extra
 from smoothcert.models.normalize import Standardize
 from smoothcert.models.registry import MODELS
 
@@ -110,11 +111,7 @@ def _torchvision_builder(name: str) -> Callable[..., Any]:
 
 
 def _timm_builder(name: str) -> Callable[..., Any]:
-    try:
-        import timm
-    except ImportError:
-        raise ValueError(f"model: 'timm:{name}' needs timm, which is not installed; install "
-                         "the extra: pip install 'smoothcert[timm]'") from None
+    timm = import_extra("timm", "timm", f"model: 'timm:{name}'")
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=3)
         hint = f"; close: {', '.join(close)}" if close else ""
